@@ -1,0 +1,205 @@
+"""The ``medseg`` command line: a thin layer over the Python API.
+
+Heavy modules (torch, MONAI) are imported inside the commands, so ``--help`` is fast.
+Every :class:`~medseg.errors.MedsegError` is printed as one line, without a
+traceback, and the process exits with status 2.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+app = typer.Typer(
+    name="medseg",
+    help="Medical image segmentation: train, predict, evaluate. Outputs keep the input's exact geometry.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+def _console(stderr: bool = True):
+    from rich.console import Console
+
+    stream = sys.stderr if stderr else sys.stdout
+    # tables stay readable when piped to a file or a log
+    width = None if stream.isatty() else 160
+    return Console(stderr=stderr, highlight=False, width=width)
+
+
+@app.command()
+def train(
+    config: Path = typer.Argument(..., help="YAML config, e.g. configs/hippocampus.yaml."),
+    set_: Optional[List[str]] = typer.Option(None, "--set", help="Override a config key: --set train.epochs=10 (repeatable)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from last.pt in train.output_dir."),
+) -> None:
+    """Train a model; writes best.pt and last.pt (weights + resolved config) to train.output_dir."""
+    from medseg.config import load_config
+    from medseg.training.trainer import train as run_train
+
+    cfg = load_config(config, set_)
+    res = run_train(cfg, resume=resume)
+    con = _console(stderr=False)
+    con.print(f"best mean validation Dice {res.best_metric:.4f} at epoch {res.best_epoch}; "
+              f"{res.epochs_run} epoch(s) in {res.seconds:.0f} s")
+    con.print(f"best checkpoint: {res.best_checkpoint}")
+
+
+@app.command()
+def predict(
+    inputs: List[Path] = typer.Argument(..., help="NIfTI/NRRD files or folders of them."),
+    output: Path = typer.Option(..., "-o", "--output", help="Output folder (created; never an input folder)."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="Bundled model name or .pt checkpoint (default: hippocampus)."),
+    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N."),
+    overlap: Optional[float] = typer.Option(None, "--overlap", help="Sliding-window overlap in [0, 1) (default from the model)."),
+) -> None:
+    """Segment volumes; OUTDIR/<case> is an integer label volume on the input's exact grid."""
+    from medseg.inference.predictor import predict as run_predict
+
+    results = run_predict(inputs, output, model=model, device=device, overlap=overlap)
+    con = _console(stderr=False)
+    for src, dst, secs in results:
+        con.print(f"{src} -> {dst} ({secs:.1f} s)")
+
+
+@app.command()
+def evaluate(
+    pred_dir: Path = typer.Argument(..., help="Folder of predicted label volumes."),
+    ref_dir: Path = typer.Argument(..., help="Folder of reference label volumes (same file names)."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Also write all scores to this JSON file."),
+    config: Optional[Path] = typer.Option(None, "--config", help="Config or .pt model whose label names to show."),
+) -> None:
+    """Per-class Dice and HD95 (mm), per case and mean."""
+    from rich.table import Table
+
+    from medseg.evaluation import evaluate as run_evaluate
+
+    names = _label_names(config) if config else None
+    res = run_evaluate(pred_dir, ref_dir, names=names, json_path=json_out)
+    table = Table(title=f"{len(res.cases)} case(s)")
+    table.add_column("case")
+    for c in res.classes:
+        n = res.names.get(c, str(c))
+        table.add_column(f"{n} Dice", justify="right")
+        table.add_column(f"{n} HD95 mm", justify="right")
+
+    def fmt(v: float) -> str:
+        return "n/a" if v != v or v == float("inf") else f"{v:.4f}" if v <= 1 else f"{v:.2f}"
+
+    for cs in res.cases:
+        table.add_row(cs.case, *[x for c in res.classes for x in (fmt(cs.dice[c]), f"{cs.hd95[c]:.2f}" if cs.hd95[c] == cs.hd95[c] and cs.hd95[c] != float("inf") else "n/a")])
+    table.add_section()
+    table.add_row("[bold]mean", *[x for c in res.classes for x in (f"{res.mean('dice', c):.4f}", f"{res.mean('hd95', c):.2f}")])
+    con = _console(stderr=False)
+    con.print(table)
+    con.print(f"mean Dice over classes: {res.mean_dice:.4f}")
+
+
+def _label_names(path: Path) -> dict[int, str]:
+    if path.suffix == ".pt":
+        from medseg.training.checkpoint import load_checkpoint
+
+        return {int(k): v for k, v in load_checkpoint(path)["config"]["labels"].items()}
+    from medseg.config import load_config
+
+    return dict(load_config(path).labels)
+
+
+@app.command()
+def demo(
+    output: Path = typer.Option(Path("demo_output"), "-o", "--output", help="Output folder."),
+    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="Another hippocampus model (.pt) instead of the bundled one."),
+) -> None:
+    """Segment the bundled real hippocampus MRI with the bundled model: labels, overlay PNG, volumes in mL."""
+    from rich.table import Table
+
+    from medseg.demo import run_demo
+
+    res = run_demo(output, device=device, model=model)
+    con = _console(stderr=False)
+    table = Table(title="hippocampus_001 (bundled sample, not used in training)")
+    table.add_column("label")
+    table.add_column("volume (mL)", justify="right")
+    table.add_column("Dice vs reference", justify="right")
+    for name, ml in res.volumes_ml.items():
+        table.add_row(name, f"{ml:.3f}", f"{res.reference_dice[name]:.3f}")
+    con.print(table)
+    con.print(f"labels:  {res.labels_path}\noverlay: {res.overlay_path}\nvolumes: {res.table_path}")
+    con.print(f"done in {res.seconds:.1f} s")
+
+
+@app.command("verify-data")
+def verify_data(
+    dataset: Path = typer.Argument(..., help="MSD-style folder with imagesTr/ and labelsTr/."),
+    config: Optional[Path] = typer.Option(None, "--config", help="Config whose labels are the allowed label values."),
+) -> None:
+    """Check every image/label pair (geometry, label values, NaNs, empty labels); report all problems."""
+    from medseg.data.verify import verify_dataset
+
+    labels = _label_names(config) if config else None
+    n, problems = verify_dataset(dataset, labels)
+    con = _console(stderr=False)
+    for p in problems:
+        con.print(str(p), markup=False)
+    errors = [p for p in problems if p.severity == "error"]
+    con.print(f"{n} pair(s) checked: {len(errors)} error(s), {len(problems) - len(errors)} warning(s)")
+    if errors:
+        raise typer.Exit(1)
+
+
+@app.command()
+def models() -> None:
+    """List registry architectures and bundled trained models."""
+    from rich.table import Table
+
+    from medseg.inference.predictor import bundled_models
+    from medseg.models.registry import MODELS
+
+    con = _console(stderr=False)
+    t = Table(title="architectures (model.name in a config)")
+    for col in ("name", "dims", "description"):
+        t.add_column(col)
+    for spec in MODELS.values():
+        t.add_row(spec.name, f"{spec.dims}D", spec.description)
+    con.print(t)
+    b = Table(title="bundled trained models (--model NAME)")
+    b.add_column("name")
+    b.add_column("file")
+    for name, path in bundled_models().items():
+        b.add_row(name, str(path))
+    con.print(b)
+
+
+@app.command("pack-model")
+def pack_model(
+    checkpoint: Path = typer.Argument(..., help="A best.pt/last.pt written by 'medseg train'."),
+    output: Path = typer.Argument(..., help="Where to write the compact model file."),
+) -> None:
+    """Write a compact predict-only model: float16 weights and config, no optimizer state."""
+    from medseg.training.checkpoint import pack
+
+    out = pack(checkpoint, output)
+    _console(stderr=False).print(f"wrote {out} ({out.stat().st_size / 1e6:.2f} MB)")
+
+
+def main() -> None:
+    from medseg.errors import MedsegError
+
+    try:
+        app()
+    except MedsegError as exc:
+        _console().print(f"[bold red]error:[/] {exc}", markup=True, soft_wrap=True, highlight=False)
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        _console().print("interrupted")
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,317 @@
+"""Typed configuration loaded from YAML.
+
+A config file maps onto :class:`Config`, a tree of dataclasses. Unknown keys and
+wrong types are reported with the file, the key and the allowed values. The
+resolved config (after ``--set`` overrides) is stored inside every checkpoint, so a
+model file alone is enough to predict.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from medseg.errors import ConfigError, InputNotFoundError
+
+
+@dataclass
+class DataConfig:
+    root: str | None = None
+    """MSD-style folder with ``imagesTr/`` and ``labelsTr/``."""
+    datalist: str | None = None
+    """JSON file with ``{"training": [{"image": ..., "label": ...}, ...]}`` (MSD dataset.json style)."""
+    val_fraction: float = 0.2
+    seed: int = 0
+    cache: bool = True
+
+
+@dataclass
+class IntensityConfig:
+    mode: str = "zscore"
+    """One of ``zscore``, ``percentile``, ``ct_window``, ``none``."""
+    nonzero: bool = True
+    """For ``zscore``: statistics over non-zero voxels only (the foreground of skull-stripped or cropped MR)."""
+    lower_percentile: float = 0.5
+    upper_percentile: float = 99.5
+    ct_preset: str | None = None
+    """For ``ct_window``: a named HU preset (see ``medseg.transforms.CT_PRESETS``)."""
+    window: list[float] | None = None
+    """For ``ct_window``: explicit ``[level, width]`` in HU, overrides ``ct_preset``."""
+
+
+@dataclass
+class PreprocessConfig:
+    orientation: str = "RAS"
+    spacing: list[float] | None = None
+    """Target voxel spacing in mm; ``null`` keeps the native spacing."""
+    intensity: IntensityConfig = field(default_factory=IntensityConfig)
+    crop_foreground: bool = False
+    """Crop training volumes to the bounding box of non-zero image voxels."""
+
+
+@dataclass
+class PatchConfig:
+    size: list[int] = field(default_factory=lambda: [96, 96, 96])
+    foreground_ratio: float = 0.67
+    """Fraction of sampled patches centred on a labelled voxel."""
+    samples_per_volume: int = 2
+
+
+@dataclass
+class AugmentConfig:
+    enabled: bool = True
+    flip_axes: list[int] = field(default_factory=lambda: [0])
+    """Axes (after reorientation) that may be mirrored. Mirror only along axes whose flip keeps label meaning."""
+    flip_prob: float = 0.5
+    rotate_deg: float = 10.0
+    scale: float = 0.1
+    affine_prob: float = 0.2
+    intensity_scale: float = 0.1
+    intensity_shift: float = 0.1
+    intensity_prob: float = 0.3
+    noise_std: float = 0.05
+    noise_prob: float = 0.15
+
+
+@dataclass
+class ModelConfig:
+    name: str = "unet3d"
+    channels: list[int] = field(default_factory=lambda: [16, 32, 64, 128])
+    strides: list[int] = field(default_factory=lambda: [2, 2, 2])
+    num_res_units: int = 2
+    dropout: float = 0.0
+    norm: str = "instance"
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 100
+    batch_size: int = 2
+    lr: float = 1e-3
+    weight_decay: float = 1e-5
+    loss: str = "dicece"
+    """``dicece`` (Dice + cross-entropy) or ``dice``."""
+    val_every: int = 5
+    output_dir: str = "runs/default"
+    device: str = "auto"
+    amp: bool = True
+    """Mixed precision on CUDA; ignored on CPU."""
+    num_workers: int = 0
+    threads: int | None = None
+    """CPU threads for torch; ``null`` leaves torch's default."""
+    seed: int = 0
+
+
+@dataclass
+class InferenceConfig:
+    roi_size: list[int] | None = None
+    """Sliding-window size; ``null`` uses the training patch size."""
+    overlap: float = 0.5
+    blend: str = "gaussian"
+    sw_batch_size: int = 4
+
+
+@dataclass
+class Config:
+    name: str = "model"
+    labels: dict[int, str] = field(default_factory=lambda: {0: "background", 1: "foreground"})
+    colors: dict[int, list[int]] | None = None
+    """RGB colour per label (0-255); defaults to a fixed palette."""
+    modality: str = "MR"
+    data: DataConfig = field(default_factory=DataConfig)
+    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
+    patch: PatchConfig = field(default_factory=PatchConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    inference: InferenceConfig = field(default_factory=InferenceConfig)
+
+    @property
+    def num_classes(self) -> int:
+        return max(self.labels) + 1
+
+    def validate(self, source: str = "config") -> None:
+        if 0 not in self.labels:
+            raise ConfigError("labels must include 0 (background)", path=source,
+                              expected="a 'labels' mapping with key 0", found=str(sorted(self.labels)),
+                              fix="add '0: background' under labels")
+        spatial = 3
+        if len(self.patch.size) != spatial:
+            raise ConfigError("patch.size must have three entries", path=source,
+                              expected="[x, y, z]", found=str(self.patch.size),
+                              fix="for a 2D model on volumes use a depth of 1, e.g. [160, 160, 1]")
+        if self.preprocess.spacing is not None and (
+            len(self.preprocess.spacing) != 3 or min(self.preprocess.spacing) <= 0
+        ):
+            raise ConfigError("preprocess.spacing must be three positive numbers or null", path=source,
+                              expected="e.g. [1.0, 1.0, 1.0]", found=str(self.preprocess.spacing),
+                              fix="set preprocess.spacing to three positive values in mm")
+        if not 0.0 <= self.patch.foreground_ratio <= 1.0:
+            raise ConfigError("patch.foreground_ratio must be between 0 and 1", path=source,
+                              found=str(self.patch.foreground_ratio), fix="use e.g. 0.67")
+        if self.train.loss not in ("dicece", "dice"):
+            raise ConfigError("unknown loss", path=source, expected="'dicece' or 'dice'",
+                              found=repr(self.train.loss), fix="set train.loss to dicece or dice")
+        if not 0.0 <= self.inference.overlap < 1.0:
+            raise ConfigError("inference.overlap must be in [0, 1)", path=source,
+                              found=str(self.inference.overlap), fix="use e.g. 0.5")
+        from medseg.transforms.intensity import CT_PRESETS, INTENSITY_MODES
+
+        mode = self.preprocess.intensity.mode
+        if mode not in INTENSITY_MODES:
+            raise ConfigError("unknown intensity mode", path=source, expected=" | ".join(INTENSITY_MODES),
+                              found=repr(mode), fix="set preprocess.intensity.mode to one of those")
+        preset = self.preprocess.intensity.ct_preset
+        if mode == "ct_window" and self.preprocess.intensity.window is None:
+            if preset not in CT_PRESETS:
+                raise ConfigError("unknown CT window preset", path=source,
+                                  expected=" | ".join(CT_PRESETS), found=repr(preset),
+                                  fix="set preprocess.intensity.ct_preset or give window: [level, width]")
+
+
+# ---------------------------------------------------------------------------
+# dict <-> dataclass conversion
+
+
+def _strip_optional(tp: Any) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1:
+            return args[0]
+    return tp
+
+
+def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
+    if value is None:
+        return None
+    tp = _strip_optional(tp)
+    origin = typing.get_origin(tp)
+    try:
+        if dataclasses.is_dataclass(tp):
+            if not isinstance(value, dict):
+                raise TypeError
+            return _from_dict(tp, value, source, prefix=key + ".")
+        if origin is list:
+            (item_tp,) = typing.get_args(tp)
+            if not isinstance(value, (list, tuple)):
+                raise TypeError
+            return [_coerce(v, item_tp, key, source) for v in value]
+        if origin is dict:
+            k_tp, v_tp = typing.get_args(tp)
+            if not isinstance(value, dict):
+                raise TypeError
+            return {_coerce(k, k_tp, key, source): _coerce(v, v_tp, key, source) for k, v in value.items()}
+        if tp is bool:
+            if isinstance(value, bool):
+                return value
+            if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
+                return value.lower() in ("true", "yes", "1")
+            raise TypeError
+        if tp is int:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise TypeError
+            return int(value)
+        if tp is float:
+            if isinstance(value, bool):
+                raise TypeError
+            return float(value)
+        if tp is str:
+            if isinstance(value, (dict, list)):
+                raise TypeError
+            return str(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"bad value for '{key}'", path=source, expected=_type_name(tp),
+                          found=repr(value), fix=f"correct '{key}' in the config or its --set override") from None
+    return value
+
+
+def _type_name(tp: Any) -> str:
+    tp = _strip_optional(tp)
+    if dataclasses.is_dataclass(tp):
+        return "a mapping"
+    origin = typing.get_origin(tp)
+    if origin is list:
+        return f"a list of {_type_name(typing.get_args(tp)[0])}"
+    if origin is dict:
+        return "a mapping"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _from_dict(cls: type, data: dict, source: str, prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f"did you mean '{prefix}{close[0]}'?" if close else f"remove it; allowed keys: {', '.join(names)}"
+            raise ConfigError(f"unknown config key '{prefix}{key}'", path=source,
+                              expected=f"one of {', '.join(prefix + n for n in names)}",
+                              found=f"'{prefix}{key}'", fix=hint)
+        kwargs[key] = _coerce(value, hints[key], prefix + key, source)
+    return cls(**kwargs)
+
+
+def to_dict(cfg: Any) -> dict:
+    """Plain-Python dict (YAML and ``torch.load(weights_only=True)`` safe)."""
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(data: dict, source: str = "config") -> Config:
+    cfg = _from_dict(Config, data, source)
+    cfg.validate(source)
+    return cfg
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise ConfigError("bad --set override", expected="key=value, e.g. train.epochs=10",
+                          found=repr(item), fix="write overrides as dotted.key=value")
+    key, raw = item.split("=", 1)
+    value = yaml.safe_load(raw) if raw.strip() else None
+    return key.strip().split("."), value
+
+
+def apply_overrides(data: dict, overrides: list[str] | None) -> dict:
+    for item in overrides or []:
+        keys, value = parse_override(item)
+        node = data
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"cannot set '{'.'.join(keys)}': '{k}' is not a section",
+                                  found=repr(item), fix="check the key path")
+        node[keys[-1]] = value
+    return data
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
+    """Load a YAML config file, apply ``key=value`` overrides and validate it."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputNotFoundError("config file not found", path=path, expected="a YAML file",
+                                 fix="check the path; example configs live in configs/")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"not valid YAML{where}", path=path, found=str(getattr(exc, "problem", exc)),
+                          fix="fix the YAML syntax") from None
+    if not isinstance(data, dict):
+        raise ConfigError("config must be a mapping", path=path, found=type(data).__name__,
+                          fix="start the file with top-level keys such as 'name:' and 'labels:'")
+    data = apply_overrides(data, overrides)
+    return from_dict(data, source=str(path))
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))

@@ -1,0 +1,92 @@
+"""``medseg verify-data``: check every image/label pair and report all problems at once."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from medseg.data.datasets import _image_key, _volume_files
+from medseg.errors import InputNotFoundError, MedsegError
+from medseg.io.volume import case_name, load_volume
+
+
+@dataclass(frozen=True)
+class Problem:
+    file: str
+    message: str
+    severity: str = "error"  # or "warning"
+
+    def __str__(self) -> str:
+        return f"{self.severity}: {self.file}: {self.message}"
+
+
+def verify_dataset(root: str | Path, labels: dict[int, str] | None = None, *, progress: bool = True,
+                   atol: float = 1e-3) -> tuple[int, list[Problem]]:
+    """Return (number of pairs checked, problems). Never stops at the first problem."""
+    from medseg.progress import progress_bar
+
+    root = Path(root)
+    images_dir, labels_dir = root / "imagesTr", root / "labelsTr"
+    if not images_dir.is_dir() or not labels_dir.is_dir():
+        raise InputNotFoundError("not an MSD-style dataset folder", path=root,
+                                 expected="subfolders imagesTr/ and labelsTr/", fix="check the path")
+    problems: list[Problem] = []
+    label_files = {case_name(p): p for p in _volume_files(labels_dir)}
+    pairs, used = [], set()
+    for img in _volume_files(images_dir):
+        key = _image_key(img)
+        lab = label_files.get(key) or label_files.get(case_name(img))
+        if lab is None:
+            problems.append(Problem(str(img), "no label file with the same name in labelsTr/"))
+            continue
+        used.add(case_name(lab))
+        pairs.append((img, lab))
+    for key, lab in label_files.items():
+        if key not in used:
+            problems.append(Problem(str(lab), "label has no image in imagesTr/"))
+    allowed = set(labels) if labels else None
+    with progress_bar("verify", total=len(pairs), enabled=progress) as advance:
+        for img_path, lab_path in pairs:
+            problems.extend(check_pair(img_path, lab_path, allowed, atol))
+            advance(img_path.name)
+    return len(pairs), problems
+
+
+def check_pair(img_path: Path, lab_path: Path, allowed: set[int] | None, atol: float = 1e-3) -> list[Problem]:
+    out: list[Problem] = []
+    try:
+        img = load_volume(img_path)
+    except MedsegError as exc:
+        return [Problem(str(img_path), exc.problem + (f" ({exc.found})" if exc.found else ""))]
+    try:
+        lab = load_volume(lab_path)
+    except MedsegError as exc:
+        return [Problem(str(lab_path), exc.problem + (f" ({exc.found})" if exc.found else ""))]
+    if img.shape != lab.shape:
+        out.append(Problem(str(lab_path), f"shape {lab.shape} differs from image shape {img.shape}"))
+    elif not np.allclose(img.affine, lab.affine, atol=atol):
+        diff = float(np.abs(img.affine - lab.affine).max())
+        out.append(Problem(str(lab_path), f"geometry (affine) differs from the image by up to {diff:.4g} mm; "
+                                          "resample the label onto the image grid"))
+    arr = np.asarray(img.array)
+    if arr.dtype.kind == "f":
+        bad = int((~np.isfinite(arr)).sum())
+        if bad:
+            out.append(Problem(str(img_path), f"{bad} NaN/Inf voxels"))
+    lv = np.asarray(lab.array)
+    if lv.dtype.kind == "f":
+        if not np.all(np.isfinite(lv)):
+            out.append(Problem(str(lab_path), "label contains NaN/Inf"))
+            return out
+        if not np.all(lv == np.round(lv)):
+            out.append(Problem(str(lab_path), "label has non-integer values; labels must be integer classes"))
+            return out
+    values = set(np.unique(lv).astype(np.int64).tolist())
+    if allowed is not None and not values <= allowed:
+        out.append(Problem(str(lab_path), f"label values {sorted(values - allowed)} are not in the configured "
+                                          f"labels {sorted(allowed)}"))
+    if values <= {0}:
+        out.append(Problem(str(lab_path), "label is empty (background only)", severity="warning"))
+    return out

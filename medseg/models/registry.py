@@ -1,0 +1,97 @@
+"""Model registry: a name maps to a builder, its dimensionality and when to use it.
+
+Add a model by writing a builder ``(model_cfg, in_channels, out_channels) -> nn.Module``
+and one :class:`ModelSpec` entry in :data:`MODELS`.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from medseg.errors import UnknownModelError
+
+
+class SliceWise(nn.Module):
+    """Run a 2D network on every slice of a 3D input ``(B, C, X, Y, Z)`` along the last axis."""
+
+    def __init__(self, net2d: nn.Module) -> None:
+        super().__init__()
+        self.net = net2d
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.ndim == 4:
+            return self.net(x)
+        b, c, h, w, d = x.shape
+        slices = x.permute(0, 4, 1, 2, 3).reshape(b * d, c, h, w)
+        out = self.net(slices)
+        return out.reshape(b, d, out.shape[1], h, w).permute(0, 2, 3, 4, 1)
+
+
+def _unet(spatial_dims: int):
+    def build(cfg, in_channels: int, out_channels: int) -> nn.Module:
+        from monai.networks.nets import UNet
+
+        if len(cfg.strides) != len(cfg.channels) - 1:
+            from medseg.errors import ConfigError
+
+            raise ConfigError("model.strides must have one entry fewer than model.channels",
+                              expected=f"{len(cfg.channels) - 1} strides", found=str(cfg.strides),
+                              fix="e.g. channels [16, 32, 64, 128] with strides [2, 2, 2]")
+        net = UNet(
+            spatial_dims=spatial_dims,
+            in_channels=in_channels,
+            out_channels=out_channels,
+            channels=tuple(cfg.channels),
+            strides=tuple(cfg.strides),
+            num_res_units=cfg.num_res_units,
+            dropout=cfg.dropout,
+            norm=cfg.norm,
+        )
+        return net if spatial_dims == 3 else SliceWise(net)
+
+    return build
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    dims: int
+    description: str
+    build: Callable[..., nn.Module]
+
+
+MODELS: dict[str, ModelSpec] = {
+    spec.name: spec
+    for spec in [
+        ModelSpec("unet3d", 3, "MONAI residual U-Net on 3D patches; the default for CT and MR volumes.", _unet(3)),
+        ModelSpec("unet2d", 2, "MONAI residual U-Net on 2D slices; applied slice by slice to volumes "
+                               "(use patch depth 1). Lighter than 3D for thick-slice scans.", _unet(2)),
+    ]
+}
+
+
+def get_spec(name: str) -> ModelSpec:
+    if name not in MODELS:
+        close = difflib.get_close_matches(name, list(MODELS), n=1)
+        fix = f"did you mean '{close[0]}'?" if close else "run 'medseg models' to list them"
+        raise UnknownModelError(f"unknown model '{name}'", expected=f"one of {', '.join(MODELS)}",
+                                found=repr(name), fix=fix)
+    return MODELS[name]
+
+
+def build_model(model_cfg, in_channels: int, out_channels: int) -> nn.Module:
+    return get_spec(model_cfg.name).build(model_cfg, in_channels, out_channels)
+
+
+def register_model(spec: ModelSpec, *, replace: bool = False) -> None:
+    """Add an architecture to the registry (e.g. from a plugin or a test)."""
+    if spec.name in MODELS and not replace:
+        from medseg.errors import ConfigError
+
+        raise ConfigError(f"model '{spec.name}' is already registered", fix="pick another name or pass replace=True")
+    MODELS[spec.name] = spec

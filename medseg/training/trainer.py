@@ -1,0 +1,193 @@
+"""The training loop: patches in, checkpoints out, resumable."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from medseg.config import Config, save_config, to_dict
+from medseg.data.datasets import dataset_cases, split_cases
+from medseg.errors import CheckpointError, DataError
+from medseg.inference.engine import autocast, resolve_device, sliding_window_logits
+from medseg.io.volume import atomic_write
+from medseg.models.registry import build_model, get_spec
+from medseg.training.checkpoint import load_checkpoint, save_checkpoint
+
+
+@dataclass
+class TrainResult:
+    output_dir: Path
+    best_checkpoint: Path
+    last_checkpoint: Path
+    best_metric: float
+    best_epoch: int
+    epochs_run: int
+    seconds: float
+    history: list = field(default_factory=list)
+
+
+def _loss(cfg: Config):
+    from monai.losses import DiceCELoss, DiceLoss
+
+    if cfg.train.loss == "dice":
+        return DiceLoss(to_onehot_y=True, softmax=True, include_background=False)
+    return DiceCELoss(to_onehot_y=True, softmax=True, include_background=False)
+
+
+def dice_per_class(pred: torch.Tensor, label: torch.Tensor, num_classes: int) -> np.ndarray:
+    """Dice for classes 1..C-1 between integer maps; NaN where both are empty."""
+    out = np.full(num_classes - 1, np.nan)
+    for c in range(1, num_classes):
+        p, g = pred == c, label == c
+        denom = int(p.sum()) + int(g.sum())
+        if denom:
+            out[c - 1] = 2.0 * int((p & g).sum()) / denom
+    return out
+
+
+def _check_labels(label: torch.Tensor, cfg: Config, what: str) -> None:
+    lo, hi = float(label.min()), float(label.max())
+    if lo < 0 or hi >= cfg.num_classes:
+        raise DataError(f"label values outside the configured labels in {what}",
+                        expected=f"integers 0..{cfg.num_classes - 1} ({', '.join(cfg.labels.values())})",
+                        found=f"values from {lo:g} to {hi:g}",
+                        fix="fix the labels or the 'labels' mapping; 'medseg verify-data' lists the files")
+
+
+def validate(model, val_ds, cfg: Config, device, dims: int) -> np.ndarray:
+    model.eval()
+    scores = []
+    for i in range(len(val_ds)):
+        item = val_ds[i]
+        logits = sliding_window_logits(model, item["image"], cfg, device, dims=dims, amp=cfg.train.amp)
+        pred = logits[0].argmax(0)
+        label = torch.as_tensor(item["label"])[0].round().long()
+        scores.append(dice_per_class(pred, label, cfg.num_classes))
+    model.train()
+    return np.nanmean(np.stack(scores), axis=0) if scores else np.array([])
+
+
+def _is_tty() -> bool:
+    return sys.stderr.isatty()
+
+
+def train(cfg: Config, *, resume: bool = False, progress: bool = True, log=None) -> TrainResult:
+    """Train ``cfg`` and write ``best.pt``/``last.pt`` into ``cfg.train.output_dir``."""
+    from monai.data import CacheDataset, DataLoader, Dataset
+    from monai.utils import set_determinism
+    from rich.console import Console
+
+    from medseg.transforms.pipeline import train_transforms, val_transforms
+
+    console = Console(stderr=True)
+    say = log or (lambda msg: console.print(msg, highlight=False))
+    tc = cfg.train
+    out = Path(tc.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    last_path, best_path = out / "last.pt", out / "best.pt"
+    if tc.threads:
+        torch.set_num_threads(tc.threads)
+    set_determinism(seed=tc.seed)
+    device = resolve_device(tc.device)
+    spec = get_spec(cfg.model.name)
+
+    cases = dataset_cases(cfg.data)
+    train_cases, val_cases = split_cases(cases, cfg.data.val_fraction, cfg.data.seed)
+    split = {"train": [c.name for c in train_cases], "validation": [c.name for c in val_cases]}
+    atomic_write(out / "split.json", lambda p: Path(p).write_text(json.dumps(split, indent=1)))
+    save_config(cfg, out / "config.yaml")
+
+    model = build_model(cfg.model, 1, cfg.num_classes).to(device)
+    loss_fn = _loss(cfg)
+    opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
+    sched = torch.optim.lr_scheduler.PolynomialLR(opt, total_iters=max(1, tc.epochs), power=0.9)
+    scaler = torch.amp.GradScaler("cuda", enabled=(device.type == "cuda" and tc.amp))
+    start_epoch, best, best_epoch, history = 1, -1.0, 0, []
+    if resume:
+        if not last_path.is_file():
+            raise CheckpointError("nothing to resume", path=last_path, expected="a last.pt from an earlier run",
+                                  fix="run without --resume, or point train.output_dir at the earlier run")
+        ck = load_checkpoint(last_path)
+        if ck["config"]["model"] != to_dict(cfg.model) or ck["config"]["labels"] != dict(cfg.labels):
+            raise CheckpointError("cannot resume: the model or labels in the config changed", path=last_path,
+                                  expected=str(ck["config"]["model"]), found=str(to_dict(cfg.model)),
+                                  fix="resume with the same config, or train into a new train.output_dir")
+        model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in ck["state_dict"].items()})
+        if "optimizer" in ck:
+            opt.load_state_dict(ck["optimizer"])
+        if "scheduler" in ck:
+            sched.load_state_dict(ck["scheduler"])
+        start_epoch = int(ck["epoch"]) + 1
+        best = float(ck.get("best_metric") or -1.0)
+        best_epoch = int(ck.get("best_epoch", 0))
+        history = list(ck.get("history", []))
+        say(f"resuming at epoch {start_epoch} of {tc.epochs} (best mean Dice so far {best:.4f})")
+
+    cache = CacheDataset if cfg.data.cache else Dataset
+    kw = {"cache_rate": 1.0, "num_workers": max(1, tc.num_workers), "progress": False} if cfg.data.cache else {}
+    t0 = time.time()
+    train_ds = cache([c.as_dict() for c in train_cases], transform=train_transforms(cfg), **kw)
+    val_ds = cache([c.as_dict() for c in val_cases], transform=val_transforms(cfg), **kw) if val_cases else None
+    loader = DataLoader(train_ds, batch_size=tc.batch_size, shuffle=True, num_workers=tc.num_workers,
+                        pin_memory=device.type == "cuda", drop_last=len(train_ds) > tc.batch_size)
+    say(f"{len(train_cases)} training / {len(val_cases)} validation cases; data ready in {time.time() - t0:.1f} s; "
+        f"device {device}; model {cfg.model.name} ({sum(p.numel() for p in model.parameters()):,} parameters)")
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    bar = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.description}"),
+                   TimeElapsedColumn(), TimeRemainingColumn(), console=console,
+                   disable=not (progress and _is_tty()), transient=False)
+    t_start = time.time() - (history[-1]["elapsed_s"] if history else 0.0)
+    epoch = start_epoch - 1
+    with bar:
+        task = bar.add_task("", total=tc.epochs, completed=start_epoch - 1)
+        model.train()
+        for epoch in range(start_epoch, tc.epochs + 1):
+            losses = []
+            for batch in loader:
+                x = batch["image"].to(device, non_blocking=True)
+                y = batch["label"].to(device, non_blocking=True)
+                _check_labels(y, cfg, "a training batch")
+                opt.zero_grad(set_to_none=True)
+                with autocast(device, tc.amp):
+                    loss = loss_fn(model(x), y)
+                scaler.scale(loss).backward()
+                scaler.unscale_(opt)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 12.0)
+                scaler.step(opt)
+                scaler.update()
+                losses.append(float(loss.detach()))
+            sched.step()
+            record = {"epoch": epoch, "loss": float(np.mean(losses)) if losses else float("nan"),
+                      "lr": opt.param_groups[0]["lr"], "elapsed_s": round(time.time() - t_start, 1)}
+            if val_ds is not None and (epoch % tc.val_every == 0 or epoch == tc.epochs):
+                for j in range(len(val_ds)):
+                    _check_labels(torch.as_tensor(val_ds[j]["label"]), cfg, f"validation case {val_cases[j].name}")
+                dice = validate(model, val_ds, cfg, device, spec.dims)
+                record["val_dice"] = {cfg.labels.get(c, str(c)): round(float(d), 4) for c, d in zip(range(1, cfg.num_classes), dice)}
+                record["val_mean_dice"] = round(float(np.nanmean(dice)), 4)
+                if record["val_mean_dice"] > best:
+                    best, best_epoch = record["val_mean_dice"], epoch
+                    save_checkpoint(best_path, model=model, cfg=cfg, epoch=epoch, best_metric=best,
+                                    best_epoch=best_epoch, split=split, val_dice=record["val_dice"])
+            history.append(record)
+            save_checkpoint(last_path, model=model, cfg=cfg, epoch=epoch, best_metric=best, best_epoch=best_epoch,
+                            optimizer=opt.state_dict(), scheduler=sched.state_dict(), history=history, split=split)
+            atomic_write(out / "history.json", lambda p: Path(p).write_text(json.dumps(history, indent=1)))
+            desc = f"loss {record['loss']:.4f}"
+            if "val_mean_dice" in record:
+                desc += f" · val Dice {record['val_mean_dice']:.4f} (best {best:.4f} @ {best_epoch})"
+            bar.update(task, completed=epoch, description=desc)
+            if not _is_tty() or "val_mean_dice" in record:
+                say(f"epoch {epoch}/{tc.epochs} {desc} · {record['elapsed_s']:.0f} s")
+    if val_ds is None:  # no validation split: the last weights are the best we know
+        save_checkpoint(best_path, model=model, cfg=cfg, epoch=epoch, best_metric=None, split=split)
+    return TrainResult(out, best_path, last_path, best, best_epoch, epoch - start_epoch + 1,
+                       time.time() - t_start, history)

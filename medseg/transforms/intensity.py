@@ -1,0 +1,143 @@
+"""Intensity transforms: CT windowing with named HU presets and MRI normalisation.
+
+Array transforms work on numpy arrays or tensors; the dictionary wrappers apply
+them to the given keys (MONAI style).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Mapping, Sequence
+
+import numpy as np
+import torch
+from monai.transforms import MapTransform, Transform
+
+from medseg.errors import ConfigError
+
+#: Named CT windows as (level, width) in Hounsfield units.
+CT_PRESETS: dict[str, tuple[float, float]] = {
+    "brain": (40.0, 80.0),
+    "subdural": (75.0, 215.0),
+    "stroke": (32.0, 8.0),
+    "soft_tissue": (50.0, 400.0),
+    "abdomen": (60.0, 400.0),
+    "liver": (80.0, 150.0),
+    "mediastinum": (50.0, 350.0),
+    "lung": (-600.0, 1500.0),
+    "bone": (400.0, 1800.0),
+}
+
+INTENSITY_MODES = ("zscore", "percentile", "ct_window", "none")
+
+
+def ct_window_bounds(preset: str | None = None, window: Sequence[float] | None = None) -> tuple[float, float]:
+    """(low, high) HU bounds for a preset name or an explicit ``[level, width]``."""
+    if window is not None:
+        if len(window) != 2 or window[1] <= 0:
+            raise ConfigError("bad CT window", expected="[level, width] with width > 0", found=str(window),
+                              fix="e.g. window: [40, 80]")
+        level, width = float(window[0]), float(window[1])
+    else:
+        if preset not in CT_PRESETS:
+            raise ConfigError("unknown CT window preset", expected=" | ".join(CT_PRESETS), found=repr(preset),
+                              fix="pick one of the presets or give window: [level, width]")
+        level, width = CT_PRESETS[preset]
+    return level - width / 2.0, level + width / 2.0
+
+
+def _as_float(img):
+    if isinstance(img, torch.Tensor):
+        return img.float()
+    return np.asarray(img, dtype=np.float32)
+
+
+class CTWindow(Transform):
+    """Clip to a HU window and scale it to [0, 1]."""
+
+    def __init__(self, preset: str | None = None, window: Sequence[float] | None = None) -> None:
+        self.low, self.high = ct_window_bounds(preset, window)
+
+    def __call__(self, img):
+        img = _as_float(img)
+        out = (img - self.low) / (self.high - self.low)
+        return out.clamp(0.0, 1.0) if isinstance(out, torch.Tensor) else np.clip(out, 0.0, 1.0)
+
+
+class ZScore(Transform):
+    """Zero mean, unit variance; over non-zero voxels only when ``nonzero`` (zeros stay zero)."""
+
+    def __init__(self, nonzero: bool = True, eps: float = 1e-8) -> None:
+        self.nonzero = nonzero
+        self.eps = eps
+
+    def __call__(self, img):
+        img = _as_float(img)
+        is_t = isinstance(img, torch.Tensor)
+        mask = (img != 0) if self.nonzero else (torch.ones_like(img, dtype=torch.bool) if is_t else np.ones(img.shape, bool))
+        if int(mask.sum()) == 0:
+            return img * 0
+        vals = img[mask]
+        mean = vals.mean()
+        std = vals.std() if not is_t else vals.std(unbiased=False)
+        std = float(std) if float(std) > self.eps else 1.0
+        out = (img - mean) / std
+        if self.nonzero:
+            out = out * mask
+        return out
+
+
+class PercentileNorm(Transform):
+    """Clip to the [lower, upper] percentiles, then z-score (robust for MR with outliers)."""
+
+    def __init__(self, lower: float = 0.5, upper: float = 99.5) -> None:
+        self.lower = lower
+        self.upper = upper
+
+    def __call__(self, img):
+        img = _as_float(img)
+        arr = img.detach().cpu().numpy() if isinstance(img, torch.Tensor) else img
+        lo, hi = np.percentile(arr, [self.lower, self.upper])
+        out = img.clamp(float(lo), float(hi)) if isinstance(img, torch.Tensor) else np.clip(img, lo, hi)
+        return ZScore(nonzero=False)(out)
+
+
+class _Dict(MapTransform):
+    transform: Transform
+
+    def __call__(self, data: Mapping[Hashable, object]) -> dict:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            d[key] = self.transform(d[key])
+        return d
+
+
+class CTWindowd(_Dict):
+    def __init__(self, keys, preset=None, window=None, allow_missing_keys: bool = False) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.transform = CTWindow(preset, window)
+
+
+class ZScored(_Dict):
+    def __init__(self, keys, nonzero: bool = True, allow_missing_keys: bool = False) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.transform = ZScore(nonzero)
+
+
+class PercentileNormd(_Dict):
+    def __init__(self, keys, lower: float = 0.5, upper: float = 99.5, allow_missing_keys: bool = False) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.transform = PercentileNorm(lower, upper)
+
+
+def intensity_transform(cfg, keys) -> MapTransform | None:
+    """The dictionary intensity transform chosen by an :class:`~medseg.config.IntensityConfig`."""
+    if cfg.mode == "zscore":
+        return ZScored(keys, nonzero=cfg.nonzero)
+    if cfg.mode == "percentile":
+        return PercentileNormd(keys, cfg.lower_percentile, cfg.upper_percentile)
+    if cfg.mode == "ct_window":
+        return CTWindowd(keys, cfg.ct_preset, cfg.window)
+    if cfg.mode == "none":
+        return None
+    raise ConfigError("unknown intensity mode", expected=" | ".join(INTENSITY_MODES), found=repr(cfg.mode),
+                      fix="set preprocess.intensity.mode")

@@ -1,0 +1,135 @@
+"""Shared fixtures: synthetic volumes with awkward geometry, tiny checkpoints, CLI runner."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+TEST_DATA = Path(__file__).resolve().parent / "data"
+SHARED = REPO.parent / "shared" / "data"
+
+
+def rotation(ax: float, ay: float, az: float) -> np.ndarray:
+    ax, ay, az = np.deg2rad([ax, ay, az])
+    rx = np.array([[1, 0, 0], [0, np.cos(ax), -np.sin(ax)], [0, np.sin(ax), np.cos(ax)]])
+    ry = np.array([[np.cos(ay), 0, np.sin(ay)], [0, 1, 0], [-np.sin(ay), 0, np.cos(ay)]])
+    rz = np.array([[np.cos(az), -np.sin(az), 0], [np.sin(az), np.cos(az), 0], [0, 0, 1]])
+    return rz @ ry @ rx
+
+
+def make_affine(direction: np.ndarray, spacing, origin) -> np.ndarray:
+    a = np.eye(4)
+    a[:3, :3] = np.asarray(direction) @ np.diag(spacing)
+    a[:3, 3] = origin
+    return a
+
+
+#: name -> (shape, affine): the geometry traps every output must survive.
+GEOMETRIES = {
+    "identity": ((20, 24, 16), make_affine(np.eye(3), (1.0, 1.0, 1.0), (0.0, 0.0, 0.0))),
+    "oblique": ((22, 18, 14), make_affine(rotation(15, -10, 30), (0.9, 1.1, 1.7), (-40.5, 12.25, 7.0))),
+    "flipped": ((18, 20, 16), make_affine(np.diag([-1.0, 1.0, -1.0]), (1.2, 0.8, 1.5), (30.0, -20.0, 60.0))),
+    "permuted": ((16, 22, 18), make_affine(np.array([[0, 0, -1.0], [1.0, 0, 0], [0, -1.0, 0]]), (1.0, 1.3, 0.9),
+                                           (10.0, -5.0, 2.0))),
+    "anisotropic": ((24, 24, 6), make_affine(np.eye(3), (0.7, 0.7, 5.0), (-8.0, -8.0, -12.0))),
+}
+
+
+def blob_label(shape) -> np.ndarray:
+    """An asymmetric object (box plus ball, off centre) so that a flip or shift is visible."""
+    lab = np.zeros(shape, np.uint8)
+    x, y, z = shape
+    lab[x // 5: x // 2, y // 4: (3 * y) // 5, max(1, z // 4): max(2, (3 * z) // 4)] = 1
+    gi, gj, gk = np.meshgrid(*[np.arange(s) for s in shape], indexing="ij")
+    r = max(2.0, min(shape) / 4.0)
+    ball = (gi - 0.7 * x) ** 2 + (gj - 0.65 * y) ** 2 + ((gk - 0.5 * z) * (min(shape) / z)) ** 2 <= r ** 2
+    lab[ball] = 2
+    return lab
+
+
+def image_from_label(lab: np.ndarray, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return (100.0 + 200.0 * (lab == 1) + 400.0 * (lab == 2) + rng.normal(0, 5, lab.shape)).astype(np.float32)
+
+
+@pytest.fixture(params=sorted(GEOMETRIES))
+def geometry(request):
+    shape, affine = GEOMETRIES[request.param]
+    return request.param, shape, affine
+
+
+@pytest.fixture
+def shared_data() -> Path:
+    if not SHARED.is_dir():
+        pytest.skip("../shared/data is not present in this checkout")
+    return SHARED
+
+
+@pytest.fixture(scope="session")
+def hippo_data() -> Path:
+    return TEST_DATA / "hippocampus"
+
+
+def run_cli(*args: str, cwd: Path | None = None, timeout: float = 900) -> subprocess.CompletedProcess:
+    """Run the real ``medseg`` entry point in a subprocess."""
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "COLUMNS": "200"}
+    return subprocess.run([sys.executable, "-m", "medseg", *map(str, args)], capture_output=True, text=True,
+                          cwd=cwd or REPO, env=env, timeout=timeout)
+
+
+def assert_clean_error(proc: subprocess.CompletedProcess, *fragments: str) -> None:
+    """Non-zero exit, a one-line message naming the problem, no traceback."""
+    assert proc.returncode == 2, (proc.returncode, proc.stdout, proc.stderr)
+    err = proc.stderr.strip()
+    assert "Traceback" not in proc.stderr and "Traceback" not in proc.stdout, proc.stderr
+    assert err.startswith("error:"), err
+    flat = " ".join(err.split())
+    for frag in fragments:
+        assert frag in flat, (frag, flat)
+
+
+@pytest.fixture(scope="session")
+def threshold_model():
+    """Register a model whose prediction is known: class = round(intensity), so inverse mapping is checkable."""
+    from medseg.models.registry import MODELS, ModelSpec, register_model
+
+    class Threshold(torch.nn.Module):
+        def __init__(self, classes: int) -> None:
+            super().__init__()
+            self.classes = classes
+            self.dummy = torch.nn.Parameter(torch.zeros(1))
+
+        def forward(self, x):
+            centres = torch.arange(self.classes, dtype=x.dtype, device=x.device).view(1, -1, 1, 1, 1)
+            return -10.0 * (x - centres) ** 2 + 0 * self.dummy
+
+    if "test-threshold" not in MODELS:
+        register_model(ModelSpec("test-threshold", 3, "test only", lambda cfg, i, o: Threshold(o)))
+    return "test-threshold"
+
+
+def write_checkpoint(path: Path, *, model_name: str = "unet3d", spacing=None, patch=(16, 16, 16),
+                     intensity: str = "zscore", channels=(4, 8), strides=(2,), num_classes: int = 3) -> Path:
+    from medseg.config import Config
+    from medseg.models.registry import build_model
+    from medseg.training.checkpoint import save_checkpoint
+
+    cfg = Config(name="tiny", labels={i: f"class{i}" for i in range(num_classes)})
+    cfg.model.name = model_name
+    cfg.model.channels = list(channels)
+    cfg.model.strides = list(strides)
+    cfg.model.num_res_units = 1
+    cfg.patch.size = list(patch)
+    cfg.preprocess.spacing = None if spacing is None else list(spacing)
+    cfg.preprocess.intensity.mode = intensity
+    cfg.inference.overlap = 0.25
+    torch.manual_seed(0)
+    model = build_model(cfg.model, 1, cfg.num_classes)
+    return save_checkpoint(path, model=model, cfg=cfg, epoch=0)

@@ -1,0 +1,72 @@
+"""Config loading, overrides and the model registry."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from medseg.config import load_config, to_dict, from_dict
+from medseg.errors import ConfigError, InputNotFoundError, UnknownModelError
+from medseg.models import MODELS, SliceWise, build_model, get_spec
+
+from conftest import REPO
+
+
+def test_hippocampus_config_loads_with_overrides():
+    cfg = load_config(REPO / "configs" / "hippocampus.yaml", ["train.epochs=3", "patch.size=[32, 32, 32]"])
+    assert cfg.train.epochs == 3 and cfg.patch.size == [32, 32, 32]
+    assert cfg.labels == {0: "background", 1: "anterior", 2: "posterior"}
+    assert cfg.num_classes == 3
+    again = from_dict(to_dict(cfg))
+    assert to_dict(again) == to_dict(cfg)
+
+
+def test_unknown_key_suggests_the_right_one(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("train:\n  epohcs: 3\n")
+    with pytest.raises(ConfigError, match=r"unknown config key 'train.epohcs'.*did you mean 'train.epochs'"):
+        load_config(p)
+
+
+def test_bad_types_and_values(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("train:\n  epochs: many\n")
+    with pytest.raises(ConfigError, match="bad value for 'train.epochs'"):
+        load_config(p)
+    p.write_text("train:\n  loss: focal\n")
+    with pytest.raises(ConfigError, match="unknown loss"):
+        load_config(p)
+    p.write_text("preprocess:\n  intensity:\n    mode: ct_window\n    ct_preset: nope\n")
+    with pytest.raises(ConfigError, match="unknown CT window preset"):
+        load_config(p)
+    p.write_text("a: [\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(p)
+    with pytest.raises(ConfigError, match="bad --set"):
+        load_config(REPO / "configs" / "hippocampus.yaml", ["train.epochs"])
+    with pytest.raises(InputNotFoundError):
+        load_config(tmp_path / "missing.yaml")
+
+
+def test_registry_builds_and_rejects_unknown():
+    assert {"unet3d", "unet2d"} <= set(MODELS)
+    cfg = load_config(REPO / "configs" / "hippocampus.yaml").model
+    net = build_model(cfg, 1, 3)
+    assert net(torch.zeros(1, 1, 16, 16, 16)).shape == (1, 3, 16, 16, 16)
+    with pytest.raises(UnknownModelError, match="did you mean 'unet3d'"):
+        get_spec("unet3", )
+
+
+def test_unet2d_runs_slice_by_slice():
+    cfg = load_config(REPO / "configs" / "hippocampus.yaml", ["model.name=unet2d"]).model
+    net = build_model(cfg, 1, 3)
+    assert isinstance(net, SliceWise)
+    x = torch.randn(2, 1, 16, 24, 5)
+    y = net(x)
+    assert y.shape == (2, 3, 16, 24, 5)
+    # each slice is independent of its neighbours
+    x2 = x.clone()
+    x2[..., 0] = 0
+    net.eval()
+    with torch.no_grad():
+        assert torch.allclose(net(x)[..., 1:], net(x2)[..., 1:], atol=1e-5)
