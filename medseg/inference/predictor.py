@@ -37,8 +37,12 @@ def resolve_model(ref: str | Path | None) -> Path:
         return path
     models = bundled_models()
     if str(ref) not in models:
+        import difflib
+
+        close = difflib.get_close_matches(str(ref), list(models), n=1)
+        fix = f"did you mean '{close[0]}'?" if close else "bundled models: " + (", ".join(models) or "none installed")
         raise UnknownModelError(f"unknown model '{ref}'", expected="a bundled model name or a .pt file",
-                                found=repr(str(ref)), fix="bundled models: " + (", ".join(models) or "none installed"))
+                                fix=fix + "; 'medseg models' lists them")
     return models[str(ref)]
 
 

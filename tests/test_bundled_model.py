@@ -1,0 +1,88 @@
+"""The bundled model: accuracy on cases it never saw, a stored reference prediction, and the demo."""
+
+from __future__ import annotations
+
+import csv
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from medseg.evaluation import dice
+from medseg.inference.predictor import Predictor, bundled_models
+from medseg.io import load_volume
+from medseg.training.checkpoint import load_checkpoint
+
+from conftest import TEST_DATA, run_cli
+
+REFERENCE = TEST_DATA / "reference" / "hippocampus_011_bundled.nii.gz"
+
+
+@pytest.fixture(scope="module")
+def predictor():
+    return Predictor("hippocampus", device="cpu")
+
+
+def test_bundled_model_is_small_and_complete():
+    path = bundled_models()["hippocampus"]
+    assert path.stat().st_size < 5_000_000
+    ck = load_checkpoint(path)
+    assert ck["config"]["labels"] == {0: "background", 1: "anterior", 2: "posterior"}
+    assert len(ck["split"]["validation"]) == 39
+
+
+@pytest.mark.parametrize("case", ["hippocampus_011", "hippocampus_015"])
+def test_unseen_cases(predictor, hippo_data, case):
+    ck = load_checkpoint(predictor.model_path)
+    assert case in ck["split"]["validation"] and case not in ck["split"]["train"]
+    img = load_volume(hippo_data / "imagesTr" / f"{case}.nii.gz")
+    ref = load_volume(hippo_data / "labelsTr" / f"{case}.nii.gz").array
+    out = predictor.predict_volume(img)
+    assert out.shape == img.shape and np.allclose(out.affine, img.affine)
+    scores = [dice(out.array == c, ref == c) for c in (1, 2)]
+    assert min(scores) > 0.8, scores
+
+
+def test_matches_stored_reference(predictor, hippo_data):
+    """End-to-end regression: today's prediction equals the one stored when the model was bundled."""
+    img = load_volume(hippo_data / "imagesTr" / "hippocampus_011.nii.gz")
+    out = predictor.predict_volume(img).array
+    ref = load_volume(REFERENCE)
+    assert np.allclose(ref.affine, img.affine)
+    agree = float((out == ref.array).mean())
+    assert agree > 0.999, agree  # identical on one machine; a few boundary voxels may differ across CPUs
+
+
+@pytest.mark.slow
+@pytest.mark.shared_data
+def test_held_out_split_reaches_target(predictor, shared_data):
+    """All validation cases of the bundled model's split: mean Dice must reach 0.85."""
+    names = load_checkpoint(predictor.model_path)["split"]["validation"]
+    root = shared_data / "hippocampus"
+    per_class = {1: [], 2: []}
+    for name in names:
+        img = load_volume(root / "imagesTr" / f"{name}.nii.gz")
+        ref = load_volume(root / "labelsTr" / f"{name}.nii.gz").array
+        out = predictor.predict_volume(img).array
+        for c in per_class:
+            per_class[c].append(dice(out == c, ref == c))
+    means = {c: float(np.mean(v)) for c, v in per_class.items()}
+    assert np.mean(list(means.values())) >= 0.85, means
+
+
+def test_demo_command(tmp_path):
+    out = tmp_path / "demo"
+    proc = run_cli("demo", "-o", out, "--device", "cpu")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    labels = load_volume(out / "hippocampus_001_labels.nii.gz")
+    image = load_volume(__import__("medseg.demo", fromlist=["SAMPLE"]).SAMPLE)
+    assert labels.shape == image.shape and np.allclose(labels.affine, image.affine)
+    png = Image.open(out / "hippocampus_001_overlay.png")
+    assert png.format == "PNG" and png.width > 300 and png.height > 300
+    arr = np.asarray(png.convert("RGB")).astype(int)
+    # the anterior (red) and posterior (blue) colours both appear in the overlay
+    assert ((arr[..., 0] > arr[..., 2] + 60)).sum() > 50 and ((arr[..., 2] > arr[..., 0] + 60)).sum() > 50
+    rows = list(csv.DictReader(open(out / "hippocampus_001_volumes.csv")))
+    assert [r["name"] for r in rows] == ["anterior", "posterior"]
+    assert all(1.0 < float(r["volume_ml"]) < 4.0 for r in rows)
+    assert "anterior" in proc.stdout and "Dice vs reference" in proc.stdout
