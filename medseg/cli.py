@@ -50,18 +50,35 @@ def train(
     con.print(f"best checkpoint: {res.best_checkpoint}")
 
 
+UNEVEN_HELP = "Uneven or missing DICOM slices: resample (to even spacing) | error."
+TILT_HELP = "CT gantry tilt: resample (de-tilt like dcm2niix) | error."
+RULES_HELP = "Series selection rules (YAML) for DICOM study folders; default: every image series."
+
+
+def _dicom_options(uneven: str, tilt: str) -> dict:
+    return {"uneven": uneven, "tilt": tilt}
+
+
 @app.command()
 def predict(
-    inputs: List[Path] = typer.Argument(..., help="NIfTI/NRRD files or folders of them."),
+    inputs: List[Path] = typer.Argument(..., help="NIfTI/NRRD files, DICOM series or study folders, or folders of volumes."),
     output: Path = typer.Option(..., "-o", "--output", help="Output folder (created; never an input folder)."),
     model: Optional[str] = typer.Option(None, "--model", "-m", help="Bundled model name or .pt checkpoint (default: hippocampus)."),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N."),
     overlap: Optional[float] = typer.Option(None, "--overlap", help="Sliding-window overlap in [0, 1) (default from the model)."),
+    rules: Optional[Path] = typer.Option(None, "--rules", help=RULES_HELP),
+    uneven: str = typer.Option("resample", "--uneven", help=UNEVEN_HELP),
+    tilt: str = typer.Option("resample", "--tilt", help=TILT_HELP),
 ) -> None:
-    """Segment volumes; OUTDIR/<case> is an integer label volume on the input's exact grid."""
+    """Segment volumes; OUTDIR/<name> is an integer label volume on the input's exact grid.
+
+    NIfTI/NRRD inputs keep their name (case.nii.gz -> OUTDIR/case.nii.gz); a DICOM series
+    becomes OUTDIR/series-<number>-<hash>.nii.gz (no patient data in file names).
+    """
     from medseg.inference.predictor import predict as run_predict
 
-    results = run_predict(inputs, output, model=model, device=device, overlap=overlap)
+    results = run_predict(inputs, output, model=model, device=device, overlap=overlap, rules=rules,
+                          dicom_options=_dicom_options(uneven, tilt))
     con = _console(stderr=False)
     for src, dst, secs in results:
         con.print(f"{src} -> {dst} ({secs:.1f} s)")
@@ -151,6 +168,79 @@ def verify_data(
     con.print(f"{n} pair(s) checked: {len(errors)} error(s), {len(problems) - len(errors)} warning(s)")
     if errors:
         raise typer.Exit(1)
+
+
+@app.command()
+def convert(
+    source: Path = typer.Argument(..., help="DICOM series folder (or a study folder with --rules selecting one), or a NIfTI/NRRD file."),
+    output: Path = typer.Argument(..., help="OUT.nii.gz, OUT.nii or OUT.nrrd."),
+    rules: Optional[Path] = typer.Option(None, "--rules", help=RULES_HELP),
+    uneven: str = typer.Option("resample", "--uneven", help=UNEVEN_HELP),
+    tilt: str = typer.Option("resample", "--tilt", help=TILT_HELP),
+) -> None:
+    """Convert one series to NIfTI/NRRD with its patient geometry (agrees with dcm2niix)."""
+    from medseg.io.convert import convert as run_convert
+
+    out, vol = run_convert(source, output, rules=rules, uneven=uneven, tilt=tilt)
+    notes = [k for k in ("resampled_uneven", "detilted") if vol.meta.get(k)]
+    extra = f" ({', '.join(notes)})" if notes else ""
+    _console(stderr=False).print(f"wrote {out}: {vol.shape} voxels, spacing {tuple(round(float(s), 4) for s in vol.spacing)} mm{extra}")
+
+
+@app.command()
+def inspect(
+    path: Path = typer.Argument(..., help="A DICOM file, series, study or archive folder."),
+    rules: Optional[Path] = typer.Option(None, "--rules", help=RULES_HELP),
+) -> None:
+    """List the studies and series found (headers only) and what the rules decide, with reasons."""
+    from rich.table import Table
+
+    from medseg.io.dicom import scan_dicom
+    from medseg.io.rules import load_rules, orientation_name, select_series
+    from medseg.io.sources import short_hash
+
+    decisions = select_series(scan_dicom(path), load_rules(rules))
+    con = _console(stderr=False)
+    if not decisions:
+        con.print(f"no DICOM series found under {path}")
+        raise typer.Exit(1)
+    table = Table(title=f"{len(decisions)} stack(s) under {path}")
+    for col in ("study", "series", "description", "mod", "orientation", "size", "thick mm", "decision"):
+        table.add_column(col, overflow="fold")
+    for d in sorted(decisions, key=lambda d: (d.series.study_uid, d.series.series_number or 0, d.series.stack_index)):
+        s = d.series
+        table.add_row(f"study-{short_hash(s.study_uid)}", str(s.series_number if s.series_number is not None else "?"),
+                      s.series_description or "", s.modality or "?", orientation_name(s.orientation),
+                      f"{s.cols}x{s.rows}x{s.n_slices}", "" if s.slice_thickness is None else f"{s.slice_thickness:g}",
+                      ("[green]selected[/]: " if d.selected else "[yellow]not selected[/]: ") + "; ".join(d.reasons))
+    con.print(table)
+    con.print(f"{sum(d.selected for d in decisions)} selected")
+
+
+@app.command()
+def batch(
+    root: Path = typer.Argument(..., help="Root folder of patients/studies/series (any nesting; DICOM and NIfTI/NRRD)."),
+    output: Path = typer.Option(..., "-o", "--output", help="Output folder (outside ROOT); holds manifest.jsonl."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="Bundled model name or .pt checkpoint."),
+    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N."),
+    rules: Optional[Path] = typer.Option(None, "--rules", help=RULES_HELP),
+    shard: Optional[str] = typer.Option(None, "--shard", help="I/N: process only shard I of N (0-based), e.g. for job arrays."),
+    retry_failed: bool = typer.Option(True, "--retry-failed/--no-retry-failed", help="Re-run series that failed before."),
+    uneven: str = typer.Option("resample", "--uneven", help=UNEVEN_HELP),
+    tilt: str = typer.Option("resample", "--tilt", help=TILT_HELP),
+) -> None:
+    """Segment every series under ROOT; resumable (re-run the same command), failures recorded, never fatal."""
+    from medseg.batch import run_batch
+
+    con = _console()
+    res = run_batch(root, output, model=model, device=device, rules_path=rules, shard=shard,
+                    retry_failed=retry_failed, dicom_options=_dicom_options(uneven, tilt),
+                    log=lambda msg: con.print(msg, markup=False))
+    out = _console(stderr=False)
+    out.print(f"done {res.done}, failed {res.failed}, skipped {res.skipped}, already done {res.already_done} "
+              f"in {res.seconds:.1f} s; manifest: {res.manifest}")
+    for inp, reason in res.failures:
+        out.print(f"failed: {inp}: {reason}", markup=False)
 
 
 @app.command()

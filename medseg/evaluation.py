@@ -11,7 +11,13 @@ import numpy as np
 from scipy import ndimage
 
 from medseg.errors import DataError, InputNotFoundError
-from medseg.io.volume import Volume, case_name, check_same_grid, load_volume, volume_suffix
+from medseg.io.volume import (
+    Volume,
+    case_name,
+    check_same_grid,
+    load_volume,
+    volume_suffix,
+)
 
 
 def dice(pred: np.ndarray, ref: np.ndarray) -> float:

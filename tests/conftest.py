@@ -133,3 +133,22 @@ def write_checkpoint(path: Path, *, model_name: str = "unet3d", spacing=None, pa
     torch.manual_seed(0)
     model = build_model(cfg.model, 1, cfg.num_classes)
     return save_checkpoint(path, model=model, cfg=cfg, epoch=0)
+
+
+# the reference DICOM converter, newest found (pip package in the venv, or Debian's)
+@pytest.fixture(scope="session")
+def dcm2niix() -> str:
+    from dicom_helpers import _dcm2niix_found
+
+    found = _dcm2niix_found()
+    if not found:
+        pytest.skip("dcm2niix is not installed (pip install dcm2niix, or apt-get install dcm2niix)")
+    return found[-1][1]  # the newest
+
+
+@pytest.fixture
+def dcm2niix_optional():
+    from dicom_helpers import _dcm2niix_found
+
+    found = _dcm2niix_found()
+    return found[-1][1] if found else None

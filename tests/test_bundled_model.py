@@ -6,14 +6,13 @@ import csv
 
 import numpy as np
 import pytest
+from conftest import TEST_DATA, run_cli
 from PIL import Image
 
 from medseg.evaluation import dice
 from medseg.inference.predictor import Predictor, bundled_models
 from medseg.io import load_volume
 from medseg.training.checkpoint import load_checkpoint
-
-from conftest import TEST_DATA, run_cli
 
 REFERENCE = TEST_DATA / "reference" / "hippocampus_011_bundled.nii.gz"
 

@@ -8,13 +8,12 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from conftest import write_checkpoint
 
 from medseg.data.verify import verify_dataset
 from medseg.errors import CheckpointError
 from medseg.evaluation import dice, hd95
 from medseg.training.checkpoint import load_checkpoint, pack
-
-from conftest import write_checkpoint
 
 
 class Evil:

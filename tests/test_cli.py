@@ -7,7 +7,6 @@ import json
 import nibabel as nib
 import numpy as np
 import pytest
-
 from conftest import REPO, assert_clean_error, run_cli, write_checkpoint
 
 COMMANDS = ["train", "predict", "evaluate", "demo", "verify-data", "models", "pack-model"]

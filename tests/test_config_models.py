@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import REPO
 
-from medseg.config import load_config, to_dict, from_dict
+from medseg.config import from_dict, load_config, to_dict
 from medseg.errors import ConfigError, InputNotFoundError, UnknownModelError
 from medseg.models import MODELS, SliceWise, build_model, get_spec
-
-from conftest import REPO
 
 
 def test_hippocampus_config_loads_with_overrides():

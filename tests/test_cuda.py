@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
+from conftest import REPO, run_cli
 
 from medseg.inference.engine import resolve_device
 from medseg.inference.predictor import Predictor
 from medseg.io import load_volume
-
-from conftest import REPO, run_cli
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 

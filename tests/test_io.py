@@ -8,11 +8,16 @@ import nibabel as nib
 import numpy as np
 import pytest
 import SimpleITK as sitk
-
-from medseg.errors import GeometryError, InputNotFoundError, OutputError, UnreadableFileError, UnsupportedInputError
-from medseg.io import Volume, check_same_grid, load_volume, save_volume
-
 from conftest import blob_label, image_from_label
+
+from medseg.errors import (
+    GeometryError,
+    InputNotFoundError,
+    OutputError,
+    UnreadableFileError,
+    UnsupportedInputError,
+)
+from medseg.io import Volume, check_same_grid, load_volume, save_volume
 
 
 def write_nifti(path, array, affine, qform_code=1, sform_code=1):

@@ -7,7 +7,6 @@ import json
 import numpy as np
 import pytest
 import SimpleITK as sitk
-
 from conftest import REPO, run_cli
 
 

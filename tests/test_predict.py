@@ -6,12 +6,17 @@ import nibabel as nib
 import numpy as np
 import pytest
 import SimpleITK as sitk
-
-from medseg.errors import InputNotFoundError, OutputError, UnknownModelError, UnsupportedInputError
-from medseg.inference.predictor import Predictor, collect_inputs, predict, resolve_model
-from medseg.io import Volume, load_volume, save_volume
-
 from conftest import blob_label, image_from_label, write_checkpoint
+
+from medseg.errors import (
+    InputNotFoundError,
+    OutputError,
+    UnknownModelError,
+    UnsupportedInputError,
+)
+from medseg.inference.predictor import Predictor, predict, resolve_model
+from medseg.io import Volume, load_volume, save_volume
+from medseg.io.sources import discover
 
 
 def _write(path, array, affine):
@@ -80,10 +85,10 @@ def test_nan_input_refused(tmp_path, tiny_resampling_model):
 
 def test_input_and_model_errors(tmp_path):
     with pytest.raises(InputNotFoundError):
-        collect_inputs([tmp_path / "none.nii.gz"])
+        discover([tmp_path / "none.nii.gz"])
     (tmp_path / "empty").mkdir()
-    with pytest.raises(InputNotFoundError, match="no NIfTI"):
-        collect_inputs([tmp_path / "empty"])
+    with pytest.raises(InputNotFoundError, match="no images found"):
+        discover([tmp_path / "empty"])
     with pytest.raises(UnknownModelError, match="unknown model 'liverr'"):
         resolve_model("liverr")
     with pytest.raises(InputNotFoundError, match="model file not found"):

@@ -5,14 +5,20 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import blob_label
 
 from medseg.config import Config
 from medseg.errors import ConfigError
 from medseg.inference.engine import to_source_grid
 from medseg.io import Volume
-from medseg.transforms import CT_PRESETS, CTWindow, PercentileNorm, ZScore, ct_window_bounds, inference_transforms
-
-from conftest import blob_label
+from medseg.transforms import (
+    CT_PRESETS,
+    CTWindow,
+    PercentileNorm,
+    ZScore,
+    ct_window_bounds,
+    inference_transforms,
+)
 
 
 def test_ct_presets_and_window():

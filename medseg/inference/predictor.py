@@ -11,8 +11,12 @@ import torch
 
 from medseg.config import Config
 from medseg.errors import InputNotFoundError, OutputError, UnknownModelError
-from medseg.inference.engine import resolve_device, sliding_window_logits, to_source_grid
-from medseg.io.volume import Volume, case_name, load_volume, save_volume, volume_suffix
+from medseg.inference.engine import (
+    resolve_device,
+    sliding_window_logits,
+    to_source_grid,
+)
+from medseg.io.volume import Volume, load_volume, save_volume
 from medseg.models.registry import build_model, get_spec
 from medseg.training.checkpoint import config_from_checkpoint, load_checkpoint
 
@@ -113,61 +117,47 @@ class Predictor:
         return Prediction(labels, time.perf_counter() - t0)
 
 
-def collect_inputs(inputs: list[str | Path]) -> list[Path]:
-    """Expand files and folders into volume files (sorted, hidden files skipped)."""
-    files: list[Path] = []
-    for item in inputs:
-        p = Path(item)
-        if p.is_dir():
-            found = sorted(f for f in p.iterdir() if f.is_file() and not f.name.startswith(".") and volume_suffix(f))
-            if not found:
-                raise InputNotFoundError("no NIfTI or NRRD files in folder", path=p,
-                                         expected="files ending in .nii.gz, .nii or .nrrd",
-                                         fix="point at the files, or at a folder holding them")
-            files.extend(found)
-        elif p.is_file():
-            files.append(p)
-        else:
-            raise InputNotFoundError("input not found", path=p, expected="a NIfTI/NRRD file or a folder of them",
-                                     fix="check the path")
-    return files
-
-
-def output_path(src: Path, outdir: Path) -> Path:
-    """``OUTDIR/<case>.<same suffix>``; NRRD/MetaImage inputs keep their format."""
-    suffix = volume_suffix(src) or ".nii.gz"
-    if suffix in (".nhdr", ".mhd", ".seg.nrrd"):
-        suffix = ".nrrd"
-    return outdir / f"{case_name(src)}{suffix}"
-
-
-def check_outputs(files: list[Path], outdir: Path) -> list[Path]:
-    outs = [output_path(f, outdir) for f in files]
-    seen: dict[Path, Path] = {}
-    for src, out in zip(files, outs):
-        if out.resolve() == src.resolve():
-            raise OutputError("output path equals the input path", path=src,
+def plan_outputs(items: list, outdir: Path, *, flat: bool = True) -> list[Path]:
+    """Output path per input item; refuses writing onto an input or two inputs onto one output."""
+    outs = [outdir / (f"{it.name}{it.output_suffix}" if flat else it.output_relpath()) for it in items]
+    seen: dict[Path, object] = {}
+    for it, out in zip(items, outs):
+        if it.kind == "volume" and out.resolve() == Path(it.path).resolve():
+            raise OutputError("output path equals the input path", path=it.path,
                               fix="choose an output folder other than the input folder")
         if out in seen:
             raise OutputError("two inputs would write the same output", path=out,
-                              found=f"{seen[out]} and {src}", fix="rename one input or predict them separately")
-        seen[out] = src
+                              found=f"{seen[out]} and {it.path}", fix="rename one input or predict them separately")
+        seen[out] = it.path
     return outs
 
 
 def predict(inputs: list[str | Path], outdir: str | Path, *, model: str | Path | None = None,
-            device: str = "auto", progress: bool = True, overlap: float | None = None) -> list[tuple[Path, Path, float]]:
-    """Segment every input and write ``OUTDIR/<case>`` label volumes; returns (input, output, seconds)."""
+            device: str = "auto", progress: bool = True, overlap: float | None = None,
+            rules: str | Path | None = None, dicom_options: dict | None = None) -> list[tuple[Path, Path, float]]:
+    """Segment every input and write ``OUTDIR/<name>`` label volumes; returns (input, output, seconds).
+
+    Inputs are NIfTI/NRRD files, folders of them, DICOM series or study folders (series
+    chosen by ``rules``, a YAML file; by default every image series).
+    """
+    from medseg.io.rules import load_rules
+    from medseg.io.sources import discover
     from medseg.progress import progress_bar
 
     outdir = Path(outdir)
-    files = collect_inputs(inputs)
-    outs = check_outputs(files, outdir)
+    items, skipped = discover(inputs, load_rules(rules), recursive=False)
+    if not items:
+        reasons = "; ".join(f"{s.path}: {s.reason}" for s in skipped[:5])
+        raise InputNotFoundError("no series passed the selection rules", path=inputs[0], found=reasons,
+                                 fix="check the rules (medseg inspect PATH shows every decision)")
+    outs = plan_outputs(items, outdir)
     predictor = Predictor(model, device=device, overlap=overlap)
     results = []
-    with progress_bar("predict", total=len(files), enabled=progress) as advance:
-        for src, dst in zip(files, outs):
-            res = predictor.predict_file(src, dst)
-            results.append((src, dst, res.seconds))
-            advance(src.name)
+    with progress_bar("predict", total=len(items), enabled=progress) as advance:
+        for it, dst in zip(items, outs):
+            t0 = time.perf_counter()
+            vol = it.load(**(dicom_options or {})) if it.kind == "dicom" else it.load()
+            save_volume(predictor.predict_volume(vol), dst, reference=vol)
+            results.append((Path(it.path), dst, time.perf_counter() - t0))
+            advance(it.name)
     return results

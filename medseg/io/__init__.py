@@ -1,6 +1,11 @@
 """Reading and writing volumes with their geometry."""
 
-from medseg.io.dicom import MultipleSeriesError, SeriesInfo, load_dicom_series, scan_dicom
+from medseg.io.dicom import (
+    MultipleSeriesError,
+    SeriesInfo,
+    load_dicom_series,
+    scan_dicom,
+)
 from medseg.io.volume import (
     VOLUME_SUFFIXES,
     Volume,

@@ -44,7 +44,12 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from medseg.errors import ConfigError, InputNotFoundError, UnreadableFileError, UnsupportedInputError
+from medseg.errors import (
+    ConfigError,
+    InputNotFoundError,
+    UnreadableFileError,
+    UnsupportedInputError,
+)
 from medseg.io.volume import LPS_TO_RAS, Volume
 from medseg.progress import progress_bar
 

@@ -1,6 +1,10 @@
 """Training loop and checkpoints."""
 
-from medseg.training.checkpoint import config_from_checkpoint, load_checkpoint, save_checkpoint
+from medseg.training.checkpoint import (
+    config_from_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
 
 __all__ = ["config_from_checkpoint", "load_checkpoint", "save_checkpoint", "train"]
 

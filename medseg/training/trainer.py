@@ -139,7 +139,14 @@ def train(cfg: Config, *, resume: bool = False, progress: bool = True, log=None)
     say(f"{len(train_cases)} training / {len(val_cases)} validation cases; data ready in {time.time() - t0:.1f} s; "
         f"device {device}; model {cfg.model.name} ({sum(p.numel() for p in model.parameters()):,} parameters)")
 
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
     bar = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.description}"),
                    TimeElapsedColumn(), TimeRemainingColumn(), console=console,

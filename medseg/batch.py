@@ -1,0 +1,255 @@
+"""``medseg batch``: segment every series under a root folder, resumably, failures isolated.
+
+* The model is loaded once; the next series is read on a worker thread while the
+  current one is inferred.
+* Outputs are mirrored by study/series under stable names holding no patient data.
+* ``manifest.jsonl`` has exactly one row per series (status ``done``, ``failed`` or
+  ``skipped``, the reason, timings and the input's SHA-256). It is rewritten atomically
+  (temporary file, fsync, rename) after every series, so a run killed at any moment
+  leaves a valid manifest and complete outputs; the same command resumes.
+* ``--shard I/N`` splits the work deterministically by series key.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+from medseg.errors import ConfigError, InputNotFoundError, MedsegError, OutputError
+from medseg.io.sources import InputItem, discover
+from medseg.io.volume import atomic_write, save_volume
+
+MANIFEST_FIELDS = ("key", "input", "kind", "output", "status", "reason", "load_s", "predict_s", "write_s",
+                   "input_hash", "fingerprint", "finished_at")
+
+
+def parse_shard(text: str | None) -> tuple[int, int] | None:
+    if not text:
+        return None
+    try:
+        i, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise ConfigError("bad --shard", expected="I/N with 0 <= I < N, e.g. 0/4", found=repr(text),
+                          fix="number shards from 0") from None
+    if n < 1 or not 0 <= i < n:
+        raise ConfigError("bad --shard", expected="I/N with 0 <= I < N, e.g. 0/4", found=repr(text),
+                          fix="number shards from 0")
+    return i, n
+
+
+def in_shard(key: str, shard: tuple[int, int] | None) -> bool:
+    if shard is None:
+        return True
+    import hashlib
+
+    return int(hashlib.sha1(key.encode()).hexdigest(), 16) % shard[1] == shard[0]
+
+
+def fingerprint(item: InputItem) -> str:
+    """Cheap change detector (names, sizes, modification times) used to skip finished work."""
+    import hashlib
+
+    h = hashlib.sha1()
+    for f in sorted(item.files or [item.path]):
+        st = os.stat(f)
+        h.update(f"{Path(f).name}:{st.st_size}:{st.st_mtime_ns};".encode())
+    return h.hexdigest()
+
+
+class Manifest:
+    """One row per series key; every update rewrites the file atomically."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.rows: dict[str, dict] = {}
+        if path.is_file():
+            for n, line in enumerate(path.read_text().splitlines(), 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:
+                    raise OutputError(f"manifest line {n} is not valid JSON", path=path,
+                                      fix="restore the manifest or move it away to start over") from None
+                self.rows[row["key"]] = row
+
+    def update(self, row: dict) -> None:
+        self.rows[row["key"]] = {k: row.get(k) for k in MANIFEST_FIELDS}
+        text = "".join(json.dumps(self.rows[k], sort_keys=False) + "\n" for k in sorted(self.rows))
+        atomic_write(self.path, lambda tmp: Path(tmp).write_text(text))
+        _fsync_dir(self.path.parent)
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+@dataclass
+class BatchSummary:
+    outdir: Path
+    manifest: Path
+    done: int = 0
+    failed: int = 0
+    skipped: int = 0
+    already_done: int = 0
+    seconds: float = 0.0
+    failures: list[tuple[str, str]] = field(default_factory=list)
+
+
+class _Lock:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.fh = None
+
+    def __enter__(self):
+        self.fh = open(self.path, "a")
+        try:
+            fcntl.flock(self.fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self.fh.close()
+            raise OutputError("another medseg batch is writing to this output folder", path=self.path.parent,
+                              fix="wait for it to finish, or use another output folder or --shard") from None
+        return self
+
+    def __exit__(self, *exc):
+        fcntl.flock(self.fh, fcntl.LOCK_UN)
+        self.fh.close()
+
+
+def _check_folders(root: Path, outdir: Path) -> None:
+    if not root.exists():
+        raise InputNotFoundError("batch root not found", path=root, expected="a folder of studies or volumes",
+                                 fix="check the path")
+    r, o = root.resolve(), outdir.resolve()
+    if o == r or o.is_relative_to(r):
+        raise OutputError("output folder is inside the input folder", path=outdir,
+                          expected=f"a folder outside {root}", fix="inputs are never written to; choose another -o")
+
+
+def _rel(path: Path, root: Path) -> str:
+    try:
+        return str(Path(path).resolve().relative_to(root.resolve()))
+    except ValueError:
+        return str(path)
+
+
+def run_batch(root: str | Path, outdir: str | Path, *, model: str | None = None, device: str = "auto",
+              rules_path: str | Path | None = None, shard: str | None = None, retry_failed: bool = True,
+              progress: bool = True, dicom_options: dict | None = None, log=None) -> BatchSummary:
+    from medseg.inference.predictor import Predictor
+    from medseg.io.rules import load_rules
+    from medseg.progress import progress_bar
+
+    root, outdir = Path(root), Path(outdir)
+    _check_folders(root, outdir)
+    shard_t = parse_shard(shard)
+    rules = load_rules(rules_path)
+    say = log or (lambda msg: None)
+    t_start = time.perf_counter()
+    items, skipped = discover([root], rules, mirror_root=root if root.is_dir() else root.parent)
+    items = [it for it in items if in_shard(it.key, shard_t)]
+    skipped = [s for s in skipped if in_shard(s.key, shard_t)]
+    outdir.mkdir(parents=True, exist_ok=True)
+    name = "manifest.jsonl" if shard_t is None else f"manifest.shard-{shard_t[0]}-of-{shard_t[1]}.jsonl"
+    summary = BatchSummary(outdir, outdir / name)
+    with _Lock(outdir / f".{name}.lock"):
+        _remove_partial_files(outdir, items, summary.manifest)
+        manifest = Manifest(summary.manifest)
+        for s in skipped:
+            prev = manifest.rows.get(s.key)
+            if prev is None or prev.get("status") != "skipped" or prev.get("reason") != s.reason:
+                manifest.update({"key": s.key, "input": _rel(s.path, root), "kind": "dicom", "status": "skipped",
+                                 "reason": s.reason, "finished_at": _now()})
+            summary.skipped += 1
+        todo = []
+        for it in items:
+            prev = manifest.rows.get(it.key)
+            if prev and prev.get("fingerprint") == fingerprint(it) and (
+                    (prev.get("status") == "done" and (outdir / prev["output"]).is_file())
+                    or (prev.get("status") == "failed" and not retry_failed)):
+                summary.already_done += 1
+                continue
+            todo.append(it)
+        say(f"{len(items)} series/volume(s) to segment ({summary.already_done} already done), "
+            f"{len(skipped)} skipped by rules")
+        if not todo:
+            summary.seconds = time.perf_counter() - t_start
+            return summary
+        predictor = Predictor(model, device=device)
+        opts = dict(dicom_options or {})
+
+        def load(it: InputItem):
+            t0 = time.perf_counter()
+            try:
+                vol = it.load(**opts) if it.kind == "dicom" else it.load()
+                return vol, it.input_hash(), time.perf_counter() - t0, None
+            except MedsegError as exc:
+                return None, None, time.perf_counter() - t0, exc
+            except Exception as exc:  # a broken file must not stop the archive
+                return None, None, time.perf_counter() - t0, exc
+
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="medseg-prefetch") as pool, \
+                progress_bar("batch", total=len(todo), enabled=progress) as advance:
+            future: Future = pool.submit(load, todo[0])
+            for idx, it in enumerate(todo):
+                vol, digest, load_s, err = future.result()
+                if idx + 1 < len(todo):
+                    future = pool.submit(load, todo[idx + 1])
+                row = {"key": it.key, "input": _rel(it.path if it.kind == "dicom" else it.path, root), "kind": it.kind,
+                       "fingerprint": fingerprint(it), "load_s": round(load_s, 3)}
+                if err is None:
+                    try:
+                        t1 = time.perf_counter()
+                        labels = predictor.predict_volume(vol)
+                        t2 = time.perf_counter()
+                        out = outdir / it.output_relpath()
+                        save_volume(labels, out, reference=vol)
+                        row.update(status="done", output=str(it.output_relpath()), reason=None, input_hash=digest,
+                                   predict_s=round(t2 - t1, 3), write_s=round(time.perf_counter() - t2, 3))
+                        summary.done += 1
+                    except Exception as exc:  # noqa: BLE001 - recorded, the batch goes on
+                        err = exc
+                if err is not None:
+                    reason = str(err) if isinstance(err, MedsegError) else f"internal error: {type(err).__name__}: {err}"
+                    row.update(status="failed", reason=reason)
+                    summary.failed += 1
+                    summary.failures.append((row["input"], reason))
+                row["finished_at"] = _now()
+                manifest.update(row)
+                advance(it.name)
+    summary.seconds = time.perf_counter() - t_start
+    return summary
+
+
+def _remove_partial_files(outdir: Path, items: list[InputItem], manifest: Path) -> None:
+    """Delete temporary files that a killed run left (``.<name>.<random>.part<suffix>``).
+
+    Only this run's own outputs and manifest are considered, so shards sharing an output
+    folder never touch each other's files in progress.
+    """
+    targets = [(outdir / it.output_relpath()).parent / f".{it.name}." for it in items]
+    targets.append(manifest.parent / f".{manifest.stem}.")
+    for prefix in targets:
+        if prefix.parent.is_dir():
+            for tmp in prefix.parent.glob(prefix.name + "*.part*"):
+                if tmp.is_file():
+                    tmp.unlink()
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")

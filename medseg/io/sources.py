@@ -1,0 +1,139 @@
+"""Turn what the user points at into things to segment.
+
+An input may be a NIfTI/NRRD file, a folder of them, a DICOM series folder, a whole
+study or archive folder (all series found, chosen by selection rules), or a mix. Each
+becomes an :class:`InputItem` with a stable name that holds no patient information.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from medseg.errors import InputNotFoundError, UnsupportedInputError
+from medseg.io.rules import SelectionRules, select_series
+from medseg.io.volume import Volume, case_name, load_volume, volume_suffix
+
+
+def short_hash(text: str, n: int = 10) -> str:
+    return hashlib.sha1(text.encode()).hexdigest()[:n]
+
+
+@dataclass
+class InputItem:
+    key: str
+    """Stable identifier used in manifests (no patient data)."""
+    name: str
+    """Output base name, e.g. ``case`` for ``case.nii.gz`` or ``series-011-3f2a9c1b20``."""
+    kind: str
+    """``volume`` (NIfTI/NRRD file) or ``dicom`` (a series stack)."""
+    path: Path
+    """The file, or the folder holding the series (for messages)."""
+    group: str = ""
+    """Sub-folder of the output (study for DICOM, relative folder for files in a tree)."""
+    series: Any = None
+    files: list[Path] = field(default_factory=list)
+    output_suffix: str = ".nii.gz"
+
+    def load(self, **dicom_options) -> Volume:
+        if self.kind == "dicom":
+            from medseg.io.dicom import load_dicom_series
+
+            return load_dicom_series(self.series, **dicom_options)
+        return load_volume(self.path)
+
+    def input_hash(self) -> str:
+        """SHA-256 over the input bytes (and relative names, for DICOM)."""
+        h = hashlib.sha256()
+        files = self.files or [self.path]
+        for f in sorted(files):
+            h.update(Path(f).name.encode())
+            with open(f, "rb") as fh:
+                for chunk in iter(lambda: fh.read(1 << 20), b""):
+                    h.update(chunk)
+        return h.hexdigest()
+
+    def output_relpath(self) -> Path:
+        return Path(self.group) / f"{self.name}{self.output_suffix}" if self.group else Path(f"{self.name}{self.output_suffix}")
+
+
+@dataclass
+class Skipped:
+    key: str
+    path: Path
+    reason: str
+    series: Any = None
+
+
+def _volume_item(path: Path, root: Path | None) -> InputItem:
+    suffix = volume_suffix(path) or ".nii.gz"
+    out_suffix = ".nrrd" if suffix in (".nrrd", ".nhdr", ".mha", ".mhd", ".seg.nrrd") else ".nii.gz"
+    group = ""
+    if root is not None:
+        rel = path.parent.relative_to(root)
+        group = "" if str(rel) == "." else str(rel)
+    key = f"file:{(Path(group) / path.name).as_posix()}"
+    return InputItem(key=key, name=case_name(path), kind="volume", path=path, group=group, output_suffix=out_suffix)
+
+
+def dicom_item(series: Any) -> InputItem:
+    uid = str(series.series_uid)
+    stack = str(getattr(series, "stack_key", "") or "")
+    number = getattr(series, "series_number", None)
+    number_txt = f"{int(number):03d}" if isinstance(number, (int, float)) or str(number).isdigit() else "000"
+    name = f"series-{number_txt}-{short_hash(uid + '|' + stack)}"
+    group = f"study-{short_hash(str(series.study_uid))}"
+    files = [Path(f) for f in series.files]
+    folder = Path(files[0]).parent if files else Path(".")
+    return InputItem(key=f"dicom:{short_hash(uid + '|' + stack, 16)}", name=name, kind="dicom", path=folder,
+                     group=group, series=series, files=files)
+
+
+def _is_volume_file(p: Path) -> bool:
+    return p.is_file() and not p.name.startswith(".") and volume_suffix(p) is not None
+
+
+def discover(inputs: list[str | Path], rules: SelectionRules | None = None, *, mirror_root: Path | None = None,
+             recursive: bool = True) -> tuple[list[InputItem], list[Skipped]]:
+    """Everything to segment under ``inputs``, and what was skipped with the reason."""
+    from medseg.io.dicom import scan_dicom
+
+    rules = rules or SelectionRules()
+    items: list[InputItem] = []
+    skipped: list[Skipped] = []
+    for raw in inputs:
+        p = Path(raw)
+        if p.is_file():
+            if volume_suffix(p):
+                items.append(_volume_item(p, mirror_root))
+                continue
+            p_dir, dicom_roots = p.parent, [p.parent]  # a single DICOM file: its series folder
+        elif p.is_dir():
+            p_dir, dicom_roots = p, [p]
+        else:
+            raise InputNotFoundError("input not found", path=p, expected="a NIfTI/NRRD file, a DICOM folder or a folder of them",
+                                     fix="check the path")
+        vols = sorted(f for f in (p_dir.rglob("*") if recursive else p_dir.iterdir()) if _is_volume_file(f))
+        base = mirror_root if mirror_root is not None else p_dir
+        items.extend(_volume_item(f, base if f.is_relative_to(base) else f.parent) for f in vols)
+        series = [s for root in dicom_roots for s in scan_dicom(root)]
+        for decision in select_series(series, rules):
+            item = dicom_item(decision.series)
+            if decision.selected:
+                items.append(item)
+            else:
+                skipped.append(Skipped(item.key, item.path, "; ".join(decision.reasons), decision.series))
+        if not vols and not series:
+            raise InputNotFoundError("no images found", path=p,
+                                     expected="NIfTI/NRRD files or DICOM image series", fix="check the folder")
+    seen: set[str] = set()
+    unique = []
+    for it in items:
+        if it.key not in seen:
+            seen.add(it.key)
+            unique.append(it)
+    if not unique and not skipped:
+        raise UnsupportedInputError("nothing to segment", path=inputs[0] if inputs else None, fix="check the inputs")
+    return unique, skipped

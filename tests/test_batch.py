@@ -1,0 +1,155 @@
+"""``medseg batch`` over a mixed archive: outputs, manifest, failure isolation, resume, shards, kill -9."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from conftest import REPO, TEST_DATA, assert_clean_error, run_cli
+from dicom_helpers import BASIC_TEXT_SR, dataset
+from pydicom.uid import generate_uid
+
+from medseg.batch import parse_shard
+from medseg.errors import ConfigError
+from medseg.io import load_volume
+
+HIPPO = TEST_DATA / "hippocampus" / "imagesTr"
+
+
+def make_archive(root: Path) -> Path:
+    """Two patients: a real DICOM hippocampus crop, a broken series, an SR report, stray files, NIfTI volumes."""
+    series = root / "patient_a" / "study_1" / "hcrop"
+    shutil.copytree(TEST_DATA / "dicom" / "hcrop", series)
+    broken = root / "patient_a" / "study_1" / "broken"
+    broken.mkdir(parents=True)
+    uid = generate_uid()
+    for i, f in enumerate(sorted((TEST_DATA / "dicom" / "hcrop").iterdir())[:4]):
+        ds = pydicom.dcmread(f)
+        ds.SeriesInstanceUID = uid
+        ds.save_as(broken / f.name)
+        if i == 2:
+            data = (broken / f.name).read_bytes()
+            (broken / f.name).write_bytes(data[:-500])  # pixel data shorter than the header says
+    sr = dataset(BASIC_TEXT_SR, series_uid=generate_uid())
+    sr.Modality = "SR"
+    sr.save_as(root / "patient_a" / "study_1" / "report.dcm", enforce_file_format=True)
+    (root / "patient_a" / "notes.txt").write_text("not an image\n")
+    nifti = root / "patient_b" / "nifti"
+    nifti.mkdir(parents=True)
+    for name in ("hippocampus_011", "hippocampus_015"):
+        shutil.copy(HIPPO / f"{name}.nii.gz", nifti / f"{name}.nii.gz")
+    return root
+
+
+def manifest_rows(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+@pytest.mark.slow
+def test_batch_mixed_archive_resume_and_shards(tmp_path):
+    root = make_archive(tmp_path / "archive")
+    before = {p: p.read_bytes() for p in root.rglob("*") if p.is_file()}
+    out = tmp_path / "out"
+    proc = run_cli("batch", root, "-o", out, "--device", "cpu")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = manifest_rows(out / "manifest.jsonl")
+    by_status = {}
+    for r in rows:
+        by_status.setdefault(r["status"], []).append(r)
+    assert len(rows) == 5 and len({r["key"] for r in rows}) == 5
+    assert len(by_status["done"]) == 3 and len(by_status["failed"]) == 1 and len(by_status["skipped"]) == 1
+    assert "broken" in by_status["failed"][0]["input"] and "pixel data" in by_status["failed"][0]["reason"]
+    assert "SR document" in by_status["skipped"][0]["reason"]
+    for r in by_status["done"]:
+        assert (out / r["output"]).is_file() and len(r["input_hash"]) == 64
+        if r["kind"] == "dicom":
+            assert "patient" not in r["output"]  # DICOM outputs are named by study/series hashes
+    dicom_done = [r for r in by_status["done"] if r["kind"] == "dicom"]
+    assert dicom_done[0]["output"].startswith("study-") and "/series-" in dicom_done[0]["output"]
+    nifti_done = sorted(r["output"] for r in by_status["done"] if r["kind"] == "volume")
+    assert nifti_done == ["patient_b/nifti/hippocampus_011.nii.gz", "patient_b/nifti/hippocampus_015.nii.gz"]
+    for name in ("hippocampus_011", "hippocampus_015"):
+        src, lab = load_volume(HIPPO / f"{name}.nii.gz"), load_volume(out / "patient_b" / "nifti" / f"{name}.nii.gz")
+        assert lab.shape == src.shape and np.allclose(lab.affine, src.affine)
+    assert "failed: " in proc.stdout and "broken" in proc.stdout
+    # inputs untouched, nothing written into the archive
+    assert {p: p.read_bytes() for p in root.rglob("*") if p.is_file()} == before
+
+    # re-run: finished work is skipped, the failed series is retried (and fails again), nothing duplicated
+    mtimes = {r["output"]: (out / r["output"]).stat().st_mtime_ns for r in by_status["done"]}
+    again = run_cli("batch", root, "-o", out, "--device", "cpu")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "already done 3" in again.stdout and "failed 1" in again.stdout
+    assert {r["output"]: (out / r["output"]).stat().st_mtime_ns for r in by_status["done"]} == mtimes
+    assert len(manifest_rows(out / "manifest.jsonl")) == 5
+    again = run_cli("batch", root, "-o", out, "--device", "cpu", "--no-retry-failed")
+    assert "done 0, failed 0, skipped 1, already done 4" in again.stdout
+
+    # shards split the work without overlap and cover all of it
+    keys = set()
+    for i in range(2):
+        shard = run_cli("batch", root, "-o", tmp_path / "sharded", "--device", "cpu", "--shard", f"{i}/2")
+        assert shard.returncode == 0, shard.stderr[-3000:]
+        part = {r["key"] for r in manifest_rows(tmp_path / "sharded" / f"manifest.shard-{i}-of-2.jsonl")}
+        assert not keys & part
+        keys |= part
+    assert keys == {r["key"] for r in rows}
+
+
+def test_batch_refuses_output_inside_input_and_bad_shard(tmp_path):
+    (tmp_path / "in").mkdir()
+    assert_clean_error(run_cli("batch", tmp_path / "in", "-o", tmp_path / "in" / "out"), "inside the input folder")
+    with pytest.raises(ConfigError):
+        parse_shard("2/2")
+    assert parse_shard("1/3") == (1, 3)
+
+
+@pytest.mark.slow
+def test_batch_killed_midway_resumes_to_the_same_result(tmp_path):
+    root = tmp_path / "archive"
+    root.mkdir()
+    for k in range(8):  # 48 small volumes, enough for the run to be killed part-way
+        for f in sorted(HIPPO.iterdir()):
+            shutil.copy(f, root / f"k{k}_{f.name}")
+    n = len(list(root.iterdir()))
+    reference = tmp_path / "reference"
+    ref = run_cli("batch", root, "-o", reference, "--device", "cpu")
+    assert ref.returncode == 0, ref.stderr[-3000:]
+
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    for kill_after_rows in (3, 20):
+        proc = subprocess.Popen([sys.executable, "-m", "medseg", "batch", str(root), "-o", str(out), "--device", "cpu"],
+                                cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            m = out / "manifest.jsonl"
+            if m.is_file() and len(m.read_text().splitlines()) >= kill_after_rows:
+                break
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        rows = manifest_rows(out / "manifest.jsonl")  # always valid JSON, never a torn line
+        assert kill_after_rows <= len(rows) < n, "the run must have been killed part-way"
+    final = run_cli("batch", root, "-o", out, "--device", "cpu")
+    assert final.returncode == 0, final.stderr[-3000:]
+    rows = manifest_rows(out / "manifest.jsonl")
+    assert len(rows) == n and {r["status"] for r in rows} == {"done"}
+    ref_rows = {r["key"]: r for r in manifest_rows(reference / "manifest.jsonl")}
+    for r in rows:
+        assert r["input_hash"] == ref_rows[r["key"]]["input_hash"] and r["output"] == ref_rows[r["key"]]["output"]
+        a, b = load_volume(out / r["output"]), load_volume(reference / r["output"])
+        assert np.array_equal(a.array, b.array) and np.allclose(a.affine, b.affine)
+    leftovers = [p.name for p in out.rglob(".*") if ".part" in p.name]
+    assert not leftovers
+    assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == sorted(
+        p.name for p in reference.iterdir() if not p.name.startswith("."))
