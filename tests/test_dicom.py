@@ -451,7 +451,7 @@ def test_missing_decoder_says_what_to_install(tmp_path, monkeypatch):
         missing_dependencies = ["pylibjpeg-openjpeg"]
 
     monkeypatch.setattr(pydicom.pixels, "get_decoder", lambda uid: Missing())
-    with pytest.raises(UnsupportedInputError, match="JPEG 2000.*pip install pylibjpeg"):
+    with pytest.raises(UnsupportedInputError, match="JPEG 2000.*pip install python-gdcm pylibjpeg"):
         load_dicom_series(DICOM_DATA / "ct_j2k")
 
 

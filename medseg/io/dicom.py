@@ -525,8 +525,8 @@ def _pixels(ds, path: Path, n_frames: int) -> np.ndarray:
         if decoder is None or not decoder.is_available:
             missing = "; ".join(decoder.missing_dependencies) if decoder is not None else "no decoder exists"
             raise UnsupportedInputError(f"cannot decode transfer syntax {ts.name}", path=path, found=missing,
-                                        fix="pip install pylibjpeg pylibjpeg-openjpeg pylibjpeg-libjpeg "
-                                            "pylibjpeg-rle, or decompress the files (e.g. gdcmconv --raw)")
+                                        fix="reinstall medseg's decoders (pip install python-gdcm pylibjpeg "
+                                            "pylibjpeg-openjpeg), or decompress the files (e.g. gdcmconv --raw)")
     expected = (n_frames, int(ds.Rows), int(ds.Columns))
     try:
         array = np.asarray(ds.pixel_array)
