@@ -153,3 +153,46 @@ def test_batch_killed_midway_resumes_to_the_same_result(tmp_path):
     assert not leftovers
     assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == sorted(
         p.name for p in reference.iterdir() if not p.name.startswith("."))
+
+
+@pytest.mark.slow
+@pytest.mark.shared_data
+def test_batch_on_the_shared_dicom_archive_with_kill(shared_data, tmp_path):
+    """A copy of ../shared/data/dicom plus a truncated slice, an SR report and a PDF; killed once, then resumed."""
+    root = tmp_path / "archive"
+    shutil.copytree(shared_data / "dicom", root)
+    for p in root.rglob("*"):
+        p.chmod(0o755 if p.is_dir() else 0o644)
+    victim = sorted((root / "mr_brain_study" / "37830-T2reg-78532").iterdir())[5]
+    victim.write_bytes(victim.read_bytes()[:40000])
+    sr = dataset(BASIC_TEXT_SR, series_uid=generate_uid())
+    sr.Modality = "SR"
+    sr.save_as(root / "mr_brain_study" / "report.dcm", enforce_file_format=True)
+    (root / "mr_brain_study" / "scan.pdf").write_bytes(b"%PDF-1.4 not dicom")
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.Popen([sys.executable, "-m", "medseg", "batch", str(root), "-o", str(out), "--device", "cpu"],
+                            cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        m = out / "manifest.jsonl"
+        if m.is_file() and len(m.read_text().splitlines()) >= 3:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert len(manifest_rows(out / "manifest.jsonl")) < 11
+    final = run_cli("batch", root, "-o", out, "--device", "cpu")
+    assert final.returncode == 0, final.stderr[-3000:]
+    rows = manifest_rows(out / "manifest.jsonl")
+    status = {}
+    for r in rows:
+        status.setdefault(r["status"], []).append(r)
+    # 9 DICOM image series + 1 NIfTI (ct_chest/reference_seg.nii.gz); the truncated T2 fails; the SR is skipped
+    assert len(rows) == 11 and len({r["key"] for r in rows}) == 11
+    assert len(status["done"]) == 9 and len(status["skipped"]) == 1
+    assert [r["input"] for r in status["failed"]] == ["mr_brain_study/37830-T2reg-78532"]
+    assert "000005.dcm" in status["failed"][0]["reason"] and "truncated" in status["failed"][0]["reason"]
+    for r in status["done"]:
+        assert (out / r["output"]).is_file()
+    assert not [p for p in out.rglob(".*") if ".part" in p.name]

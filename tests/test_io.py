@@ -142,3 +142,15 @@ def test_atomic_write_leaves_no_partial_file(tmp_path):
     with pytest.raises(RuntimeError):
         atomic_write(tmp_path / "out.nii.gz", boom)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_outputs_get_normal_permissions(tmp_path):
+    import os
+    import stat
+
+    from medseg.io import atomic_write
+
+    from medseg.io import volume
+
+    out = atomic_write(tmp_path / "a.txt", lambda p: p.write_text("x"))
+    assert stat.S_IMODE(out.stat().st_mode) == 0o666 & ~volume._UMASK

@@ -232,6 +232,15 @@ def _temp_path(target: Path) -> Path:
     return Path(tmp)
 
 
+def _read_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _read_umask()  # read once, at import, before any worker thread exists
+
+
 def atomic_write(target: str | Path, writer) -> Path:
     """Call ``writer(tmp_path)`` then rename the temporary file onto ``target``.
 
@@ -252,6 +261,7 @@ def atomic_write(target: str | Path, writer) -> Path:
         writer(tmp)
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; outputs get the usual permissions
         os.replace(tmp, target)
     finally:
         if tmp.exists():
