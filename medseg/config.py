@@ -124,6 +124,8 @@ class Config:
     labels: dict[int, str] = field(default_factory=lambda: {0: "background", 1: "foreground"})
     colors: dict[int, list[int]] | None = None
     """RGB colour per label (0-255); defaults to a fixed palette."""
+    terminology: dict[int, str] | None = None
+    """Coded meaning per label, a key of ``medseg.labels.KNOWN_TERMS`` (e.g. ``hippocampus:anterior``)."""
     modality: str = "MR"
     data: DataConfig = field(default_factory=DataConfig)
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
