@@ -23,9 +23,9 @@ from pathlib import Path
 
 from medseg.errors import ConfigError, InputNotFoundError, MedsegError, OutputError
 from medseg.io.sources import InputItem, discover
-from medseg.io.volume import atomic_write, save_volume
+from medseg.io.volume import atomic_write
 
-MANIFEST_FIELDS = ("key", "input", "kind", "output", "status", "reason", "load_s", "predict_s", "write_s",
+MANIFEST_FIELDS = ("key", "input", "kind", "output", "outputs", "status", "reason", "load_s", "predict_s", "write_s",
                    "input_hash", "fingerprint", "finished_at")
 
 
@@ -150,15 +150,19 @@ def _rel(path: Path, root: Path) -> str:
 
 def run_batch(root: str | Path, outdir: str | Path, *, model: str | None = None, device: str = "auto",
               rules_path: str | Path | None = None, shard: str | None = None, retry_failed: bool = True,
-              progress: bool = True, dicom_options: dict | None = None, log=None) -> BatchSummary:
-    from medseg.inference.predictor import Predictor
+              progress: bool = True, dicom_options: dict | None = None, formats: list[str] | None = None,
+              log=None) -> BatchSummary:
+    from medseg.inference.predictor import Predictor, default_format
     from medseg.io.rules import load_rules
+    from medseg.io.writers import check_formats, write_labels
+    from medseg.labels import infos_from_config
     from medseg.progress import progress_bar
 
     root, outdir = Path(root), Path(outdir)
     _check_folders(root, outdir)
     shard_t = parse_shard(shard)
     rules = load_rules(rules_path)
+    formats = check_formats(formats) if formats else None
     say = log or (lambda msg: None)
     t_start = time.perf_counter()
     items, skipped = discover([root], rules, mirror_root=root if root.is_dir() else root.parent)
@@ -180,7 +184,7 @@ def run_batch(root: str | Path, outdir: str | Path, *, model: str | None = None,
         for it in items:
             prev = manifest.rows.get(it.key)
             if prev and prev.get("fingerprint") == fingerprint(it) and (
-                    (prev.get("status") == "done" and (outdir / prev["output"]).is_file())
+                    (prev.get("status") == "done" and _outputs_complete(prev, outdir, formats))
                     or (prev.get("status") == "failed" and not retry_failed)):
                 summary.already_done += 1
                 continue
@@ -191,6 +195,7 @@ def run_batch(root: str | Path, outdir: str | Path, *, model: str | None = None,
             summary.seconds = time.perf_counter() - t_start
             return summary
         predictor = Predictor(model, device=device)
+        infos = infos_from_config(predictor.cfg)
         opts = dict(dicom_options or {})
 
         def load(it: InputItem):
@@ -217,9 +222,13 @@ def run_batch(root: str | Path, outdir: str | Path, *, model: str | None = None,
                         t1 = time.perf_counter()
                         labels = predictor.predict_volume(vol)
                         t2 = time.perf_counter()
-                        out = outdir / it.output_relpath()
-                        save_volume(labels, out, reference=vol)
-                        row.update(status="done", output=str(it.output_relpath()), reason=None, input_hash=digest,
+                        rel = it.output_relpath()
+                        files = list(it.series.files) if it.kind == "dicom" and it.series is not None else None
+                        written = write_labels(labels, vol, outdir / rel.with_name(it.name),
+                                               formats or [default_format(it)], infos=infos,
+                                               source_files=files, model_name=predictor.cfg.name)
+                        rels = [str(p.relative_to(outdir)) for p in written]
+                        row.update(status="done", output=rels[0], outputs=rels, reason=None, input_hash=digest,
                                    predict_s=round(t2 - t1, 3), write_s=round(time.perf_counter() - t2, 3))
                         summary.done += 1
                     except Exception as exc:  # noqa: BLE001 - recorded, the batch goes on
@@ -234,6 +243,20 @@ def run_batch(root: str | Path, outdir: str | Path, *, model: str | None = None,
                 advance(it.name)
     summary.seconds = time.perf_counter() - t_start
     return summary
+
+
+def _outputs_complete(row: dict, outdir: Path, formats: list[str] | None) -> bool:
+    """Every output of a finished row exists, in every format now asked for."""
+    from medseg.io.writers import FORMATS
+
+    outputs = row.get("outputs") or ([row["output"]] if row.get("output") else [])
+    if not outputs or not all((outdir / o).is_file() for o in outputs):
+        return False
+    if formats:
+        have = {next((f for f, suf in sorted(FORMATS.items(), key=lambda kv: -len(kv[1])) if o.endswith(suf)), None)
+                for o in outputs}
+        return set(formats) <= have
+    return True
 
 
 def _remove_partial_files(outdir: Path, items: list[InputItem], manifest: Path) -> None:

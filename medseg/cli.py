@@ -53,6 +53,8 @@ def train(
 UNEVEN_HELP = "Uneven or missing DICOM slices: resample (to even spacing) | error."
 TILT_HELP = "CT gantry tilt: resample (de-tilt like dcm2niix) | error."
 RULES_HELP = "Series selection rules (YAML) for DICOM study folders; default: every image series."
+FORMAT_HELP = ("Output format: nifti | nrrd | seg.nrrd (3D Slicer) | dicom-seg (DICOM input only); "
+               "repeat for several. Default: nifti (nrrd for NRRD input).")
 
 
 def _dicom_options(uneven: str, tilt: str) -> dict:
@@ -69,6 +71,7 @@ def predict(
     rules: Optional[Path] = typer.Option(None, "--rules", help=RULES_HELP),
     uneven: str = typer.Option("resample", "--uneven", help=UNEVEN_HELP),
     tilt: str = typer.Option("resample", "--tilt", help=TILT_HELP),
+    formats: Optional[List[str]] = typer.Option(None, "--format", "-f", help=FORMAT_HELP),
 ) -> None:
     """Segment volumes; OUTDIR/<name> is an integer label volume on the input's exact grid.
 
@@ -78,10 +81,10 @@ def predict(
     from medseg.inference.predictor import predict as run_predict
 
     results = run_predict(inputs, output, model=model, device=device, overlap=overlap, rules=rules,
-                          dicom_options=_dicom_options(uneven, tilt))
+                          dicom_options=_dicom_options(uneven, tilt), formats=formats)
     con = _console(stderr=False)
-    for src, dst, secs in results:
-        con.print(f"{src} -> {dst} ({secs:.1f} s)")
+    for res in results:
+        con.print(f"{res.input} -> {', '.join(map(str, res.outputs))} ({res.seconds:.1f} s)")
 
 
 @app.command()
@@ -228,13 +231,14 @@ def batch(
     retry_failed: bool = typer.Option(True, "--retry-failed/--no-retry-failed", help="Re-run series that failed before."),
     uneven: str = typer.Option("resample", "--uneven", help=UNEVEN_HELP),
     tilt: str = typer.Option("resample", "--tilt", help=TILT_HELP),
+    formats: Optional[List[str]] = typer.Option(None, "--format", "-f", help=FORMAT_HELP),
 ) -> None:
     """Segment every series under ROOT; resumable (re-run the same command), failures recorded, never fatal."""
     from medseg.batch import run_batch
 
     con = _console()
     res = run_batch(root, output, model=model, device=device, rules_path=rules, shard=shard,
-                    retry_failed=retry_failed, dicom_options=_dicom_options(uneven, tilt),
+                    retry_failed=retry_failed, dicom_options=_dicom_options(uneven, tilt), formats=formats,
                     log=lambda msg: con.print(msg, markup=False))
     out = _console(stderr=False)
     out.print(f"done {res.done}, failed {res.failed}, skipped {res.skipped}, already done {res.already_done} "

@@ -145,7 +145,6 @@ def test_atomic_write_leaves_no_partial_file(tmp_path):
 
 
 def test_outputs_get_normal_permissions(tmp_path):
-    import os
     import stat
 
     from medseg.io import atomic_write

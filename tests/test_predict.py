@@ -39,7 +39,8 @@ def tiny_resampling_model(tmp_path_factory):
 def test_output_grid_equals_input_grid(tmp_path, geometry, suffix, tiny_resampling_model):
     name, shape, affine = geometry
     src = _write(tmp_path / f"{name}{suffix}", image_from_label(blob_label(shape)), affine)
-    [(inp, out, _)] = predict([src], tmp_path / "out", model=tiny_resampling_model, device="cpu", progress=False)
+    [res] = predict([src], tmp_path / "out", model=tiny_resampling_model, device="cpu", progress=False)
+    [out] = res.outputs
     assert out.name == f"{name}{suffix}"
     a, b = sitk.ReadImage(str(src)), sitk.ReadImage(str(out))
     assert a.GetSize() == b.GetSize()

@@ -117,47 +117,81 @@ class Predictor:
         return Prediction(labels, time.perf_counter() - t0)
 
 
-def plan_outputs(items: list, outdir: Path, *, flat: bool = True) -> list[Path]:
-    """Output path per input item; refuses writing onto an input or two inputs onto one output."""
-    outs = [outdir / (f"{it.name}{it.output_suffix}" if flat else it.output_relpath()) for it in items]
+def default_format(item) -> str:
+    return "nrrd" if item.output_suffix == ".nrrd" else "nifti"
+
+
+def plan_outputs(items: list, outdir: Path, formats: list[str] | None = None, *, flat: bool = True) -> list[list[Path]]:
+    """Output paths per input item; refuses writing onto an input or two inputs onto one output."""
+    from medseg.io.writers import FORMATS
+
+    plans = []
     seen: dict[Path, object] = {}
-    for it, out in zip(items, outs):
-        if it.kind == "volume" and out.resolve() == Path(it.path).resolve():
-            raise OutputError("output path equals the input path", path=it.path,
-                              fix="choose an output folder other than the input folder")
-        if out in seen:
-            raise OutputError("two inputs would write the same output", path=out,
-                              found=f"{seen[out]} and {it.path}", fix="rename one input or predict them separately")
-        seen[out] = it.path
-    return outs
+    for it in items:
+        base = outdir / (it.name if flat else it.output_relpath().with_name(it.name))
+        outs = [base.parent / f"{base.name}{FORMATS[f]}" for f in (formats or [default_format(it)])]
+        for out in outs:
+            if it.kind == "volume" and out.resolve() == Path(it.path).resolve():
+                raise OutputError("output path equals the input path", path=it.path,
+                                  fix="choose an output folder other than the input folder")
+            if out in seen:
+                raise OutputError("two inputs would write the same output", path=out,
+                                  found=f"{seen[out]} and {it.path}", fix="rename one input or predict them separately")
+            seen[out] = it.path
+        plans.append(outs)
+    return plans
+
+
+@dataclass
+class PredictResult:
+    input: Path
+    outputs: list[Path]
+    seconds: float
+
+
+def segment_item(predictor: "Predictor", item, base: Path, formats: list[str] | None,
+                 dicom_options: dict | None = None) -> tuple[Volume, list[Path]]:
+    """Load one input item, segment it and write every requested format next to ``base``."""
+    from medseg.io.writers import write_labels
+    from medseg.labels import infos_from_config
+
+    vol = item.load(**(dicom_options or {})) if item.kind == "dicom" else item.load()
+    labels = predictor.predict_volume(vol)
+    files = list(item.series.files) if item.kind == "dicom" and item.series is not None else None
+    outs = write_labels(labels, vol, base, formats or [default_format(item)], infos=infos_from_config(predictor.cfg),
+                        source_files=files, model_name=predictor.cfg.name)
+    return labels, outs
 
 
 def predict(inputs: list[str | Path], outdir: str | Path, *, model: str | Path | None = None,
             device: str = "auto", progress: bool = True, overlap: float | None = None,
-            rules: str | Path | None = None, dicom_options: dict | None = None) -> list[tuple[Path, Path, float]]:
-    """Segment every input and write ``OUTDIR/<name>`` label volumes; returns (input, output, seconds).
+            rules: str | Path | None = None, dicom_options: dict | None = None,
+            formats: list[str] | None = None) -> list[PredictResult]:
+    """Segment every input and write ``OUTDIR/<name>.<format>`` label files.
 
     Inputs are NIfTI/NRRD files, folders of them, DICOM series or study folders (series
-    chosen by ``rules``, a YAML file; by default every image series).
+    chosen by ``rules``, a YAML file; by default every image series). ``formats``: any of
+    ``nifti``, ``nrrd``, ``seg.nrrd``, ``dicom-seg`` (default: NIfTI, or NRRD for NRRD input).
     """
     from medseg.io.rules import load_rules
     from medseg.io.sources import discover
+    from medseg.io.writers import check_formats
     from medseg.progress import progress_bar
 
     outdir = Path(outdir)
+    formats = check_formats(formats) if formats else None
     items, skipped = discover(inputs, load_rules(rules), recursive=False)
     if not items:
         reasons = "; ".join(f"{s.path}: {s.reason}" for s in skipped[:5])
         raise InputNotFoundError("no series passed the selection rules", path=inputs[0], found=reasons,
                                  fix="check the rules (medseg inspect PATH shows every decision)")
-    outs = plan_outputs(items, outdir)
+    plans = plan_outputs(items, outdir, formats)
     predictor = Predictor(model, device=device, overlap=overlap)
     results = []
     with progress_bar("predict", total=len(items), enabled=progress) as advance:
-        for it, dst in zip(items, outs):
+        for it, outs in zip(items, plans):
             t0 = time.perf_counter()
-            vol = it.load(**(dicom_options or {})) if it.kind == "dicom" else it.load()
-            save_volume(predictor.predict_volume(vol), dst, reference=vol)
-            results.append((Path(it.path), dst, time.perf_counter() - t0))
+            _, written = segment_item(predictor, it, outdir / it.name, formats, dicom_options)
+            results.append(PredictResult(Path(it.path), written, time.perf_counter() - t0))
             advance(it.name)
     return results
