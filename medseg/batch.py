@@ -26,7 +26,7 @@ from medseg.io.sources import InputItem, discover
 from medseg.io.volume import atomic_write
 
 MANIFEST_FIELDS = ("key", "input", "kind", "output", "outputs", "status", "reason", "load_s", "predict_s", "write_s",
-                   "input_hash", "fingerprint", "finished_at")
+                   "input_hash", "fingerprint", "stored", "finished_at")
 
 
 def parse_shard(text: str | None) -> tuple[int, int] | None:
@@ -151,7 +151,13 @@ def _rel(path: Path, root: Path) -> str:
 def run_batch(root: str | Path, outdir: str | Path, *, model: str | None = None, device: str = "auto",
               rules_path: str | Path | None = None, shard: str | None = None, retry_failed: bool = True,
               progress: bool = True, dicom_options: dict | None = None, formats: list[str] | None = None,
-              log=None) -> BatchSummary:
+              on_done=None, log=None) -> BatchSummary:
+    """Segment everything under ``root`` into ``outdir`` (see the module documentation).
+
+    ``on_done(item, written_paths) -> dict`` runs after each series is written (e.g. to
+    store a DICOM SEG in a PACS); its dict is merged into the manifest row and must hold
+    ``stored``. Finished rows without ``stored`` are completed by calling it again.
+    """
     from medseg.inference.predictor import Predictor, default_format
     from medseg.io.rules import load_rules
     from medseg.io.writers import check_formats, write_labels
@@ -183,9 +189,13 @@ def run_batch(root: str | Path, outdir: str | Path, *, model: str | None = None,
         todo = []
         for it in items:
             prev = manifest.rows.get(it.key)
-            if prev and prev.get("fingerprint") == fingerprint(it) and (
-                    (prev.get("status") == "done" and _outputs_complete(prev, outdir, formats))
-                    or (prev.get("status") == "failed" and not retry_failed)):
+            unchanged = prev is not None and prev.get("fingerprint") == fingerprint(it)
+            if unchanged and prev.get("status") == "done" and _outputs_complete(prev, outdir, formats):
+                if on_done is not None and not prev.get("stored"):
+                    _finish(manifest, prev, it, on_done, outdir, summary)
+                summary.already_done += 1
+                continue
+            if unchanged and prev.get("status") == "failed" and not retry_failed:
                 summary.already_done += 1
                 continue
             todo.append(it)
@@ -230,6 +240,8 @@ def run_batch(root: str | Path, outdir: str | Path, *, model: str | None = None,
                         rels = [str(p.relative_to(outdir)) for p in written]
                         row.update(status="done", output=rels[0], outputs=rels, reason=None, input_hash=digest,
                                    predict_s=round(t2 - t1, 3), write_s=round(time.perf_counter() - t2, 3))
+                        if on_done is not None:
+                            row.update(on_done(it, written))
                         summary.done += 1
                     except Exception as exc:  # noqa: BLE001 - recorded, the batch goes on
                         err = exc
@@ -243,6 +255,17 @@ def run_batch(root: str | Path, outdir: str | Path, *, model: str | None = None,
                 advance(it.name)
     summary.seconds = time.perf_counter() - t_start
     return summary
+
+
+def _finish(manifest: Manifest, row: dict, item: InputItem, on_done, outdir: Path, summary: BatchSummary) -> None:
+    """Run ``on_done`` for a series that was written by an earlier run but not completed."""
+    written = [outdir / o for o in row.get("outputs") or [row["output"]]]
+    try:
+        manifest.update({**row, **on_done(item, written), "finished_at": _now()})
+    except MedsegError as exc:
+        manifest.update({**row, "status": "failed", "reason": str(exc), "finished_at": _now()})
+        summary.failed += 1
+        summary.failures.append((row["input"], str(exc)))
 
 
 def _outputs_complete(row: dict, outdir: Path, formats: list[str] | None) -> bool:

@@ -53,6 +53,8 @@ def train(
 UNEVEN_HELP = "Uneven or missing DICOM slices: resample (to even spacing) | error."
 TILT_HELP = "CT gantry tilt: resample (de-tilt like dcm2niix) | error."
 RULES_HELP = "Series selection rules (YAML) for DICOM study folders; default: every image series."
+CREDENTIALS_HELP = ('JSON file {"username": ..., "password": ...}; default: MEDSEG_DICOMWEB_USER and '
+                    'MEDSEG_DICOMWEB_PASSWORD from the environment. Never pass passwords on the command line.')
 FORMAT_HELP = ("Output format: nifti | nrrd | seg.nrrd (3D Slicer) | dicom-seg (DICOM input only); "
                "repeat for several. Default: nifti (nrrd for NRRD input).")
 
@@ -222,7 +224,7 @@ def inspect(
 
 @app.command()
 def batch(
-    root: Path = typer.Argument(..., help="Root folder of patients/studies/series (any nesting; DICOM and NIfTI/NRRD)."),
+    root: Optional[Path] = typer.Argument(None, help="Root folder of patients/studies/series (any nesting; DICOM and NIfTI/NRRD)."),
     output: Path = typer.Option(..., "-o", "--output", help="Output folder (outside ROOT); holds manifest.jsonl."),
     model: Optional[str] = typer.Option(None, "--model", "-m", help="Bundled model name or .pt checkpoint."),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N."),
@@ -232,19 +234,95 @@ def batch(
     uneven: str = typer.Option("resample", "--uneven", help=UNEVEN_HELP),
     tilt: str = typer.Option("resample", "--tilt", help=TILT_HELP),
     formats: Optional[List[str]] = typer.Option(None, "--format", "-f", help=FORMAT_HELP),
+    from_dicomweb: Optional[str] = typer.Option(None, "--from-dicomweb", help="DICOMweb root URL to pull studies from instead of ROOT."),
+    query: Optional[List[str]] = typer.Option(None, "--query", help="With --from-dicomweb: QIDO filter KEY=VALUE (repeatable)."),
+    credentials: Optional[Path] = typer.Option(None, "--credentials", help=CREDENTIALS_HELP),
+    store: bool = typer.Option(True, "--store/--no-store", help="With --from-dicomweb: store each DICOM SEG back."),
 ) -> None:
-    """Segment every series under ROOT; resumable (re-run the same command), failures recorded, never fatal."""
+    """Segment every series under ROOT (or pulled from a PACS); resumable, failures recorded, never fatal."""
     from medseg.batch import run_batch
 
     con = _console()
+    say = lambda msg: con.print(msg, markup=False)  # noqa: E731
+    on_done = None
+    if from_dicomweb:
+        from medseg.pacs import DicomWeb, download_studies, load_credentials, parse_query
+
+        root = output / ".dicomweb"
+        download_studies(from_dicomweb, parse_query(query), root, credentials=credentials, log=say)
+        if store:
+            formats = list(dict.fromkeys([*(formats or []), "dicom-seg"]))
+            web = DicomWeb(from_dicomweb, load_credentials(credentials))
+
+            def on_done(item, written):
+                web.store([p for p in written if p.suffix == ".dcm"])
+                return {"stored": True}
+    elif root is None:
+        from medseg.errors import ConfigError
+
+        raise ConfigError("no input given", expected="ROOT or --from-dicomweb URL", fix="see medseg batch --help")
     res = run_batch(root, output, model=model, device=device, rules_path=rules, shard=shard,
                     retry_failed=retry_failed, dicom_options=_dicom_options(uneven, tilt), formats=formats,
-                    log=lambda msg: con.print(msg, markup=False))
+                    on_done=on_done, log=say)
     out = _console(stderr=False)
     out.print(f"done {res.done}, failed {res.failed}, skipped {res.skipped}, already done {res.already_done} "
               f"in {res.seconds:.1f} s; manifest: {res.manifest}")
     for inp, reason in res.failures:
         out.print(f"failed: {inp}: {reason}", markup=False)
+
+
+pacs_app = typer.Typer(help="Work with a PACS over DICOMweb (QIDO-RS, WADO-RS, STOW-RS).", no_args_is_help=True)
+app.add_typer(pacs_app, name="pacs")
+
+
+@pacs_app.command("predict")
+def pacs_predict_cmd(
+    url: str = typer.Option(..., "--url", help="DICOMweb root URL, e.g. http://pacs:8042/dicom-web."),
+    study: str = typer.Option(..., "--study", help="StudyInstanceUID."),
+    series: Optional[str] = typer.Option(None, "--series", help="SeriesInstanceUID (default: series chosen by --rules)."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="Bundled model name or .pt checkpoint."),
+    rules: Optional[Path] = typer.Option(None, "--rules", help=RULES_HELP),
+    credentials: Optional[Path] = typer.Option(None, "--credentials", help=CREDENTIALS_HELP),
+    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda."),
+    output: Optional[Path] = typer.Option(None, "-o", "--output", help="Also keep the DICOM SEG files here."),
+    store: bool = typer.Option(True, "--store/--no-store", help="Store the DICOM SEG back in the PACS."),
+) -> None:
+    """Pull a series, segment it and store the DICOM SEG back."""
+    from medseg.pacs import pacs_predict
+
+    con = _console()
+    results = pacs_predict(url, study, series_uid=series, model=model, rules=rules, credentials=credentials,
+                           device=device, outdir=output, store=store, log=lambda m: con.print(m, markup=False))
+    out = _console(stderr=False)
+    for r in results:
+        where = f", kept at {r.seg_path}" if r.seg_path else ""
+        out.print(f"series {r.series_uid}: SEG {r.seg_sop_uid} {'stored' if r.stored else 'not stored'}{where}")
+
+
+@pacs_app.command("list")
+def pacs_list_cmd(
+    url: str = typer.Option(..., "--url", help="DICOMweb root URL."),
+    query: Optional[List[str]] = typer.Option(None, "--query", help="QIDO filter KEY=VALUE (repeatable)."),
+    credentials: Optional[Path] = typer.Option(None, "--credentials", help=CREDENTIALS_HELP),
+) -> None:
+    """List studies (UID, date, modalities; no patient names or IDs)."""
+    from rich.table import Table
+
+    from medseg.pacs import DicomWeb, load_credentials, parse_query
+
+    web = DicomWeb(url, load_credentials(credentials))
+    studies = web.studies(parse_query(query))
+    table = Table(title=f"{len(studies)} studies")
+    for col in ("StudyInstanceUID", "date", "modalities", "series"):
+        table.add_column(col, overflow="fold")
+
+    def val(entry, tag):
+        v = entry.get(tag, {}).get("Value", [""])
+        return " ".join(map(str, v))
+
+    for e in studies:
+        table.add_row(val(e, "0020000D"), val(e, "00080020"), val(e, "00080061"), val(e, "00201206"))
+    _console(stderr=False).print(table)
 
 
 @app.command()

@@ -49,5 +49,5 @@ def write_labels(labels: Volume, source: Volume, base: Path, formats: list[str],
                                             fix="use --format nifti, nrrd or seg.nrrd for this input")
             from medseg.io.dicom_seg import write_dicom_seg
 
-            written.append(write_dicom_seg(labels, source_files, path, infos, algorithm_name=model_name))
+            written.append(write_dicom_seg(labels, source_files, path, infos, model_name=model_name))
     return written
