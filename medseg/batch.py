@@ -160,7 +160,7 @@ def run_batch(root: str | Path, outdir: str | Path, *, model: str | None = None,
     """
     from medseg.inference.predictor import Predictor, default_format
     from medseg.io.rules import load_rules
-    from medseg.io.writers import check_formats, write_labels
+    from medseg.io.writers import check_formats, write_color_tables, write_labels
     from medseg.labels import infos_from_config
     from medseg.progress import progress_bar
 
@@ -206,6 +206,7 @@ def run_batch(root: str | Path, outdir: str | Path, *, model: str | None = None,
             return summary
         predictor = Predictor(model, device=device)
         infos = infos_from_config(predictor.cfg)
+        write_color_tables(outdir, formats or sorted({default_format(it) for it in todo}), infos)
         opts = dict(dicom_options or {})
 
         def load(it: InputItem):

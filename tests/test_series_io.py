@@ -167,3 +167,37 @@ def test_compressed_transfer_syntaxes_decode_to_the_same_volume(tmp_path, syntax
     assert pydicom.dcmread(next(out.iterdir())).file_meta.TransferSyntaxUID == expected
     a, b = load_dicom_series(out), load_dicom_series(HCROP)
     assert np.array_equal(a.array, b.array) and np.allclose(a.affine, b.affine)
+
+
+def test_predict_writes_every_format_on_the_source_grid(tmp_path):
+    """One run, four files: NIfTI, Slicer .seg.nrrd, DICOM SEG and colour tables, all agreeing voxel for voxel."""
+    slicerio = pytest.importorskip("slicerio")
+    from medseg.io.dicom import scan_dicom
+    from medseg.io.dicom_seg import read_dicom_seg
+    from medseg.io.slicer_formats import read_seg_nrrd
+
+    out = tmp_path / "out"
+    proc = run_cli("predict", HCROP, "-o", out, "--device", "cpu", "--format", "nifti", "--format", "seg.nrrd",
+                   "--format", "dicom-seg")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    [nii] = list(out.glob("series-*.nii.gz"))
+    name = nii.name[: -len(".nii.gz")]
+    labels = np.asanyarray(nib.load(nii).dataobj)
+    seg_vol, infos = read_seg_nrrd(out / f"{name}.seg.nrrd")
+    assert np.array_equal(seg_vol.array, labels) and np.allclose(seg_vol.affine, nib.load(nii).affine, atol=1e-5)
+    seg = slicerio.read_segmentation(str(out / f"{name}.seg.nrrd"))
+    assert [s["name"] for s in seg["segments"]] == ["anterior", "posterior"]
+    assert [s["labelValue"] for s in seg["segments"]] == [1, 2]
+    [info] = scan_dicom(HCROP)
+    dcm_labels, meta = read_dicom_seg(out / f"{name}.dcm", list(info.files))
+    assert np.array_equal(dcm_labels, labels)
+    ctbl = (out / "labels.ctbl").read_text().splitlines()
+    assert any(line.startswith("1 anterior 230 80 60") for line in ctbl)
+    assert (out / "labels.csv").read_text().startswith("LabelValue,Name,Color_R,Color_G,Color_B,Color_A")
+
+
+def test_dicom_seg_needs_a_dicom_input(tmp_path):
+    src = TEST_DATA / "hippocampus" / "imagesTr" / "hippocampus_011.nii.gz"
+    assert_clean_error(run_cli("predict", src, "-o", tmp_path / "o", "--device", "cpu", "--format", "dicom-seg"),
+                       "DICOM SEG output needs a DICOM input series")
+    assert_clean_error(run_cli("predict", src, "-o", tmp_path / "o", "--format", "png"), "unknown output format 'png'")

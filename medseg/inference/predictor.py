@@ -186,7 +186,19 @@ def predict(inputs: list[str | Path], outdir: str | Path, *, model: str | Path |
         raise InputNotFoundError("no series passed the selection rules", path=inputs[0], found=reasons,
                                  fix="check the rules (medseg inspect PATH shows every decision)")
     plans = plan_outputs(items, outdir, formats)
+    if formats and "dicom-seg" in formats:
+        not_dicom = [it for it in items if it.kind != "dicom"]
+        if not_dicom:
+            from medseg.errors import UnsupportedInputError
+
+            raise UnsupportedInputError("DICOM SEG output needs a DICOM input series", path=not_dicom[0].path,
+                                        expected="DICOM series inputs only", found="a NIfTI/NRRD volume",
+                                        fix="use --format nifti, nrrd or seg.nrrd for NIfTI/NRRD inputs")
     predictor = Predictor(model, device=device, overlap=overlap)
+    from medseg.io.writers import write_color_tables
+    from medseg.labels import infos_from_config
+
+    write_color_tables(outdir, formats or sorted({default_format(it) for it in items}), infos_from_config(predictor.cfg))
     results = []
     with progress_bar("predict", total=len(items), enabled=progress) as advance:
         for it, outs in zip(items, plans):

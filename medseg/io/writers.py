@@ -51,3 +51,12 @@ def write_labels(labels: Volume, source: Volume, base: Path, formats: list[str],
 
             written.append(write_dicom_seg(labels, source_files, path, infos, model_name=model_name))
     return written
+
+
+def write_color_tables(outdir: Path, formats: list[str], infos) -> list[Path]:
+    """``labels.ctbl`` and ``labels.csv`` (3D Slicer colour tables) beside plain NIfTI/NRRD label maps."""
+    if not set(formats) & {"nifti", "nrrd"}:
+        return []
+    from medseg.io.slicer_formats import write_color_table
+
+    return [write_color_table(outdir / "labels.ctbl", infos), write_color_table(outdir / "labels.csv", infos)]
