@@ -7,8 +7,11 @@ import sys
 
 
 @contextlib.contextmanager
-def progress_bar(label: str, total: int, enabled: bool = True):
-    """Yield ``advance(description)``; draws a bar with count, elapsed time and ETA."""
+def progress_bar(label: str, total: int, enabled: bool = True, completed: int = 0):
+    """Yield ``advance(description, steps=1)``; draws a bar with count, elapsed time and ETA.
+
+    ``completed`` starts the bar part-way (a resumed run).
+    """
     from rich.console import Console
     from rich.progress import (
         BarColumn,
@@ -24,9 +27,9 @@ def progress_bar(label: str, total: int, enabled: bool = True):
                    TextColumn("eta"), TimeRemainingColumn(), TextColumn("{task.description}"),
                    console=console, disable=not (enabled and sys.stderr.isatty()))
     with bar:
-        task = bar.add_task("", total=total)
+        task = bar.add_task("", total=total, completed=completed)
 
-        def advance(description: str = "") -> None:
-            bar.update(task, advance=1, description=description)
+        def advance(description: str = "", steps: int = 1) -> None:
+            bar.update(task, advance=steps, description=description)
 
         yield advance

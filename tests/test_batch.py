@@ -54,6 +54,13 @@ def manifest_rows(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
+def by_status(rows: list[dict]) -> dict[str, list[dict]]:
+    groups: dict[str, list[dict]] = {}
+    for r in rows:
+        groups.setdefault(r["status"], []).append(r)
+    return groups
+
+
 @pytest.mark.slow
 def test_batch_mixed_archive_resume_and_shards(tmp_path):
     root = make_archive(tmp_path / "archive")
@@ -62,20 +69,18 @@ def test_batch_mixed_archive_resume_and_shards(tmp_path):
     proc = run_cli("batch", root, "-o", out, "--device", "cpu")
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = manifest_rows(out / "manifest.jsonl")
-    by_status = {}
-    for r in rows:
-        by_status.setdefault(r["status"], []).append(r)
+    groups = by_status(rows)
     assert len(rows) == 5 and len({r["key"] for r in rows}) == 5
-    assert len(by_status["done"]) == 3 and len(by_status["failed"]) == 1 and len(by_status["skipped"]) == 1
-    assert "broken" in by_status["failed"][0]["input"] and "pixel data" in by_status["failed"][0]["reason"]
-    assert "SR document" in by_status["skipped"][0]["reason"]
-    for r in by_status["done"]:
+    assert len(groups["done"]) == 3 and len(groups["failed"]) == 1 and len(groups["skipped"]) == 1
+    assert "broken" in groups["failed"][0]["input"] and "pixel data" in groups["failed"][0]["reason"]
+    assert "SR document" in groups["skipped"][0]["reason"]
+    for r in groups["done"]:
         assert (out / r["output"]).is_file() and len(r["input_hash"]) == 64
         if r["kind"] == "dicom":
             assert "patient" not in r["output"]  # DICOM outputs are named by study/series hashes
-    dicom_done = [r for r in by_status["done"] if r["kind"] == "dicom"]
+    dicom_done = [r for r in groups["done"] if r["kind"] == "dicom"]
     assert dicom_done[0]["output"].startswith("study-") and "/series-" in dicom_done[0]["output"]
-    nifti_done = sorted(r["output"] for r in by_status["done"] if r["kind"] == "volume")
+    nifti_done = sorted(r["output"] for r in groups["done"] if r["kind"] == "volume")
     assert nifti_done == ["patient_b/nifti/hippocampus_011.nii.gz", "patient_b/nifti/hippocampus_015.nii.gz"]
     for name in ("hippocampus_011", "hippocampus_015"):
         src, lab = load_volume(HIPPO / f"{name}.nii.gz"), load_volume(out / "patient_b" / "nifti" / f"{name}.nii.gz")
@@ -85,11 +90,11 @@ def test_batch_mixed_archive_resume_and_shards(tmp_path):
     assert {p: p.read_bytes() for p in root.rglob("*") if p.is_file()} == before
 
     # re-run: finished work is skipped, the failed series is retried (and fails again), nothing duplicated
-    mtimes = {r["output"]: (out / r["output"]).stat().st_mtime_ns for r in by_status["done"]}
+    mtimes = {r["output"]: (out / r["output"]).stat().st_mtime_ns for r in groups["done"]}
     again = run_cli("batch", root, "-o", out, "--device", "cpu")
     assert again.returncode == 0, again.stderr[-3000:]
     assert "already done 3" in again.stdout and "failed 1" in again.stdout
-    assert {r["output"]: (out / r["output"]).stat().st_mtime_ns for r in by_status["done"]} == mtimes
+    assert {r["output"]: (out / r["output"]).stat().st_mtime_ns for r in groups["done"]} == mtimes
     assert len(manifest_rows(out / "manifest.jsonl")) == 5
     again = run_cli("batch", root, "-o", out, "--device", "cpu", "--no-retry-failed")
     assert "done 0, failed 0, skipped 1, already done 4" in again.stdout
@@ -185,9 +190,7 @@ def test_batch_on_the_shared_dicom_archive_with_kill(shared_data, tmp_path):
     final = run_cli("batch", root, "-o", out, "--device", "cpu")
     assert final.returncode == 0, final.stderr[-3000:]
     rows = manifest_rows(out / "manifest.jsonl")
-    status = {}
-    for r in rows:
-        status.setdefault(r["status"], []).append(r)
+    status = by_status(rows)
     # 9 DICOM image series + 1 NIfTI (ct_chest/reference_seg.nii.gz); the truncated T2 fails; the SR is skipped
     assert len(rows) == 11 and len({r["key"] for r in rows}) == 11
     assert len(status["done"]) == 9 and len(status["skipped"]) == 1

@@ -139,22 +139,11 @@ def train(cfg: Config, *, resume: bool = False, progress: bool = True, log=None)
     say(f"{len(train_cases)} training / {len(val_cases)} validation cases; data ready in {time.time() - t0:.1f} s; "
         f"device {device}; model {cfg.model.name} ({sum(p.numel() for p in model.parameters()):,} parameters)")
 
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
+    from medseg.progress import progress_bar
 
-    bar = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.description}"),
-                   TimeElapsedColumn(), TimeRemainingColumn(), console=console,
-                   disable=not (progress and _is_tty()), transient=False)
     t_start = time.time() - (history[-1]["elapsed_s"] if history else 0.0)
     epoch = start_epoch - 1
-    with bar:
-        task = bar.add_task("", total=tc.epochs, completed=start_epoch - 1)
+    with progress_bar("train", total=tc.epochs, enabled=progress, completed=start_epoch - 1) as advance:
         model.train()
         for epoch in range(start_epoch, tc.epochs + 1):
             losses = []
@@ -191,7 +180,7 @@ def train(cfg: Config, *, resume: bool = False, progress: bool = True, log=None)
             desc = f"loss {record['loss']:.4f}"
             if "val_mean_dice" in record:
                 desc += f" · val Dice {record['val_mean_dice']:.4f} (best {best:.4f} @ {best_epoch})"
-            bar.update(task, completed=epoch, description=desc)
+            advance(desc)
             if not _is_tty() or "val_mean_dice" in record:
                 say(f"epoch {epoch}/{tc.epochs} {desc} · {record['elapsed_s']:.0f} s")
     if val_ds is None:  # no validation split: the last weights are the best we know
