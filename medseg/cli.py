@@ -74,6 +74,7 @@ def predict(
     uneven: str = typer.Option("resample", "--uneven", help=UNEVEN_HELP),
     tilt: str = typer.Option("resample", "--tilt", help=TILT_HELP),
     formats: Optional[List[str]] = typer.Option(None, "--format", "-f", help=FORMAT_HELP),
+    tta: bool = typer.Option(False, "--tta", help="Mirror test-time augmentation along the axes the model was trained to mirror."),
 ) -> None:
     """Segment volumes; OUTDIR/<name> is an integer label volume on the input's exact grid.
 
@@ -83,7 +84,7 @@ def predict(
     from medseg.inference.predictor import predict as run_predict
 
     results = run_predict(inputs, output, model=model, device=device, overlap=overlap, rules=rules,
-                          dicom_options=_dicom_options(uneven, tilt), formats=formats)
+                          dicom_options=_dicom_options(uneven, tilt), formats=formats, tta=tta)
     con = _console(stderr=False)
     for res in results:
         con.print(f"{res.input} -> {', '.join(map(str, res.outputs))} ({res.seconds:.1f} s)")

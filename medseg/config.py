@@ -88,6 +88,8 @@ class ModelConfig:
     num_res_units: int = 2
     dropout: float = 0.0
     norm: str = "instance"
+    deep_supervision: int = 0
+    """``dynunet3d`` only: number of extra deep-supervision heads during training (0 = off)."""
 
 
 @dataclass

@@ -69,3 +69,25 @@ def test_unet2d_runs_slice_by_slice():
     net.eval()
     with torch.no_grad():
         assert torch.allclose(net(x)[..., 1:], net(x2)[..., 1:], atol=1e-5)
+
+
+def test_dynunet_with_deep_supervision_trains_and_predicts():
+    from medseg.training.trainer import _loss, supervised_loss
+
+    cfg = load_config(REPO / "configs" / "hippocampus.yaml",
+                      ["model.name=dynunet3d", "model.channels=[8, 16, 32]", "model.strides=[2, 2]",
+                       "model.deep_supervision=1", "model.num_res_units=0"])
+    net = build_model(cfg.model, 1, 3)
+    x, y = torch.randn(2, 1, 16, 16, 16), torch.randint(0, 3, (2, 1, 16, 16, 16)).float()
+    net.train()
+    out = net(x)
+    assert out.shape == (2, 2, 3, 16, 16, 16)  # main output + one auxiliary head, stacked on dim 1
+    loss = supervised_loss(_loss(cfg), out, y)
+    loss.backward()
+    assert torch.isfinite(loss)
+    net.eval()
+    assert net(x).shape == (2, 3, 16, 16, 16)
+    bad = load_config(REPO / "configs" / "hippocampus.yaml", ["model.name=dynunet3d", "model.channels=[8, 16]",
+                                                              "model.strides=[2]", "model.deep_supervision=2"])
+    with pytest.raises(ConfigError, match="too many deep-supervision heads"):
+        build_model(bad.model, 1, 3)

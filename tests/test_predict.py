@@ -6,6 +6,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import SimpleITK as sitk
+import torch
 from conftest import blob_label, image_from_label, write_checkpoint
 
 from medseg.errors import (
@@ -102,3 +103,19 @@ def test_output_folder_equal_to_input_folder_refused(tmp_path, tiny_resampling_m
     with pytest.raises(OutputError, match="equals the input"):
         predict([src], tmp_path, model=tiny_resampling_model, device="cpu", progress=False)
     assert src.read_bytes() == before
+
+
+def test_mirror_tta_uses_the_trained_flip_axes(tmp_path, threshold_model, hippo_data):
+    # a mirror-equivariant model gives the same answer with and without TTA
+    lab = blob_label((20, 18, 16))
+    ck = write_checkpoint(tmp_path / "t.pt", model_name=threshold_model, intensity="none")
+    vol = Volume(lab.astype(np.float32), np.diag([-1.0, 1.2, 0.8, 1.0]))
+    with_tta = Predictor(ck, device="cpu", tta=True)
+    assert with_tta.tta_axes == [0]
+    np.testing.assert_array_equal(with_tta.predict_volume(vol).array, lab)
+    # the bundled model: TTA is a mirrored second pass, averaged, on the same grid
+    img = load_volume(hippo_data / "imagesTr" / "hippocampus_015.nii.gz")
+    plain, tta = Predictor(device="cpu"), Predictor(device="cpu", tta=True)
+    p0, p1 = plain.probabilities(img), tta.probabilities(img)
+    assert p1.shape == p0.shape and torch.allclose(p1.sum(0), torch.ones_like(p1[0]), atol=1e-4)
+    assert not torch.allclose(p0, p1)  # the mirrored pass did contribute

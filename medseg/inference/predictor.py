@@ -64,7 +64,8 @@ class Predictor:
     """
 
     def __init__(self, model: str | Path | None = None, device: str = "auto", *,
-                 overlap: float | None = None, sw_batch_size: int | None = None, amp: bool = True) -> None:
+                 overlap: float | None = None, sw_batch_size: int | None = None, amp: bool = True,
+                 tta: bool = False) -> None:
         from medseg.transforms.pipeline import inference_transforms
 
         self.model_path = resolve_model(model)
@@ -76,6 +77,8 @@ class Predictor:
             self.cfg.inference.sw_batch_size = sw_batch_size
         self.device = resolve_device(device)
         self.amp = amp
+        # mirror test-time augmentation only along axes the model was trained to be mirror-invariant on
+        self.tta_axes = sorted(set(self.cfg.augment.flip_axes)) if (tta and self.cfg.augment.enabled) else []
         self.spec = get_spec(self.cfg.model.name)
         net = build_model(self.cfg.model, 1, self.cfg.num_classes)
         net.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in ck["state_dict"].items()})
@@ -98,9 +101,17 @@ class Predictor:
                                         fix="repair or mask the image before segmenting it")
         item = self.transforms({"image": vol})
         image = item["image"]
-        logits = sliding_window_logits(self.net, image, self.cfg, self.device, dims=self.spec.dims, amp=self.amp)
-        probs = torch.softmax(logits[0], dim=0)
+        probs = self._probs(image)
+        for axis in self.tta_axes:  # each mirrored pass is flipped back and averaged
+            flipped = torch.flip(torch.as_tensor(image), dims=[1 + axis])
+            probs += torch.flip(self._probs(flipped), dims=[1 + axis])
+        if self.tta_axes:
+            probs /= 1 + len(self.tta_axes)
         return to_source_grid(probs, image.affine, vol.affine, vol.shape)
+
+    def _probs(self, image) -> torch.Tensor:
+        logits = sliding_window_logits(self.net, image, self.cfg, self.device, dims=self.spec.dims, amp=self.amp)
+        return torch.softmax(logits[0], dim=0)
 
     def predict_volume(self, vol: Volume) -> Volume:
         """Integer label volume with exactly ``vol``'s shape and affine."""
@@ -166,7 +177,7 @@ def segment_item(predictor: "Predictor", item, base: Path, formats: list[str] | 
 def predict(inputs: list[str | Path], outdir: str | Path, *, model: str | Path | None = None,
             device: str = "auto", progress: bool = True, overlap: float | None = None,
             rules: str | Path | None = None, dicom_options: dict | None = None,
-            formats: list[str] | None = None) -> list[PredictResult]:
+            formats: list[str] | None = None, tta: bool = False) -> list[PredictResult]:
     """Segment every input and write ``OUTDIR/<name>.<format>`` label files.
 
     Inputs are NIfTI/NRRD files, folders of them, DICOM series or study folders (series
@@ -194,7 +205,7 @@ def predict(inputs: list[str | Path], outdir: str | Path, *, model: str | Path |
             raise UnsupportedInputError("DICOM SEG output needs a DICOM input series", path=not_dicom[0].path,
                                         expected="DICOM series inputs only", found="a NIfTI/NRRD volume",
                                         fix="use --format nifti, nrrd or seg.nrrd for NIfTI/NRRD inputs")
-    predictor = Predictor(model, device=device, overlap=overlap)
+    predictor = Predictor(model, device=device, overlap=overlap, tta=tta)
     from medseg.io.writers import write_color_tables
     from medseg.labels import infos_from_config
 

@@ -57,6 +57,33 @@ def _unet(spatial_dims: int):
     return build
 
 
+def _dynunet(cfg, in_channels: int, out_channels: int) -> nn.Module:
+    """nnU-Net-style residual-free U-Net (MONAI ``DynUNet``): 3x3x3 kernels, the config's strides.
+
+    ``channels`` sets the filters per level (one more entry than ``strides``), and
+    ``deep_supervision`` adds that many auxiliary heads while training.
+    """
+    from monai.networks.nets import DynUNet
+
+    from medseg.errors import ConfigError
+
+    if len(cfg.strides) != len(cfg.channels) - 1:
+        raise ConfigError("model.strides must have one entry fewer than model.channels",
+                          expected=f"{len(cfg.channels) - 1} strides", found=str(cfg.strides),
+                          fix="e.g. channels [16, 32, 64, 128] with strides [2, 2, 2]")
+    if cfg.deep_supervision > len(cfg.strides) - 1:
+        raise ConfigError("too many deep-supervision heads", expected=f"at most {len(cfg.strides) - 1}",
+                          found=str(cfg.deep_supervision), fix="lower model.deep_supervision")
+    strides = [1, *cfg.strides]
+    return DynUNet(
+        spatial_dims=3, in_channels=in_channels, out_channels=out_channels,
+        kernel_size=[3] * len(strides), strides=strides, upsample_kernel_size=strides[1:],
+        filters=list(cfg.channels), dropout=cfg.dropout or None, norm_name=cfg.norm,
+        deep_supervision=cfg.deep_supervision > 0, deep_supr_num=max(1, cfg.deep_supervision),
+        res_block=cfg.num_res_units > 0,
+    )
+
+
 @dataclass(frozen=True)
 class ModelSpec:
     name: str
@@ -71,6 +98,8 @@ MODELS: dict[str, ModelSpec] = {
         ModelSpec("unet3d", 3, "MONAI residual U-Net on 3D patches; the default for CT and MR volumes.", _unet(3)),
         ModelSpec("unet2d", 2, "MONAI residual U-Net on 2D slices; applied slice by slice to volumes "
                                "(use patch depth 1). Lighter than 3D for thick-slice scans.", _unet(2)),
+        ModelSpec("dynunet3d", 3, "nnU-Net-style 3D U-Net (MONAI DynUNet) with optional deep supervision; "
+                                  "residual blocks when num_res_units > 0.", _dynunet),
     ]
 }
 

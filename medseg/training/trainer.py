@@ -40,6 +40,15 @@ def _loss(cfg: Config):
     return DiceCELoss(to_onehot_y=True, softmax=True, include_background=False)
 
 
+def supervised_loss(loss_fn, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Loss of one output, or of deep-supervision outputs stacked on dim 1 (weights 1, 1/2, 1/4... normalised)."""
+    if out.ndim == y.ndim + 1:  # (B, heads, C, ...) from DynUNet with deep supervision
+        weights = torch.tensor([0.5 ** i for i in range(out.shape[1])])
+        weights = weights / weights.sum()
+        return sum(w * loss_fn(out[:, i], y) for i, w in enumerate(weights.tolist()))
+    return loss_fn(out, y)
+
+
 def dice_per_class(pred: torch.Tensor, label: torch.Tensor, num_classes: int) -> np.ndarray:
     """Dice for classes 1..C-1 between integer maps; NaN where both are empty."""
     out = np.full(num_classes - 1, np.nan)
@@ -153,7 +162,7 @@ def train(cfg: Config, *, resume: bool = False, progress: bool = True, log=None)
                 _check_labels(y, cfg, "a training batch")
                 opt.zero_grad(set_to_none=True)
                 with autocast(device, tc.amp):
-                    loss = loss_fn(model(x), y)
+                    loss = supervised_loss(loss_fn, model(x), y)
                 scaler.scale(loss).backward()
                 scaler.unscale_(opt)
                 torch.nn.utils.clip_grad_norm_(model.parameters(), 12.0)
