@@ -226,7 +226,7 @@ def run_batch(root: str | Path, outdir: str | Path, *, model: str | None = None,
                 vol, digest, load_s, err = future.result()
                 if idx + 1 < len(todo):
                     future = pool.submit(load, todo[idx + 1])
-                row = {"key": it.key, "input": _rel(it.path if it.kind == "dicom" else it.path, root), "kind": it.kind,
+                row = {"key": it.key, "input": _rel(it.path, root), "kind": it.kind,
                        "fingerprint": fingerprint(it), "load_s": round(load_s, 3)}
                 if err is None:
                     try:

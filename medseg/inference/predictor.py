@@ -186,7 +186,8 @@ def predict(inputs: list[str | Path], outdir: str | Path, *, model: str | Path |
     """
     from medseg.io.rules import load_rules
     from medseg.io.sources import discover
-    from medseg.io.writers import check_formats
+    from medseg.io.writers import check_formats, write_color_tables
+    from medseg.labels import infos_from_config
     from medseg.progress import progress_bar
 
     outdir = Path(outdir)
@@ -206,9 +207,6 @@ def predict(inputs: list[str | Path], outdir: str | Path, *, model: str | Path |
                                         expected="DICOM series inputs only", found="a NIfTI/NRRD volume",
                                         fix="use --format nifti, nrrd or seg.nrrd for NIfTI/NRRD inputs")
     predictor = Predictor(model, device=device, overlap=overlap, tta=tta)
-    from medseg.io.writers import write_color_tables
-    from medseg.labels import infos_from_config
-
     write_color_tables(outdir, formats or sorted({default_format(it) for it in items}), infos_from_config(predictor.cfg))
     results = []
     with progress_bar("predict", total=len(items), enabled=progress) as advance:
