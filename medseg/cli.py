@@ -75,6 +75,8 @@ def predict(
     tilt: str = typer.Option("resample", "--tilt", help=TILT_HELP),
     formats: Optional[List[str]] = typer.Option(None, "--format", "-f", help=FORMAT_HELP),
     tta: bool = typer.Option(False, "--tta", help="Mirror test-time augmentation along the axes the model was trained to mirror."),
+    stats: Optional[str] = typer.Option(None, "--stats", help="Also write <name>.lesions.csv|json: per-lesion volume (mL), "
+                                        "longest diameter (mm), centroid (RAS and LPS)."),
 ) -> None:
     """Segment volumes; OUTDIR/<name> is an integer label volume on the input's exact grid.
 
@@ -84,7 +86,7 @@ def predict(
     from medseg.inference.predictor import predict as run_predict
 
     results = run_predict(inputs, output, model=model, device=device, overlap=overlap, rules=rules,
-                          dicom_options=_dicom_options(uneven, tilt), formats=formats, tta=tta)
+                          dicom_options=_dicom_options(uneven, tilt), formats=formats, tta=tta, stats=stats)
     con = _console(stderr=False)
     for res in results:
         con.print(f"{res.input} -> {', '.join(map(str, res.outputs))} ({res.seconds:.1f} s)")
@@ -96,30 +98,38 @@ def evaluate(
     ref_dir: Path = typer.Argument(..., help="Folder of reference label volumes (same file names)."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Also write all scores to this JSON file."),
     config: Optional[Path] = typer.Option(None, "--config", help="Config or .pt model whose label names to show."),
+    tolerance: float = typer.Option(1.0, "--tolerance", help="Surface Dice tolerance in mm."),
 ) -> None:
-    """Per-class Dice and HD95 (mm), per case and mean."""
+    """Per class: Dice, HD95, surface Dice, ASSD, volume difference and lesion detection, per case and mean."""
     from rich.table import Table
 
     from medseg.evaluation import evaluate as run_evaluate
 
     names = _label_names(config) if config else None
-    res = run_evaluate(pred_dir, ref_dir, names=names, json_path=json_out)
-    table = Table(title=f"{len(res.cases)} case(s)")
-    table.add_column("case")
+    res = run_evaluate(pred_dir, ref_dir, names=names, json_path=json_out, tolerance_mm=tolerance)
+    metrics = [("dice", "Dice", 4), ("hd95", "HD95 mm", 2), ("surface_dice", f"sDice@{tolerance:g}mm", 4),
+               ("assd", "ASSD mm", 2), ("rvd_pct", "vol diff %", 1)]
+
+    def fmt(v: float, digits: int) -> str:
+        return "n/a" if v != v or v in (float("inf"), float("-inf")) else f"{v:.{digits}f}"
+
+    con = _console(stderr=False)
     for c in res.classes:
         n = res.names.get(c, str(c))
-        table.add_column(f"{n} Dice", justify="right")
-        table.add_column(f"{n} HD95 mm", justify="right")
-
-    def fmt(v: float) -> str:
-        return "n/a" if v != v or v == float("inf") else f"{v:.4f}" if v <= 1 else f"{v:.2f}"
-
-    for cs in res.cases:
-        table.add_row(cs.case, *[x for c in res.classes for x in (fmt(cs.dice[c]), f"{cs.hd95[c]:.2f}" if cs.hd95[c] == cs.hd95[c] and cs.hd95[c] != float("inf") else "n/a")])
-    table.add_section()
-    table.add_row("[bold]mean", *[x for c in res.classes for x in (f"{res.mean('dice', c):.4f}", f"{res.mean('hd95', c):.2f}")])
-    con = _console(stderr=False)
-    con.print(table)
+        table = Table(title=f"{n} (label {c}), {len(res.cases)} case(s)")
+        table.add_column("case")
+        for _, head, _ in metrics:
+            table.add_column(head, justify="right")
+        table.add_column("lesions found/ref", justify="right")
+        for cs in res.cases:
+            m = cs.lesions.get(c) if cs.lesions else None
+            found = f"{m.detected}/{m.n_ref} ({m.n_pred - m.true_positive} FP)" if m else ""
+            table.add_row(cs.case, *[fmt(cs.value(k, c), d) for k, _, d in metrics], found)
+        table.add_section()
+        tot = res.lesion_totals(c)
+        table.add_row("[bold]mean", *[fmt(res.mean(k, c), d) for k, _, d in metrics],
+                      f"sens {fmt(tot['sensitivity'], 2)} prec {fmt(tot['precision'], 2)}" if tot else "")
+        con.print(table)
     con.print(f"mean Dice over classes: {res.mean_dice:.4f}")
 
 

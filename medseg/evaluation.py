@@ -1,4 +1,17 @@
-"""Comparing predicted label volumes with references: Dice and HD95 per class."""
+"""Comparing predicted label volumes with references, per class and per lesion.
+
+Per class and case: Dice, HD95 (mm), surface Dice at a tolerance (mm), average symmetric
+surface distance (mm), volumes and their difference (mL, %), and lesion-wise detection
+(sensitivity, precision, F1; see :class:`medseg.lesions.LesionMatch` for the matching rule).
+
+Surfaces are the mask voxels with a face neighbour outside the mask; distances run between
+the centres of surface voxels, in mm through the voxel spacing (as MONAI's surface metrics
+without sub-voxel areas).
+
+Empty masks: with both prediction and reference empty every overlap and distance metric is
+NaN; with exactly one empty, Dice and surface Dice are 0 and HD95 and ASSD are infinite.
+:meth:`Evaluation.mean` skips NaN and infinite values; JSON shows them as null.
+"""
 
 from __future__ import annotations
 
@@ -18,6 +31,9 @@ from medseg.io.volume import (
     load_volume,
     volume_suffix,
 )
+from medseg.lesions import LesionMatch, f1_score, match_lesions
+
+NAN, INF = float("nan"), float("inf")
 
 
 def dice(pred: np.ndarray, ref: np.ndarray) -> float:
@@ -30,26 +46,90 @@ def _surface(mask: np.ndarray) -> np.ndarray:
     return mask & ~ndimage.binary_erosion(mask, structure=ndimage.generate_binary_structure(3, 1), border_value=0)
 
 
-def hd95(pred: np.ndarray, ref: np.ndarray, spacing) -> float:
+def surface_distances(pred: np.ndarray, ref: np.ndarray, spacing) -> tuple[np.ndarray, np.ndarray] | None:
+    """Distances (mm) from each surface voxel of ``pred`` to the surface of ``ref``, and back.
+
+    None when either mask is empty. Work is done on the bounding box of both masks only.
+    """
+    pred, ref = np.asarray(pred, bool), np.asarray(ref, bool)
+    if not pred.any() or not ref.any():
+        return None
+    box = ndimage.find_objects((pred | ref).astype(np.uint8))[0]
+    box = tuple(slice(max(s.start - 1, 0), s.stop + 1) for s in box)
+    sp, sr = _surface(pred[box]), _surface(ref[box])
+    dist_to_ref = ndimage.distance_transform_edt(~sr, sampling=spacing)
+    dist_to_pred = ndimage.distance_transform_edt(~sp, sampling=spacing)
+    return dist_to_ref[sp], dist_to_pred[sr]
+
+
+def _empty_value(pred: np.ndarray, ref: np.ndarray, one_empty: float) -> float:
+    return NAN if not pred.any() and not ref.any() else one_empty
+
+
+def hd95(pred: np.ndarray, ref: np.ndarray, spacing, *, distances=None) -> float:
     """95th-percentile symmetric Hausdorff distance in mm (max of both directed 95th percentiles).
 
     NaN when both masks are empty, infinity when exactly one is.
     """
-    if not pred.any() and not ref.any():
-        return float("nan")
-    if not pred.any() or not ref.any():
-        return float("inf")
-    sp, sr = _surface(pred), _surface(ref)
-    dist_to_ref = ndimage.distance_transform_edt(~sr, sampling=spacing)
-    dist_to_pred = ndimage.distance_transform_edt(~sp, sampling=spacing)
-    return float(max(np.percentile(dist_to_ref[sp], 95), np.percentile(dist_to_pred[sr], 95)))
+    d = distances if distances is not None else surface_distances(pred, ref, spacing)
+    if d is None:
+        return _empty_value(pred, ref, INF)
+    return float(max(np.percentile(d[0], 95), np.percentile(d[1], 95)))
+
+
+def surface_dice(pred: np.ndarray, ref: np.ndarray, spacing, tolerance_mm: float = 1.0, *, distances=None) -> float:
+    """Normalised surface Dice (Nikolov et al. 2021): the fraction of both surfaces' voxels that lie
+    within ``tolerance_mm`` of the other surface. NaN when both masks are empty, 0 when one is."""
+    d = distances if distances is not None else surface_distances(pred, ref, spacing)
+    if d is None:
+        return _empty_value(pred, ref, 0.0)
+    return float((np.sum(d[0] <= tolerance_mm) + np.sum(d[1] <= tolerance_mm)) / (d[0].size + d[1].size))
+
+
+def assd(pred: np.ndarray, ref: np.ndarray, spacing, *, distances=None) -> float:
+    """Average symmetric surface distance in mm: the mean over the surface voxels of both masks of
+    their distance to the other surface. NaN when both masks are empty, infinity when one is."""
+    d = distances if distances is not None else surface_distances(pred, ref, spacing)
+    if d is None:
+        return _empty_value(pred, ref, INF)
+    return float((d[0].sum() + d[1].sum()) / (d[0].size + d[1].size))
 
 
 @dataclass
 class CaseScores:
+    """Scores of one case, each a dict class -> value.
+
+    ``avd_ml`` is the absolute volume difference ``|V_pred - V_ref|``; ``rvd_pct`` the signed
+    relative difference ``100 (V_pred - V_ref) / V_ref`` (infinite for an empty reference with a
+    non-empty prediction, NaN when both are empty).
+    """
+
     case: str
     dice: dict[int, float]
     hd95: dict[int, float]
+    surface_dice: dict[int, float] = field(default_factory=dict)
+    assd: dict[int, float] = field(default_factory=dict)
+    pred_volume_ml: dict[int, float] = field(default_factory=dict)
+    ref_volume_ml: dict[int, float] = field(default_factory=dict)
+    avd_ml: dict[int, float] = field(default_factory=dict)
+    rvd_pct: dict[int, float] = field(default_factory=dict)
+    lesions: dict[int, LesionMatch] = field(default_factory=dict)
+
+    def value(self, metric: str, cls: int) -> float:
+        """A metric by name; ``lesion_sensitivity``, ``lesion_precision`` and ``lesion_f1`` read :attr:`lesions`."""
+        if metric.startswith("lesion_"):
+            match = self.lesions.get(cls)
+            return NAN if match is None else float(getattr(match, metric[len("lesion_"):]))
+        return float(getattr(self, metric).get(cls, NAN))
+
+
+def _clean(v: float):
+    return None if (math.isnan(v) or math.isinf(v)) else round(v, 5)
+
+
+CLASS_METRICS = {"dice": "dice", "hd95": "hd95_mm", "surface_dice": "surface_dice", "assd": "assd_mm",
+                 "avd_ml": "avd_ml", "rvd_pct": "rvd_pct"}
+LESION_METRICS = ("lesion_sensitivity", "lesion_precision", "lesion_f1")
 
 
 @dataclass
@@ -57,9 +137,14 @@ class Evaluation:
     classes: list[int]
     names: dict[int, str]
     cases: list[CaseScores] = field(default_factory=list)
+    tolerance_mm: float = 1.0
+    connectivity: int = 26
+    min_iou: float = 0.0
 
     def mean(self, metric: str, cls: int) -> float:
-        vals = [getattr(c, metric)[cls] for c in self.cases]
+        """Mean over cases of a metric (``dice``, ``hd95``, ``surface_dice``, ``assd``, ``avd_ml``,
+        ``rvd_pct``, ``lesion_sensitivity``...), skipping NaN and infinite values."""
+        vals = [c.value(metric, cls) for c in self.cases]
         vals = [v for v in vals if not math.isnan(v) and not math.isinf(v)]
         return float(np.mean(vals)) if vals else float("nan")
 
@@ -69,35 +154,73 @@ class Evaluation:
         vals = [v for v in vals if not math.isnan(v)]
         return float(np.mean(vals)) if vals else float("nan")
 
-    def to_dict(self) -> dict:
-        def clean(v: float):
-            return None if (math.isnan(v) or math.isinf(v)) else round(v, 5)
+    def lesion_totals(self, cls: int) -> dict:
+        """Lesion counts pooled over all cases, with the pooled sensitivity, precision and F1."""
+        matches = [c.lesions[cls] for c in self.cases if cls in c.lesions]
+        n_ref, n_pred = sum(m.n_ref for m in matches), sum(m.n_pred for m in matches)
+        det, tp = sum(m.detected for m in matches), sum(m.true_positive for m in matches)
+        sens = det / n_ref if n_ref else NAN
+        prec = tp / n_pred if n_pred else NAN
+        return {"n_ref": n_ref, "n_pred": n_pred, "detected": det, "true_positive": tp,
+                "sensitivity": sens, "precision": prec, "f1": f1_score(sens, prec, n_ref, n_pred)}
 
-        name = self.names.get
+    def to_dict(self) -> dict:
+        def name(c: int) -> str:
+            return self.names.get(c, str(c))
+
+        def case_class(cs: CaseScores, c: int) -> dict:
+            d = {key: _clean(cs.value(metric, c)) for metric, key in CLASS_METRICS.items()}
+            d["pred_volume_ml"] = _clean(cs.pred_volume_ml.get(c, NAN))
+            d["ref_volume_ml"] = _clean(cs.ref_volume_ml.get(c, NAN))
+            m = cs.lesions.get(c)
+            if m is not None:
+                d["lesions"] = {"n_ref": m.n_ref, "n_pred": m.n_pred, "detected": m.detected,
+                                "true_positive": m.true_positive, "sensitivity": _clean(m.sensitivity),
+                                "precision": _clean(m.precision), "f1": _clean(m.f1),
+                                "reference": [les.to_dict() for les in m.reference],
+                                "false_positive": [les.to_dict() for les in m.false_positive]}
+            return d
+
         return {
-            "classes": {str(c): name(c, str(c)) for c in self.classes},
+            "classes": {str(c): name(c) for c in self.classes},
+            "settings": {"surface_dice_tolerance_mm": self.tolerance_mm, "lesion_connectivity": self.connectivity,
+                         "lesion_match": "any overlap" if self.min_iou <= 0 else f"overlap with IoU > {self.min_iou:g}"},
             "mean": {
-                name(c, str(c)): {"dice": clean(self.mean("dice", c)), "hd95_mm": clean(self.mean("hd95", c))}
+                name(c): {**{key: _clean(self.mean(metric, c)) for metric, key in CLASS_METRICS.items()},
+                          **{m: _clean(self.mean(m, c)) for m in LESION_METRICS}}
                 for c in self.classes
             },
-            "mean_dice": clean(self.mean_dice),
-            "cases": [
-                {"case": cs.case,
-                 **{name(c, str(c)): {"dice": clean(cs.dice[c]), "hd95_mm": clean(cs.hd95[c])} for c in self.classes}}
-                for cs in self.cases
-            ],
+            "lesions": {name(c): {k: (_clean(v) if isinstance(v, float) else v)
+                                  for k, v in self.lesion_totals(c).items()} for c in self.classes},
+            "mean_dice": _clean(self.mean_dice),
+            "cases": [{"case": cs.case, **{name(c): case_class(cs, c) for c in self.classes}} for cs in self.cases],
         }
 
 
-def score_case(pred: Volume, ref: Volume, classes: list[int], name: str) -> CaseScores:
+def score_case(pred: Volume, ref: Volume, classes: list[int], name: str, *, tolerance_mm: float = 1.0,
+               lesions: bool = True, connectivity: int = 26, min_iou: float = 0.0,
+               names: dict[int, str] | None = None) -> CaseScores:
+    """Every metric of one case; ``lesions=False`` skips the lesion-wise analysis."""
     check_same_grid(pred, ref, what="prediction")
     p, r = np.asarray(pred.array), np.asarray(ref.array)
     spacing = tuple(float(s) for s in ref.spacing)
-    return CaseScores(
-        name,
-        {c: dice(p == c, r == c) for c in classes},
-        {c: hd95(p == c, r == c, spacing) for c in classes},
-    )
+    voxel_ml = ref.voxel_volume_ml
+    cs = CaseScores(name, {}, {})
+    for c in classes:
+        pm, rm = p == c, r == c
+        d = surface_distances(pm, rm, spacing)
+        cs.dice[c] = dice(pm, rm)
+        cs.hd95[c] = hd95(pm, rm, spacing, distances=d)
+        cs.surface_dice[c] = surface_dice(pm, rm, spacing, tolerance_mm, distances=d)
+        cs.assd[c] = assd(pm, rm, spacing, distances=d)
+        vp, vr = int(pm.sum()) * voxel_ml, int(rm.sum()) * voxel_ml
+        cs.pred_volume_ml[c], cs.ref_volume_ml[c] = vp, vr
+        cs.avd_ml[c] = abs(vp - vr)
+        cs.rvd_pct[c] = 100.0 * (vp - vr) / vr if vr else (NAN if vp == 0 else INF)
+        if lesions:
+            cs.lesions[c] = match_lesions(pm, rm, ref.affine, connectivity=connectivity, min_iou=min_iou,
+                                          label=c, name=(names or {}).get(c))
+    return cs
 
 
 def _index(folder: Path) -> dict[str, Path]:
@@ -109,8 +232,13 @@ def _index(folder: Path) -> dict[str, Path]:
 
 
 def evaluate(pred_dir: str | Path, ref_dir: str | Path, *, names: dict[int, str] | None = None,
-             json_path: str | Path | None = None, progress: bool = True) -> Evaluation:
-    """Pair files by case name and score every foreground class found in the references."""
+             json_path: str | Path | None = None, progress: bool = True, tolerance_mm: float = 1.0,
+             lesions: bool = True, connectivity: int = 26, min_iou: float = 0.0) -> Evaluation:
+    """Pair files by case name and score every foreground class found in the references.
+
+    ``tolerance_mm`` is the surface Dice tolerance; ``connectivity`` (6, 18, 26) and ``min_iou``
+    define lesions and their matching (see :class:`medseg.lesions.LesionMatch`).
+    """
     from medseg.progress import progress_bar
 
     pred_dir, ref_dir = Path(pred_dir), Path(ref_dir)
@@ -135,10 +263,12 @@ def evaluate(pred_dir: str | Path, ref_dir: str | Path, *, names: dict[int, str]
         values |= set(np.unique(ref.array).astype(int).tolist()) | set(np.unique(pred.array).astype(int).tolist())
     classes = sorted(v for v in values if v != 0) or sorted(names or {1: "foreground"})
     classes = [c for c in classes if c != 0]
-    result = Evaluation(classes, dict(names or {}))
+    result = Evaluation(classes, dict(names or {}), tolerance_mm=tolerance_mm, connectivity=connectivity,
+                        min_iou=min_iou)
     with progress_bar("evaluate", total=len(loaded), enabled=progress) as advance:
         for key, pred, ref in loaded:
-            result.cases.append(score_case(pred, ref, classes, key))
+            result.cases.append(score_case(pred, ref, classes, key, tolerance_mm=tolerance_mm, lesions=lesions,
+                                           connectivity=connectivity, min_iou=min_iou, names=result.names))
             advance(key)
     if json_path:
         from medseg.io.volume import atomic_write

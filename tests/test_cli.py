@@ -120,3 +120,21 @@ def test_evaluate_table_and_json(tmp_path):
     assert data["mean"]["1"]["dice"] == pytest.approx(2 * 100 / 225, abs=1e-4)
     assert data["mean"]["2"]["dice"] == 1.0 and data["mean"]["2"]["hd95_mm"] == 0.0
     assert "case" in proc.stdout and "mean" in proc.stdout
+
+
+def test_predict_stats_writes_a_lesion_report(tmp_path, hippo_data):
+    import csv
+
+    proc = run_cli("predict", hippo_data / "imagesTr" / "hippocampus_011.nii.gz", "-o", tmp_path, "--device", "cpu",
+                   "--stats", "csv")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = list(csv.DictReader(open(tmp_path / "hippocampus_011.lesions.csv")))
+    assert [r["name"] for r in rows][:2] == ["anterior", "posterior"] or {r["name"] for r in rows} == {"anterior", "posterior"}
+    labels = nib.load(tmp_path / "hippocampus_011.nii.gz")
+    arr = np.asanyarray(labels.dataobj)
+    for name, value in (("anterior", 1), ("posterior", 2)):
+        vol = sum(float(r["volume_ml"]) for r in rows if r["name"] == name)
+        assert vol == pytest.approx((arr == value).sum() * abs(np.linalg.det(labels.affine[:3, :3])) / 1000)
+        assert all(float(r["diameter_mm"]) < 60 for r in rows if r["name"] == name)
+    assert_clean_error(run_cli("predict", hippo_data / "imagesTr" / "hippocampus_011.nii.gz", "-o", tmp_path / "x",
+                               "--stats", "xml"), "unknown --stats format")

@@ -177,12 +177,14 @@ def segment_item(predictor: "Predictor", item, base: Path, formats: list[str] | 
 def predict(inputs: list[str | Path], outdir: str | Path, *, model: str | Path | None = None,
             device: str = "auto", progress: bool = True, overlap: float | None = None,
             rules: str | Path | None = None, dicom_options: dict | None = None,
-            formats: list[str] | None = None, tta: bool = False) -> list[PredictResult]:
+            formats: list[str] | None = None, tta: bool = False, stats: str | None = None) -> list[PredictResult]:
     """Segment every input and write ``OUTDIR/<name>.<format>`` label files.
 
     Inputs are NIfTI/NRRD files, folders of them, DICOM series or study folders (series
     chosen by ``rules``, a YAML file; by default every image series). ``formats``: any of
     ``nifti``, ``nrrd``, ``seg.nrrd``, ``dicom-seg`` (default: NIfTI, or NRRD for NRRD input).
+    ``stats`` (``csv`` or ``json``) also writes ``<name>.lesions.<stats>``: one row per connected
+    component of each label with its volume (mL), longest diameter (mm) and centroid (RAS and LPS).
     """
     from medseg.io.rules import load_rules
     from medseg.io.sources import discover
@@ -192,6 +194,10 @@ def predict(inputs: list[str | Path], outdir: str | Path, *, model: str | Path |
 
     outdir = Path(outdir)
     formats = check_formats(formats) if formats else None
+    if stats not in (None, "csv", "json"):
+        from medseg.errors import ConfigError
+
+        raise ConfigError("unknown --stats format", expected="csv or json", found=repr(stats), fix="use --stats csv")
     items, skipped = discover(inputs, load_rules(rules), recursive=False)
     if not items:
         reasons = "; ".join(f"{s.path}: {s.reason}" for s in skipped[:5])
@@ -212,7 +218,12 @@ def predict(inputs: list[str | Path], outdir: str | Path, *, model: str | Path |
     with progress_bar("predict", total=len(items), enabled=progress) as advance:
         for it, outs in zip(items, plans):
             t0 = time.perf_counter()
-            _, written = segment_item(predictor, it, outdir / it.name, formats, dicom_options)
+            labels, written = segment_item(predictor, it, outdir / it.name, formats, dicom_options)
+            if stats:
+                from medseg.lesions import lesion_table, write_lesion_report
+
+                table = lesion_table(labels, predictor.labels)
+                written.append(write_lesion_report(table, outdir / f"{it.name}.lesions.{stats}"))
             results.append(PredictResult(Path(it.path), written, time.perf_counter() - t0))
             advance(it.name)
     return results
