@@ -187,6 +187,27 @@ def verify_data(
 
 
 @app.command()
+def plan(
+    dataset: Path = typer.Argument(..., help="MSD-style folder with imagesTr/ and labelsTr/."),
+    output: Path = typer.Option(Path("plan.yaml"), "-o", "--output", help="Where to write the plan (YAML)."),
+    modality: str = typer.Option("MR", "--modality", help="CT (clip to foreground percentiles, z-score) or MR/other (z-score)."),
+    device: str = typer.Option("cpu", "--device", help="Plan for cpu or cuda."),
+    memory_gb: Optional[float] = typer.Option(None, "--memory-gb", help="Memory budget for training (default 4 CPU / 8 GPU)."),
+) -> None:
+    """Fingerprint a dataset and write a training plan; use it with 'plan: FILE' (or 'plan: auto') in a config."""
+    from medseg.data.datasets import discover_msd
+    from medseg.planning import fingerprint, make_plan
+
+    fp = fingerprint(discover_msd(dataset), modality=modality.upper())
+    result = make_plan(fp, device=device, memory_gb=memory_gb)
+    out = result.save(output)
+    con = _console(stderr=False)
+    for key, why in result.reasons.items():
+        con.print(f"{key}: {why}", markup=False)
+    con.print(f"wrote {out}")
+
+
+@app.command()
 def convert(
     source: Path = typer.Argument(..., help="DICOM series folder (or a study folder with --rules selecting one), or a NIfTI/NRRD file."),
     output: Path = typer.Argument(..., help="OUT.nii.gz, OUT.nii or OUT.nrrd."),

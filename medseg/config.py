@@ -44,6 +44,12 @@ class IntensityConfig:
     """For ``ct_window``: a named HU preset (see ``medseg.transforms.CT_PRESETS``)."""
     window: list[float] | None = None
     """For ``ct_window``: explicit ``[level, width]`` in HU, overrides ``ct_preset``."""
+    clip: list[float] | None = None
+    """For ``ct_fingerprint``: ``[lower, upper]`` clip values (the dataset's foreground 0.5/99.5 percentiles)."""
+    mean: float | None = None
+    """For ``ct_fingerprint``: foreground mean after clipping (from ``medseg plan``)."""
+    std: float | None = None
+    """For ``ct_fingerprint``: foreground standard deviation (from ``medseg plan``)."""
 
 
 @dataclass
@@ -84,7 +90,8 @@ class AugmentConfig:
 class ModelConfig:
     name: str = "unet3d"
     channels: list[int] = field(default_factory=lambda: [16, 32, 64, 128])
-    strides: list[int] = field(default_factory=lambda: [2, 2, 2])
+    strides: list[int | list[int]] = field(default_factory=lambda: [2, 2, 2])
+    """One stride per level: an int, or ``[x, y, z]`` for anisotropic data (from ``medseg plan``)."""
     num_res_units: int = 2
     dropout: float = 0.0
     norm: str = "instance"
@@ -123,6 +130,9 @@ class InferenceConfig:
 @dataclass
 class Config:
     name: str = "model"
+    plan: str | None = None
+    """``auto`` (fingerprint the dataset and plan at train time) or a plan YAML from ``medseg plan``;
+    planned values never override keys set in the config or with ``--set``."""
     labels: dict[int, str] = field(default_factory=lambda: {0: "background", 1: "foreground"})
     colors: dict[int, list[int]] | None = None
     """RGB colour per label (0-255); defaults to a fixed palette."""
@@ -314,7 +324,38 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
         raise ConfigError("config must be a mapping", path=path, found=type(data).__name__,
                           fix="start the file with top-level keys such as 'name:' and 'labels:'")
     data = apply_overrides(data, overrides)
+    if data.get("plan"):
+        data = resolve_plan(data, source=str(path))
     return from_dict(data, source=str(path))
+
+
+def _explicit_keys(data: dict, prefix: str = "") -> set[str]:
+    keys = set()
+    for k, v in data.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            keys |= _explicit_keys(v, key + ".")
+        else:
+            keys.add(key)
+    return keys
+
+
+def resolve_plan(data: dict, source: str = "config") -> dict:
+    """Fill in a ``plan: auto`` (or ``plan: FILE``) config; keys the user set stay as they are."""
+    from medseg.planning import apply_plan, load_plan, plan_for_config
+
+    ref = str(data["plan"])
+    if ref == "auto":
+        cfg = _from_dict(Config, {k: v for k, v in data.items() if k != "plan"}, source)
+        plan = plan_for_config(cfg)
+    else:
+        plan_path = Path(ref)
+        if not plan_path.is_file():
+            raise InputNotFoundError("plan file not found", path=plan_path, expected="a YAML file from 'medseg plan'",
+                                     fix="run 'medseg plan DATASET -o plan.yaml' or use 'plan: auto'")
+        plan = load_plan(plan_path)
+    keep = _explicit_keys({k: v for k, v in data.items() if k != "plan"})
+    return apply_plan(data, plan, keep=keep)
 
 
 def save_config(cfg: Config, path: str | Path) -> None:

@@ -27,7 +27,7 @@ CT_PRESETS: dict[str, tuple[float, float]] = {
     "bone": (400.0, 1800.0),
 }
 
-INTENSITY_MODES = ("zscore", "percentile", "ct_window", "none")
+INTENSITY_MODES = ("zscore", "percentile", "ct_window", "ct_fingerprint", "none")
 
 
 def ct_window_bounds(preset: str | None = None, window: Sequence[float] | None = None) -> tuple[float, float]:
@@ -101,6 +101,26 @@ class PercentileNorm(Transform):
         return ZScore(nonzero=False)(out)
 
 
+class ClipZScore(Transform):
+    """Clip to fixed ``[lower, upper]``, then ``(x - mean) / std`` with fixed dataset statistics.
+
+    The values come from a dataset fingerprint (nnU-Net's CT scheme: the 0.5/99.5 percentiles,
+    mean and std of foreground voxels over the training set), so every image is scaled alike.
+    """
+
+    def __init__(self, lower: float, upper: float, mean: float, std: float) -> None:
+        if not lower < upper or not std > 0:
+            raise ConfigError("bad ct_fingerprint values", expected="clip [lower, upper] with lower < upper, std > 0",
+                              found=f"clip [{lower}, {upper}], std {std}", fix="plan the dataset again")
+        self.lower, self.upper, self.mean, self.std = float(lower), float(upper), float(mean), float(std)
+
+    def __call__(self, img):
+        img = _as_float(img)
+        if isinstance(img, torch.Tensor):
+            return (img.clamp(self.lower, self.upper) - self.mean) / self.std
+        return (np.clip(img, self.lower, self.upper) - self.mean) / self.std
+
+
 class _Dict(MapTransform):
     transform: Transform
 
@@ -129,6 +149,24 @@ class PercentileNormd(_Dict):
         self.transform = PercentileNorm(lower, upper)
 
 
+class ClipZScored(_Dict):
+    def __init__(self, keys, lower: float, upper: float, mean: float, std: float,
+                 allow_missing_keys: bool = False) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.transform = ClipZScore(lower, upper, mean, std)
+
+
+def _fingerprint_values(cfg) -> tuple[float, float, float, float]:
+    """``clip``, ``mean`` and ``std`` of an ``IntensityConfig`` for mode ``ct_fingerprint``."""
+    clip, mean, std = getattr(cfg, "clip", None), getattr(cfg, "mean", None), getattr(cfg, "std", None)
+    if clip is None or mean is None or std is None or len(clip) != 2:
+        raise ConfigError("intensity mode ct_fingerprint needs clip, mean and std",
+                          expected="preprocess.intensity.clip: [lower, upper], .mean and .std",
+                          found=f"clip {clip}, mean {mean}, std {std}",
+                          fix="run the planner (medseg.planning) or set them from the dataset's foreground")
+    return float(clip[0]), float(clip[1]), float(mean), float(std)
+
+
 def intensity_transform(cfg, keys) -> MapTransform | None:
     """The dictionary intensity transform chosen by an :class:`~medseg.config.IntensityConfig`."""
     if cfg.mode == "zscore":
@@ -137,6 +175,8 @@ def intensity_transform(cfg, keys) -> MapTransform | None:
         return PercentileNormd(keys, cfg.lower_percentile, cfg.upper_percentile)
     if cfg.mode == "ct_window":
         return CTWindowd(keys, cfg.ct_preset, cfg.window)
+    if cfg.mode == "ct_fingerprint":
+        return ClipZScored(keys, *_fingerprint_values(cfg))
     if cfg.mode == "none":
         return None
     raise ConfigError("unknown intensity mode", expected=" | ".join(INTENSITY_MODES), found=repr(cfg.mode),
