@@ -206,7 +206,6 @@ def run_batch(root: str | Path, outdir: str | Path, *, model: str | None = None,
             return summary
         predictor = Predictor(model, device=device)
         infos = infos_from_config(predictor.cfg)
-        write_color_tables(outdir, formats or sorted({default_format(it) for it in todo}), infos)
         opts = dict(dicom_options or {})
 
         def load(it: InputItem):
@@ -253,6 +252,8 @@ def run_batch(root: str | Path, outdir: str | Path, *, model: str | None = None,
                     summary.failures.append((row["input"], reason))
                 row["finished_at"] = _now()
                 manifest.update(row)
+                if summary.done == 1 and row["status"] == "done":  # once, after the first labels exist
+                    write_color_tables(outdir, formats or sorted({default_format(t) for t in todo}), infos)
                 advance(it.name)
     summary.seconds = time.perf_counter() - t_start
     return summary

@@ -213,7 +213,6 @@ def predict(inputs: list[str | Path], outdir: str | Path, *, model: str | Path |
                                         expected="DICOM series inputs only", found="a NIfTI/NRRD volume",
                                         fix="use --format nifti, nrrd or seg.nrrd for NIfTI/NRRD inputs")
     predictor = Predictor(model, device=device, overlap=overlap, tta=tta)
-    write_color_tables(outdir, formats or sorted({default_format(it) for it in items}), infos_from_config(predictor.cfg))
     results = []
     with progress_bar("predict", total=len(items), enabled=progress) as advance:
         for it, outs in zip(items, plans):
@@ -226,4 +225,6 @@ def predict(inputs: list[str | Path], outdir: str | Path, *, model: str | Path |
                 written.append(write_lesion_report(table, outdir / f"{it.name}.lesions.{stats}"))
             results.append(PredictResult(Path(it.path), written, time.perf_counter() - t0))
             advance(it.name)
+    # colour tables only once labels exist: a failed run leaves no output behind
+    write_color_tables(outdir, formats or sorted({default_format(it) for it in items}), infos_from_config(predictor.cfg))
     return results
