@@ -84,6 +84,12 @@ class AugmentConfig:
     intensity_prob: float = 0.3
     noise_std: float = 0.05
     noise_prob: float = 0.15
+    gamma: list[float] = field(default_factory=lambda: [0.7, 1.5])
+    """Range of the contrast (gamma) adjustment."""
+    gamma_prob: float = 0.0
+    blur_sigma: list[float] = field(default_factory=lambda: [0.5, 1.0])
+    """Range of the Gaussian blur sigma, in voxels."""
+    blur_prob: float = 0.0
 
 
 @dataclass

@@ -97,3 +97,24 @@ def test_processed_grid_is_ras():
     img = inference_transforms(_cfg(None))({"image": vol})["image"]
     diag = np.diag(np.asarray(img.affine)[:3, :3])
     assert np.all(diag > 0)
+
+
+def test_training_augmentations_keep_labels_and_shapes():
+    from medseg.transforms import train_transforms
+
+    cfg = Config(labels={0: "bg", 1: "a", 2: "b"})
+    cfg.patch.size = [16, 16, 8]
+    cfg.patch.samples_per_volume = 2
+    aug = cfg.augment
+    aug.affine_prob = aug.intensity_prob = aug.noise_prob = aug.gamma_prob = aug.blur_prob = 1.0
+    shape, affine = (20, 24, 12), np.diag([0.9, 1.1, 2.0, 1.0])
+    lab = blob_label(shape)
+    item = {"image": Volume((100 + 50 * lab).astype(np.float32), affine), "label": Volume(lab, affine)}
+    names = [type(t).__name__ for t in train_transforms(cfg).transforms]
+    assert {"RandAdjustContrastd", "RandGaussianSmoothd", "RandAffined", "RandFlipd"} <= set(names)
+    out = train_transforms(cfg)(item)
+    assert len(out) == 2
+    for sample in out:
+        assert tuple(sample["image"].shape) == (1, 16, 16, 8) == tuple(sample["label"].shape)
+        assert set(torch.unique(sample["label"]).tolist()) <= {0.0, 1.0, 2.0}
+        assert torch.isfinite(sample["image"]).all()

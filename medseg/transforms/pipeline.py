@@ -14,10 +14,12 @@ from monai.transforms import (
     EnsureTyped,
     MapTransform,
     Orientationd,
+    RandAdjustContrastd,
     RandAffined,
     RandCropByPosNegLabeld,
     RandFlipd,
     RandGaussianNoised,
+    RandGaussianSmoothd,
     RandScaleIntensityd,
     RandShiftIntensityd,
     Spacingd,
@@ -111,6 +113,12 @@ def train_transforms(cfg) -> Compose:
             steps.append(RandShiftIntensityd("image", offsets=aug.intensity_shift, prob=aug.intensity_prob))
         if aug.noise_prob > 0:
             steps.append(RandGaussianNoised("image", prob=aug.noise_prob, std=aug.noise_std))
+        if aug.blur_prob > 0:
+            lo, hi = aug.blur_sigma
+            steps.append(RandGaussianSmoothd("image", sigma_x=(lo, hi), sigma_y=(lo, hi), sigma_z=(lo, hi),
+                                             prob=aug.blur_prob))
+        if aug.gamma_prob > 0:
+            steps.append(RandAdjustContrastd("image", gamma=tuple(aug.gamma), prob=aug.gamma_prob))
     steps.append(EnsureTyped(["image", "label"], track_meta=False))
     return Compose(steps)
 
