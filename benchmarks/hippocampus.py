@@ -6,6 +6,8 @@ checkpoint (cases it never trained on). ``--train`` retrains from the config fir
     python benchmarks/hippocampus.py                       # bundled model
     python benchmarks/hippocampus.py --model runs/hippocampus/best.pt
     python benchmarks/hippocampus.py --train --set train.epochs=50
+    python benchmarks/hippocampus.py --model hippocampus --model runs/hippocampus_wide/best.pt --tta
+    python benchmarks/hippocampus.py --cv runs/cv_plain --cv runs/cv_wide   # cross-validation summaries
 
 Prints a table and one JSON line; the figures go into benchmarks/RESULTS.md by hand,
 with the machine they were measured on.
@@ -28,42 +30,9 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default=None, help="checkpoint or bundled name (default: bundled hippocampus)")
-    ap.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "hippocampus"), help="MSD Task04 folder")
-    ap.add_argument("--train", action="store_true", help="train from --config first, then evaluate best.pt")
-    ap.add_argument("--config", default=str(REPO / "configs" / "hippocampus.yaml"))
-    ap.add_argument("--set", action="append", default=[], help="config override for --train")
-    ap.add_argument("--device", default="auto")
-    args = ap.parse_args(argv)
-
-    from medseg.config import load_config
-    from medseg.evaluation import evaluate
-    from medseg.inference.predictor import Predictor
+def score(pred, names, data, tta, train_seconds, evaluate) -> dict:
     from medseg.io.volume import load_volume, save_volume
-    from medseg.training.checkpoint import load_checkpoint
 
-    data = Path(args.data)
-    if not data.is_dir():
-        print(f"hippocampus data not found at {data}; pass --data", file=sys.stderr)
-        return 2
-    train_seconds = None
-    model = args.model
-    if args.train:
-        from medseg.training.trainer import train
-
-        cfg = load_config(args.config, [f"data.root={data}", *args.set])
-        res = train(cfg, progress=False)
-        train_seconds = res.seconds
-        model = str(res.best_checkpoint)
-
-    pred = Predictor(model, device=args.device)
-    split = load_checkpoint(pred.model_path).get("split") or {}
-    names = split.get("validation") or []
-    if not names:
-        print("checkpoint has no stored validation split; nothing held out to score", file=sys.stderr)
-        return 2
     with tempfile.TemporaryDirectory() as tmp:
         pred_dir, ref_dir = Path(tmp) / "pred", Path(tmp) / "ref"
         ref_dir.mkdir()
@@ -76,8 +45,9 @@ def main(argv=None) -> int:
             save_volume(pred.predict_volume(vol), pred_dir / img.name, reference=vol)
             times.append(time.perf_counter() - t0)
         ev = evaluate(pred_dir, ref_dir, names=pred.labels, progress=False)
-    result = {
+    return {
         "model": str(pred.model_path.relative_to(REPO) if pred.model_path.is_relative_to(REPO) else pred.model_path),
+        "tta": tta,
         "cases": len(names),
         "dice": {pred.labels[c]: round(ev.mean("dice", c), 4) for c in ev.classes},
         "hd95_mm": {pred.labels[c]: round(ev.mean("hd95", c), 3) for c in ev.classes},
@@ -87,12 +57,74 @@ def main(argv=None) -> int:
         "device": str(pred.device),
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",
     }
-    print(f"held-out cases: {len(names)}   model: {result['model']}")
-    for c in ev.classes:
-        n = pred.labels[c]
-        print(f"  {n:<10} Dice {result['dice'][n]:.4f}   HD95 {result['hd95_mm'][n]:.2f} mm")
-    print(f"  mean Dice {result['mean_dice']:.4f}; predict {result['predict_s_per_case']:.2f} s/case on {result['device']}")
-    print(json.dumps(result))
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", action="append", default=[], help="checkpoint or bundled name (default: bundled "
+                    "hippocampus); repeat to compare models in one table on the first one's held-out cases")
+    ap.add_argument("--tta", action="store_true", help="also score each model with mirror test-time augmentation")
+    ap.add_argument("--cv", action="append", default=[], help="a 'medseg train --folds' folder: print its pooled "
+                    "cross-validation Dice (repeatable)")
+    ap.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "hippocampus"), help="MSD Task04 folder")
+    ap.add_argument("--train", action="store_true", help="train from --config first, then evaluate best.pt")
+    ap.add_argument("--config", default=str(REPO / "configs" / "hippocampus.yaml"))
+    ap.add_argument("--set", action="append", default=[], help="config override for --train")
+    ap.add_argument("--device", default="auto")
+    args = ap.parse_args(argv)
+
+    from medseg.config import load_config
+    from medseg.evaluation import evaluate
+    from medseg.inference.predictor import Predictor
+    from medseg.training.checkpoint import load_checkpoint
+
+    data = Path(args.data)
+    if not data.is_dir():
+        print(f"hippocampus data not found at {data}; pass --data", file=sys.stderr)
+        return 2
+    train_seconds = None
+    model = args.model[0] if args.model else None
+    if args.train:
+        from medseg.training.trainer import train
+
+        cfg = load_config(args.config, [f"data.root={data}", *args.set])
+        res = train(cfg, progress=False)
+        train_seconds = res.seconds
+        model = str(res.best_checkpoint)
+
+    models = [model] if args.train or not args.model else args.model
+    first = Predictor(models[0], device=args.device)
+    split = load_checkpoint(first.model_path).get("split") or {}
+    names = split.get("validation") or []
+    if not names:
+        print("checkpoint has no stored validation split; nothing held out to score", file=sys.stderr)
+        return 2
+    results = []
+    for ref in models:
+        pred = first if ref == models[0] else Predictor(ref, device=args.device)
+        trained_on = set((load_checkpoint(pred.model_path).get("split") or {}).get("train") or [])
+        if trained_on & set(names):
+            print(f"{ref} was trained on {len(trained_on & set(names))} of the held-out cases; "
+                  "compare models trained on the same split", file=sys.stderr)
+            return 2
+        for tta in ([False, True] if args.tta else [False]):
+            pred.tta_axes = sorted(set(pred.cfg.augment.flip_axes)) if (tta and pred.cfg.augment.enabled) else []
+            results.append(score(pred, names, data, tta, train_seconds if ref == models[0] else None, evaluate))
+    print(f"held-out cases: {len(names)} (the validation split stored in {models[0]})")
+    head = f"{'model':<44} {'TTA':<4} " + " ".join(f"{n + ' Dice':>15}" for n in results[0]["dice"])
+    print(head + f" {'mean Dice':>10} {'s/case':>7}")
+    for r in results:
+        print(f"{r['model'][-44:]:<44} {'yes' if r['tta'] else 'no':<4} "
+              + " ".join(f"{v:>15.4f}" for v in r["dice"].values())
+              + f" {r['mean_dice']:>10.4f} {r['predict_s_per_case']:>7.2f}")
+    for r in results:
+        print(json.dumps(r))
+    for cv in args.cv:
+        summary = json.loads((Path(cv) / "cv_summary.json").read_text())
+        pooled, post = summary["pooled_dice"], summary["pooled_dice_postprocessed"]
+        print(f"cross-validation {cv}: {summary['folds']} folds, {summary['cases']} cases; pooled mean Dice "
+              f"{pooled['mean']:.4f} ({', '.join(f'{k} {v:.4f}' for k, v in pooled.items() if k != 'mean')}); "
+              f"with postprocessing {summary['postprocess'] or 'none'}: {post['mean']:.4f}")
     return 0
 
 

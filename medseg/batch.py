@@ -23,7 +23,8 @@ from pathlib import Path
 
 from medseg.errors import ConfigError, InputNotFoundError, MedsegError, OutputError
 from medseg.io.sources import InputItem, discover
-from medseg.io.volume import atomic_write
+from medseg.io.volume import atomic_write, check_writable_folder
+from medseg.privacy import path_token, redact
 
 MANIFEST_FIELDS = ("key", "input", "kind", "output", "outputs", "status", "reason", "load_s", "predict_s", "write_s",
                    "input_hash", "fingerprint", "stored", "finished_at")
@@ -151,12 +152,23 @@ def _rel(path: Path, root: Path) -> str:
 def run_batch(root: str | Path, outdir: str | Path, *, model: str | None = None, device: str = "auto",
               rules_path: str | Path | None = None, shard: str | None = None, retry_failed: bool = True,
               progress: bool = True, dicom_options: dict | None = None, formats: list[str] | None = None,
-              on_done=None, log=None) -> BatchSummary:
+              on_done=None, log=None, anonymize: bool = False, record_paths: bool = False,
+              runtime: dict | None = None, engine: str = "local", ray_address: str | None = None,
+              workers: int | None = None, gpus_per_worker: float = 0.0) -> BatchSummary:
     """Segment everything under ``root`` into ``outdir`` (see the module documentation).
+
+    ``runtime``: :class:`~medseg.inference.predictor.Predictor` options (``backend``, ``amp``,
+    ``amp_dtype``, ``compile``, ``threads``). ``engine="ray"`` spreads the series over Ray actors
+    (one model each; :mod:`medseg.engines.ray_engine`), ``workers`` of them (default: one per CPU
+    of the cluster), on the cluster at ``ray_address`` (default: a local one); the manifest is the same.
 
     ``on_done(item, written_paths) -> dict`` runs after each series is written (e.g. to
     store a DICOM SEG in a PACS); its dict is merged into the manifest row and must hold
     ``stored``. Finished rows without ``stored`` are completed by calling it again.
+
+    Privacy: without ``record_paths`` the manifest, the summary and failure reasons name each
+    input by a hash of its path relative to ``root`` (:func:`medseg.privacy.path_token`), as
+    folder names often hold patient names. ``anonymize`` de-identifies DICOM SEG outputs.
     """
     from medseg.inference.predictor import Predictor, default_format
     from medseg.io.rules import load_rules
@@ -165,11 +177,25 @@ def run_batch(root: str | Path, outdir: str | Path, *, model: str | None = None,
     from medseg.progress import progress_bar
 
     root, outdir = Path(root), Path(outdir)
+    if engine not in ("local", "ray"):
+        raise ConfigError("unknown batch engine", expected="local or ray", found=repr(engine),
+                          fix="use --engine local (with --shard I/N for job arrays) or --engine ray")
     _check_folders(root, outdir)
+    check_writable_folder(outdir)
     shard_t = parse_shard(shard)
     rules = load_rules(rules_path)
     formats = check_formats(formats) if formats else None
     say = log or (lambda msg: None)
+
+    def shown(path: Path) -> str:
+        return _rel(path, root) if record_paths else path_token(_rel(path, root))
+
+    def hide(text: str, path: Path) -> str:  # paths in a reason -> the input's token (and ROOT)
+        if record_paths or not text:
+            return text
+        p, r = Path(path), Path(root)
+        return redact(text, {str(p): shown(p), str(p.resolve()): shown(p), str(r): "ROOT", str(r.resolve()): "ROOT"})
+
     t_start = time.perf_counter()
     items, skipped = discover([root], rules, mirror_root=root if root.is_dir() else root.parent)
     items = [it for it in items if in_shard(it.key, shard_t)]
@@ -182,9 +208,9 @@ def run_batch(root: str | Path, outdir: str | Path, *, model: str | None = None,
         manifest = Manifest(summary.manifest)
         for s in skipped:
             prev = manifest.rows.get(s.key)
-            if prev is None or prev.get("status") != "skipped" or prev.get("reason") != s.reason:
-                manifest.update({"key": s.key, "input": _rel(s.path, root), "kind": "dicom", "status": "skipped",
-                                 "reason": s.reason, "finished_at": _now()})
+            if prev is None or prev.get("status") != "skipped" or prev.get("reason") != hide(s.reason, s.path):
+                manifest.update({"key": s.key, "input": shown(s.path), "kind": "dicom", "status": "skipped",
+                                 "reason": hide(s.reason, s.path), "finished_at": _now()})
             summary.skipped += 1
         todo = []
         for it in items:
@@ -204,7 +230,18 @@ def run_batch(root: str | Path, outdir: str | Path, *, model: str | None = None,
         if not todo:
             summary.seconds = time.perf_counter() - t_start
             return summary
-        predictor = Predictor(model, device=device)
+        if engine == "ray":
+            from medseg.engines.ray_engine import model_config, run_ray
+
+            infos = infos_from_config(model_config(model))  # checks the model before any worker starts
+            results = run_ray(todo, model=model, device=device, runtime=runtime, outdir=outdir, formats=formats,
+                              anonymize=anonymize, dicom_options=dicom_options, address=ray_address, workers=workers,
+                              gpus_per_worker=gpus_per_worker, log=say)
+            _merge_results(results, manifest, summary, outdir, on_done, shown, hide, progress, len(todo), infos,
+                           formats or sorted({default_format(t) for t in todo}))
+            summary.seconds = time.perf_counter() - t_start
+            return summary
+        predictor = Predictor(model, device=device, **(runtime or {}))
         infos = infos_from_config(predictor.cfg)
         opts = dict(dicom_options or {})
 
@@ -225,7 +262,7 @@ def run_batch(root: str | Path, outdir: str | Path, *, model: str | None = None,
                 vol, digest, load_s, err = future.result()
                 if idx + 1 < len(todo):
                     future = pool.submit(load, todo[idx + 1])
-                row = {"key": it.key, "input": _rel(it.path, root), "kind": it.kind,
+                row = {"key": it.key, "input": shown(it.path), "kind": it.kind,
                        "fingerprint": fingerprint(it), "load_s": round(load_s, 3)}
                 if err is None:
                     try:
@@ -236,7 +273,8 @@ def run_batch(root: str | Path, outdir: str | Path, *, model: str | None = None,
                         files = list(it.series.files) if it.kind == "dicom" and it.series is not None else None
                         written = write_labels(labels, vol, outdir / rel.with_name(it.name),
                                                formats or [default_format(it)], infos=infos,
-                                               source_files=files, model_name=predictor.cfg.name)
+                                               source_files=files, model_name=predictor.cfg.name,
+                                               anonymize=anonymize)
                         rels = [str(p.relative_to(outdir)) for p in written]
                         row.update(status="done", output=rels[0], outputs=rels, reason=None, input_hash=digest,
                                    predict_s=round(t2 - t1, 3), write_s=round(time.perf_counter() - t2, 3))
@@ -247,6 +285,7 @@ def run_batch(root: str | Path, outdir: str | Path, *, model: str | None = None,
                         err = exc
                 if err is not None:
                     reason = str(err) if isinstance(err, MedsegError) else f"internal error: {type(err).__name__}: {err}"
+                    reason = hide(" ".join(reason.split()), it.path)
                     row.update(status="failed", reason=reason)
                     summary.failed += 1
                     summary.failures.append((row["input"], reason))
@@ -257,6 +296,41 @@ def run_batch(root: str | Path, outdir: str | Path, *, model: str | None = None,
                 advance(it.name)
     summary.seconds = time.perf_counter() - t_start
     return summary
+
+
+def _merge_results(results, manifest: Manifest, summary: BatchSummary, outdir: Path, on_done, shown, hide,
+                   progress: bool, total: int, infos, table_formats: list[str]) -> None:
+    """Record ``(item, result)`` pairs from a distributed engine in the manifest, as the local loop does."""
+    from medseg.io.writers import write_color_tables
+    from medseg.progress import progress_bar
+
+    with progress_bar("batch", total=total, enabled=progress) as advance:
+        for it, res in results:
+            row = {"key": it.key, "input": shown(it.path), "kind": it.kind, "fingerprint": fingerprint(it),
+                   "load_s": res.get("load_s")}
+            err = None
+            if res.get("status") == "done":
+                rels = res["outputs"]
+                row.update(status="done", output=rels[0], outputs=rels, reason=None, input_hash=res.get("input_hash"),
+                           predict_s=res.get("predict_s"), write_s=res.get("write_s"))
+                try:
+                    if on_done is not None:
+                        row.update(on_done(it, [outdir / r for r in rels]))
+                    summary.done += 1
+                except Exception as exc:  # noqa: BLE001 - recorded, the batch goes on
+                    err = str(exc) if isinstance(exc, MedsegError) else f"internal error: {type(exc).__name__}: {exc}"
+            else:
+                err = res.get("reason") or "failed"
+            if err is not None:
+                reason = hide(" ".join(str(err).split()), it.path)
+                row.update(status="failed", reason=reason)
+                summary.failed += 1
+                summary.failures.append((row["input"], reason))
+            row["finished_at"] = _now()
+            manifest.update(row)
+            if summary.done == 1 and row["status"] == "done":  # once, after the first labels exist
+                write_color_tables(outdir, table_formats, infos)
+            advance(it.name)
 
 
 def _finish(manifest: Manifest, row: dict, item: InputItem, on_done, outdir: Path, summary: BatchSummary) -> None:

@@ -37,14 +37,48 @@ def train(
     config: Path = typer.Argument(..., help="YAML config, e.g. configs/hippocampus.yaml."),
     set_: Optional[List[str]] = typer.Option(None, "--set", help="Override a config key: --set train.epochs=10 (repeatable)."),
     resume: bool = typer.Option(False, "--resume", help="Continue from last.pt in train.output_dir."),
+    folds: int = typer.Option(0, "--folds", help="K-fold cross-validation: train K models into "
+                              "train.output_dir/fold_I, pool their out-of-fold Dice, choose postprocessing."),
+    fold: Optional[int] = typer.Option(None, "--fold", help="With --folds: train only this fold (for job arrays)."),
 ) -> None:
     """Train a model; writes best.pt and last.pt (weights + resolved config) to train.output_dir."""
     from medseg.config import load_config
     from medseg.training.trainer import train as run_train
 
     cfg = load_config(config, set_)
-    res = run_train(cfg, resume=resume)
     con = _console(stderr=False)
+    if cfg.task == "image2d":
+        from medseg.training.trainer2d import train_2d
+
+        if folds or fold is not None:
+            from medseg.errors import ConfigError
+
+            raise ConfigError("--folds is for volume tasks", path=config, found="task: image2d",
+                              fix="train 2D image models without --folds")
+        res2d = train_2d(cfg, resume=resume)
+        con.print(f"best mean validation IoU {res2d.best_metric:.4f} at epoch {res2d.best_epoch}; "
+                  f"{res2d.epochs_run} epoch(s) in {res2d.seconds:.0f} s")
+        con.print(f"best checkpoint: {res2d.best_checkpoint}")
+        return
+    if folds or fold is not None:
+        from medseg.training.crossval import train_folds
+
+        cv = train_folds(cfg, folds, only=fold, resume=resume, log=lambda m: _console().print(m, highlight=False))
+        for f, d in cv.fold_dice.items():
+            con.print(f"fold {f}: " + ", ".join(f"{k} {v:.4f}" for k, v in d.items()))
+        if cv.complete:
+            con.print("pooled out-of-fold Dice: " + ", ".join(f"{k} {v:.4f}" for k, v in cv.pooled.items()))
+            con.print(f"postprocessing chosen: {cv.postprocess or 'none'}; after it: "
+                      + ", ".join(f"{k} {v:.4f}" for k, v in cv.pooled_postprocessed.items()))
+            con.print(f"ensemble model: medseg pack-model {cv.output_dir} model.pt")
+        else:
+            con.print(f"{len(cv.folds_done)} of {folds} folds done; the summary is written when all are")
+        return
+    res = run_train(cfg, resume=resume)
+    from medseg.training.distributed import DistContext
+
+    if not DistContext.from_env().is_main:  # under torchrun, rank 0 reports
+        return
     con.print(f"best mean validation Dice {res.best_metric:.4f} at epoch {res.best_epoch}; "
               f"{res.epochs_run} epoch(s) in {res.seconds:.0f} s")
     con.print(f"best checkpoint: {res.best_checkpoint}")
@@ -55,12 +89,24 @@ TILT_HELP = "CT gantry tilt: resample (de-tilt like dcm2niix) | error."
 RULES_HELP = "Series selection rules (YAML) for DICOM study folders; default: every image series."
 CREDENTIALS_HELP = ('JSON file {"username": ..., "password": ...}; default: MEDSEG_DICOMWEB_USER and '
                     'MEDSEG_DICOMWEB_PASSWORD from the environment. Never pass passwords on the command line.')
+ANONYMIZE_HELP = ("De-identify DICOM SEG outputs: patient name/ID/accession become keyed pseudonyms "
+                  "(MEDSEG_ANON_KEY), birth date, dates, physicians and institution are removed; UIDs are kept.")
 FORMAT_HELP = ("Output format: nifti | nrrd | seg.nrrd (3D Slicer) | dicom-seg (DICOM input only); "
                "repeat for several. Default: nifti (nrrd for NRRD input).")
+BACKEND_HELP = ("Inference backend: auto (from the model file: .pt torch, .onnx onnxruntime, .ts torchscript) | torch | "
+                "onnxruntime | torchscript (a .pt model is exported once and cached).")
+AMP_HELP = "Mixed precision on CUDA: fp16 | bf16 | off (ignored on the CPU)."
 
 
 def _dicom_options(uneven: str, tilt: str) -> dict:
     return {"uneven": uneven, "tilt": tilt}
+
+
+def _runtime(backend: str, amp: str, compile_: bool, threads: Optional[int]) -> dict:
+    """Predictor options for --backend, --amp, --compile and --threads."""
+    off = amp.lower() in ("off", "none", "fp32", "no")
+    return {"backend": backend, "amp": not off, "amp_dtype": "fp16" if off else amp, "compile": compile_,
+            "threads": threads}
 
 
 @app.command()
@@ -75,18 +121,45 @@ def predict(
     tilt: str = typer.Option("resample", "--tilt", help=TILT_HELP),
     formats: Optional[List[str]] = typer.Option(None, "--format", "-f", help=FORMAT_HELP),
     tta: bool = typer.Option(False, "--tta", help="Mirror test-time augmentation along the axes the model was trained to mirror."),
+    anonymize: bool = typer.Option(False, "--anonymize", help=ANONYMIZE_HELP),
     stats: Optional[str] = typer.Option(None, "--stats", help="Also write <name>.lesions.csv|json: per-lesion volume (mL), "
                                         "longest diameter (mm), centroid (RAS and LPS)."),
+    backend: str = typer.Option("auto", "--backend", help=BACKEND_HELP),
+    amp: str = typer.Option("fp16", "--amp", help=AMP_HELP),
+    compile_: bool = typer.Option(False, "--compile", help="torch.compile the model (torch backend; pays off on GPUs)."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads for inference (default: the cores this process may use)."),
 ) -> None:
     """Segment volumes; OUTDIR/<name> is an integer label volume on the input's exact grid.
 
     NIfTI/NRRD inputs keep their name (case.nii.gz -> OUTDIR/case.nii.gz); a DICOM series
     becomes OUTDIR/series-<number>-<hash>.nii.gz (no patient data in file names).
     """
+    from medseg.inference.predict2d import is_image_file, is_image_model
+
+    if is_image_model(model):  # PNG/JPEG in: OUTDIR/<stem>.png index masks, OUTDIR/overlays/<stem>.png
+        from medseg.inference.predict2d import predict_images
+
+        if formats or tta or stats or rules:
+            from medseg.errors import ConfigError
+
+            raise ConfigError("--format, --tta, --stats and --rules are for volume models", path=model,
+                              found="a 2D image model", fix="drop those options for PNG/JPEG images")
+        con = _console(stderr=False)
+        for res in predict_images(inputs, output, model=model, device=device):
+            con.print(f"{res.input} -> {', '.join(map(str, res.outputs))} ({res.seconds:.2f} s)")
+        return
+    if inputs and all(is_image_file(p) for p in inputs):
+        from medseg.errors import UnsupportedInputError
+
+        raise UnsupportedInputError("PNG/JPEG images need a 2D image model", path=inputs[0],
+                                    expected="--model a .pt trained with task: image2d",
+                                    found=f"model {model or 'hippocampus'} (volumes)",
+                                    fix="train one with a task: image2d config (see configs/shapes_2d.yaml)")
     from medseg.inference.predictor import predict as run_predict
 
     results = run_predict(inputs, output, model=model, device=device, overlap=overlap, rules=rules,
-                          dicom_options=_dicom_options(uneven, tilt), formats=formats, tta=tta, stats=stats)
+                          dicom_options=_dicom_options(uneven, tilt), formats=formats, tta=tta, stats=stats,
+                          anonymize=anonymize, runtime=_runtime(backend, amp, compile_, threads))
     con = _console(stderr=False)
     for res in results:
         con.print(f"{res.input} -> {', '.join(map(str, res.outputs))} ({res.seconds:.1f} s)")
@@ -104,7 +177,23 @@ def evaluate(
     from rich.table import Table
 
     from medseg.evaluation import evaluate as run_evaluate
+    from medseg.evaluation2d import is_mask_folder
 
+    if is_mask_folder(ref_dir):  # PNG masks: per-class IoU and mean IoU
+        from medseg.evaluation2d import evaluate_masks, settings_from
+
+        names2d, ignore = settings_from(config)
+        ev = evaluate_masks(pred_dir, ref_dir, names=names2d, ignore_index=ignore, json_path=json_out)
+        table = Table(title=f"IoU over {len(ev.cases)} image(s), pooled (ignore value {ignore})")
+        for col in ("class", "IoU", "share of pixels"):
+            table.add_column(col, justify="left" if col == "class" else "right")
+        for c, v in ev.iou.items():
+            table.add_row(f"{c} {ev.names.get(c, '')}".strip(), "n/a" if v != v else f"{v:.4f}", f"{100 * ev.share(c):.1f}%")
+        table.add_section()
+        table.add_row("[bold]mean IoU", f"{ev.mean_iou:.4f}", "")
+        table.add_row("pixel accuracy", f"{ev.pixel_accuracy:.4f}", "")
+        _console(stderr=False).print(table)
+        return
     names = _label_names(config) if config else None
     res = run_evaluate(pred_dir, ref_dir, names=names, json_path=json_out, tolerance_mm=tolerance)
     metrics = [("dice", "Dice", 4), ("hd95", "HD95 mm", 2), ("surface_dice", f"sDice@{tolerance:g}mm", 4),
@@ -263,6 +352,10 @@ def batch(
     rules: Optional[Path] = typer.Option(None, "--rules", help=RULES_HELP),
     shard: Optional[str] = typer.Option(None, "--shard", help="I/N: process only shard I of N (0-based), e.g. for job arrays."),
     retry_failed: bool = typer.Option(True, "--retry-failed/--no-retry-failed", help="Re-run series that failed before."),
+    anonymize: bool = typer.Option(False, "--anonymize", help=ANONYMIZE_HELP),
+    record_paths: bool = typer.Option(False, "--record-paths", help="Write input paths (relative to ROOT) into the "
+                                      "manifest and messages; by default a hash of each path is recorded, since "
+                                      "folder names can hold patient names."),
     uneven: str = typer.Option("resample", "--uneven", help=UNEVEN_HELP),
     tilt: str = typer.Option("resample", "--tilt", help=TILT_HELP),
     formats: Optional[List[str]] = typer.Option(None, "--format", "-f", help=FORMAT_HELP),
@@ -270,6 +363,17 @@ def batch(
     query: Optional[List[str]] = typer.Option(None, "--query", help="With --from-dicomweb: QIDO filter KEY=VALUE (repeatable)."),
     credentials: Optional[Path] = typer.Option(None, "--credentials", help=CREDENTIALS_HELP),
     store: bool = typer.Option(True, "--store/--no-store", help="With --from-dicomweb: store each DICOM SEG back."),
+    backend: str = typer.Option("auto", "--backend", help=BACKEND_HELP),
+    amp: str = typer.Option("fp16", "--amp", help=AMP_HELP),
+    compile_: bool = typer.Option(False, "--compile", help="torch.compile the model (torch backend)."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads for inference."),
+    engine: str = typer.Option("local", "--engine", help="local (one process; --shard for job arrays) | ray "
+                               "(Ray actors, one model each, on a local or running Ray cluster)."),
+    ray_address: Optional[str] = typer.Option(None, "--ray-address", help="With --engine ray: cluster address "
+                                              "(e.g. auto or ray://head:10001); default: start a local one."),
+    workers: Optional[int] = typer.Option(None, "--workers", help="With --engine ray: number of actors "
+                                          "(default: one per CPU of the cluster)."),
+    gpus_per_worker: float = typer.Option(0.0, "--gpus-per-worker", help="With --engine ray: GPUs per actor (e.g. 1 or 0.5)."),
 ) -> None:
     """Segment every series under ROOT (or pulled from a PACS); resumable, failures recorded, never fatal."""
     from medseg.batch import run_batch
@@ -295,7 +399,9 @@ def batch(
         raise ConfigError("no input given", expected="ROOT or --from-dicomweb URL", fix="see medseg batch --help")
     res = run_batch(root, output, model=model, device=device, rules_path=rules, shard=shard,
                     retry_failed=retry_failed, dicom_options=_dicom_options(uneven, tilt), formats=formats,
-                    on_done=on_done, log=say)
+                    on_done=on_done, log=say, anonymize=anonymize, record_paths=record_paths,
+                    runtime=_runtime(backend, amp, compile_, threads), engine=engine, ray_address=ray_address,
+                    workers=workers, gpus_per_worker=gpus_per_worker)
     out = _console(stderr=False)
     out.print(f"done {res.done}, failed {res.failed}, skipped {res.skipped}, already done {res.already_done} "
               f"in {res.seconds:.1f} s; manifest: {res.manifest}")
@@ -357,6 +463,27 @@ def pacs_list_cmd(
     _console(stderr=False).print(table)
 
 
+@app.command("import-annotations")
+def import_annotations_cmd(
+    source: Path = typer.Argument(..., help="Labelme JSON file or folder, COCO JSON (CVAT 'COCO 1.0') or CVAT XML "
+                                  "('CVAT for images 1.1')."),
+    output: Path = typer.Option(..., "-o", "--output", help="Dataset folder to write: masks/, images/, classes.json."),
+    fmt: str = typer.Option("auto", "--format", help="auto | labelme | coco | cvat-xml."),
+    classes: Optional[Path] = typer.Option(None, "--classes", help="Class list (one name a line, first = class 0, "
+                                           "or a classes.json) fixing the class indices."),
+) -> None:
+    """Turn polygon/mask annotations into index mask PNGs and a class list (a 2D training set)."""
+    from medseg.io.annotations import import_annotations, read_class_list
+
+    res = import_annotations(source, output, fmt=fmt, classes=read_class_list(classes) if classes else None)
+    con = _console(stderr=False)
+    for note in res.skipped:
+        con.print(f"skipped: {note}", markup=False)
+    con.print(f"{len(res.masks)} mask(s), {len(res.images)} image(s) copied; classes: "
+              + ", ".join(f"{k} {v}" for k, v in res.classes.items()), markup=False)
+    con.print(f"wrote {res.outdir / 'masks'} and {res.outdir / 'classes.json'}", markup=False)
+
+
 @app.command()
 def models() -> None:
     """List registry architectures and bundled trained models."""
@@ -380,29 +507,76 @@ def models() -> None:
     con.print(b)
 
 
+@app.command("export")
+def export_cmd(
+    model: str = typer.Argument(..., help="Bundled model name or .pt checkpoint (an ensemble exports all its members)."),
+    output: Optional[Path] = typer.Option(None, "-o", "--output", help="File to write (default: MODEL.onnx or MODEL.ts "
+                                          "in the current folder)."),
+    fmt: str = typer.Option("onnx", "--format", "-f", help="onnx | torchscript."),
+) -> None:
+    """Export a model to ONNX or TorchScript, with its config inside: it predicts on its own.
+
+    medseg predict scans/ -o out/ --model MODEL.onnx runs it with ONNX Runtime (often much faster on CPUs).
+    """
+    from medseg.inference.export import FORMATS, export_model
+    from medseg.inference.predictor import resolve_model
+
+    fmt = fmt.lower()
+    if output is None:
+        output = Path(resolve_model(model).stem + FORMATS.get(fmt, ".onnx"))
+    out = export_model(model, output, fmt)
+    _console(stderr=False).print(f"wrote {out} ({out.stat().st_size / 1e6:.2f} MB)")
+
+
 @app.command("pack-model")
 def pack_model(
-    checkpoint: Path = typer.Argument(..., help="A best.pt/last.pt written by 'medseg train'."),
-    output: Path = typer.Argument(..., help="Where to write the compact model file."),
+    paths: List[Path] = typer.Argument(..., help="SOURCE... OUTPUT: a best.pt/last.pt written by 'medseg train', "
+                                       "several to ensemble, or a 'train --folds' folder (all folds and its chosen "
+                                       "postprocessing); the last path is the model file to write."),
 ) -> None:
     """Write a compact predict-only model: float16 weights and config, no optimizer state."""
-    from medseg.training.checkpoint import pack
+    from medseg.errors import MedsegError
+    from medseg.training.checkpoint import pack, pack_sources
 
-    out = pack(checkpoint, output)
+    if len(paths) < 2:
+        raise MedsegError("pack-model needs sources and an output", expected="SOURCE... OUTPUT.pt",
+                          found=" ".join(map(str, paths)), fix="e.g. medseg pack-model runs/x/best.pt model.pt")
+    *checkpoint, output = paths
+    sources, postprocess = pack_sources(checkpoint)
+    out = pack(sources, output, postprocess=postprocess)
     _console(stderr=False).print(f"wrote {out} ({out.stat().st_size / 1e6:.2f} MB)")
 
 
 def main() -> None:
     from medseg.errors import MedsegError
 
+    import os
+
+    from rich.markup import escape
+
+    def fail(text: str, code: int) -> None:  # one line, no traceback; file names may hold '[' (no markup)
+        _console().print(f"[bold red]error:[/] {escape(' '.join(text.split()))}", markup=True, soft_wrap=True,
+                         highlight=False)
+        sys.exit(code)
+
     try:
         app()
     except MedsegError as exc:
-        _console().print(f"[bold red]error:[/] {exc}", markup=True, soft_wrap=True, highlight=False)
-        sys.exit(exc.exit_code)
+        fail(str(exc), exc.exit_code)
     except KeyboardInterrupt:
         _console().print("interrupted")
         sys.exit(130)
+    except OSError as exc:  # disk full, permission denied...: the environment, not medseg
+        if os.environ.get("MEDSEG_DEBUG"):
+            raise
+        where = f"{exc.filename}: " if exc.filename else ""
+        fail(f"{where}{exc.strerror or type(exc).__name__}; fix: check permissions and free disk space", 2)
+    except Exception as exc:  # noqa: BLE001 - a bug: still one line; MEDSEG_DEBUG=1 shows the traceback
+        if os.environ.get("MEDSEG_DEBUG"):
+            raise
+        first = (str(exc).strip().splitlines() or [""])[0][:300]
+        fail(f"internal error: {type(exc).__name__}: {first}; fix: this is a bug in medseg, please report it; "
+             "MEDSEG_DEBUG=1 shows the traceback", 1)
 
 
 if __name__ == "__main__":

@@ -30,6 +30,19 @@ class DataConfig:
     val_fraction: float = 0.2
     seed: int = 0
     cache: bool = True
+    folds: int = 0
+    """Cross-validation: split the cases into this many folds (0 = one split by ``val_fraction``)."""
+    fold: int = 0
+    """Which fold is the validation set when ``folds`` > 1 (``medseg train --folds`` sets it)."""
+    layout: str = "auto"
+    """``task: image2d`` only: ``auto`` (recognise the folder), ``folders`` (``images``/``masks``), ``voc``,
+    ``cityscapes`` or ``camvid``."""
+    images: str = "images"
+    """``layout: folders``: sub-folder of ``root`` with the images (PNG/JPEG)."""
+    masks: str = "masks"
+    """``layout: folders``: sub-folder of ``root`` with the index or palette mask PNGs (same stems)."""
+    ignore_index: int = 255
+    """``task: image2d``: mask value that is left out of the loss and of IoU (void, borders)."""
 
 
 @dataclass
@@ -90,6 +103,12 @@ class AugmentConfig:
     blur_sigma: list[float] = field(default_factory=lambda: [0.5, 1.0])
     """Range of the Gaussian blur sigma, in voxels."""
     blur_prob: float = 0.0
+    elastic_prob: float = 0.0
+    """Probability of an elastic deformation (slow on CPU; nnU-Net uses it sparingly)."""
+    elastic_sigma: list[float] = field(default_factory=lambda: [9.0, 13.0])
+    """Range of the Gaussian smoothing of the displacement field, in voxels."""
+    elastic_magnitude: list[float] = field(default_factory=lambda: [0.0, 200.0])
+    """Range of the displacement magnitude before smoothing (nnU-Net's alpha)."""
 
 
 @dataclass
@@ -103,6 +122,17 @@ class ModelConfig:
     norm: str = "instance"
     deep_supervision: int = 0
     """``dynunet3d`` only: number of extra deep-supervision heads during training (0 = off)."""
+    kernel_sizes: list[list[int]] | None = None
+    """``dynunet3d`` only: convolution kernel per level, ``[x, y, z]`` (one more entry than ``strides``);
+    ``null`` = 3x3x3 everywhere. ``medseg plan`` uses 1 along axes too coarse for a 3-voxel kernel (nnU-Net)."""
+    backbone: str | None = None
+    """2D image models: the encoder (``fcn_resnet``: resnet18/34/50...; ``flexunet2d``: efficientnet-b0.../resnet18...;
+    ``deeplabv3plus_mobilenetv3``: mobilenetv3_large or mobilenetv3_small); ``null`` = the model's default."""
+    output_stride: int | None = None
+    """``fcn_resnet``: finest skip, 8/16/32 (FCN-8s/16s/32s, default 8); ``deeplabv3plus_mobilenetv3``: encoder
+    output stride, 8/16/32 (atrous convolution beyond it, default 16)."""
+    weights: str | None = None
+    """2D image models: a state_dict file (whole model or its encoder) to start training from."""
 
 
 @dataclass
@@ -122,6 +152,12 @@ class TrainConfig:
     threads: int | None = None
     """CPU threads for torch; ``null`` leaves torch's default."""
     seed: int = 0
+    channels_last: bool = True
+    """CUDA only: channels-last (NDHWC) memory layout for 3D models, faster convolutions with mixed precision."""
+    ema: float = 0.0
+    """Exponential moving average of the weights (e.g. 0.999); validated and saved instead of the raw weights. 0 = off."""
+    init_from: str | None = None
+    """Start from the weights of this checkpoint (same model config); the optimizer and schedule start fresh."""
 
 
 @dataclass
@@ -131,6 +167,10 @@ class InferenceConfig:
     overlap: float = 0.5
     blend: str = "gaussian"
     sw_batch_size: int = 4
+    postprocess: dict[str, list[int]] = field(default_factory=dict)
+    """Applied to predicted labels: ``keep_largest: [1, 2]`` keeps the largest connected component of each
+    listed class; ``keep_largest_foreground: [1]`` keeps the largest component of all foreground together.
+    ``medseg train --folds`` chooses it on cross-validation results."""
 
 
 @dataclass
@@ -145,6 +185,8 @@ class Config:
     terminology: dict[int, str] | None = None
     """Coded meaning per label, a key of ``medseg.labels.KNOWN_TERMS`` (e.g. ``hippocampus:anterior``)."""
     modality: str = "MR"
+    task: str = "volume"
+    """``volume`` (NIfTI/NRRD/DICOM volumes) or ``image2d`` (PNG/JPEG images with mask PNGs, 2D image models)."""
     data: DataConfig = field(default_factory=DataConfig)
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
     patch: PatchConfig = field(default_factory=PatchConfig)
@@ -162,6 +204,17 @@ class Config:
             raise ConfigError("labels must include 0 (background)", path=source,
                               expected="a 'labels' mapping with key 0", found=str(sorted(self.labels)),
                               fix="add '0: background' under labels")
+        if self.task not in ("volume", "image2d"):
+            raise ConfigError("unknown task", path=source, expected="'volume' or 'image2d'", found=repr(self.task),
+                              fix="set task: image2d for PNG/JPEG images, or leave it out for volumes")
+        if self.task == "image2d":
+            from medseg.data.images2d import validate_image2d
+
+            validate_image2d(self, source)
+            return
+        from medseg.data.images2d import check_volume_model
+
+        check_volume_model(self, source)
         spatial = 3
         if len(self.patch.size) != spatial:
             raise ConfigError("patch.size must have three entries", path=source,
@@ -182,6 +235,25 @@ class Config:
         if not 0.0 <= self.inference.overlap < 1.0:
             raise ConfigError("inference.overlap must be in [0, 1)", path=source,
                               found=str(self.inference.overlap), fix="use e.g. 0.5")
+        if self.data.folds == 1 or self.data.folds < 0 or (self.data.folds and not 0 <= self.data.fold < self.data.folds):
+            raise ConfigError("invalid cross-validation setting", path=source,
+                              expected="data.folds 0 (off) or >= 2, and 0 <= data.fold < data.folds",
+                              found=f"folds {self.data.folds}, fold {self.data.fold}", fix="e.g. folds: 5, fold: 0")
+        if not 0.0 <= self.train.ema < 1.0:
+            raise ConfigError("train.ema must be in [0, 1)", path=source, found=str(self.train.ema),
+                              fix="use 0 (off) or a decay such as 0.999")
+        from medseg.postprocess import POSTPROCESS_STEPS
+
+        for key, classes in self.inference.postprocess.items():
+            if key not in POSTPROCESS_STEPS:
+                raise ConfigError("unknown postprocessing step", path=source,
+                                  expected=" | ".join(POSTPROCESS_STEPS), found=repr(key),
+                                  fix="fix the key under inference.postprocess")
+            bad = [c for c in classes if c not in self.labels or c == 0]
+            if bad:
+                raise ConfigError(f"inference.postprocess.{key} names classes that are not labels", path=source,
+                                  expected=f"some of {sorted(c for c in self.labels if c)}", found=str(bad),
+                                  fix="list foreground label values only")
         from medseg.transforms.intensity import CT_PRESETS, INTENSITY_MODES
 
         mode = self.preprocess.intensity.mode
@@ -365,4 +437,7 @@ def resolve_plan(data: dict, source: str = "config") -> dict:
 
 
 def save_config(cfg: Config, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    from medseg.io.volume import atomic_write
+
+    text = yaml.safe_dump(to_dict(cfg), sort_keys=False)
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))

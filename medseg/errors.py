@@ -80,3 +80,11 @@ class CheckpointError(MedsegError):
 
 class OutputError(MedsegError):
     """An output location cannot be written safely."""
+
+
+class ResourceError(MedsegError):
+    """The work does not fit the memory (host or GPU) available for it."""
+
+
+class MissingDependencyError(MedsegError):
+    """An optional package that a feature needs is not installed."""

@@ -133,6 +133,7 @@ class Plan:
     foreground_ratio: float = 0.33
     samples_per_volume: int = 1
     device: str = "cpu"
+    kernel_sizes: list[list[int]] | None = None  # dynunet3d: per level, per axis
     estimates: dict = field(default_factory=dict)
     reasons: dict[str, str] = field(default_factory=dict)
     fingerprint: dict = field(default_factory=dict)  # Fingerprint.summary()
@@ -146,7 +147,8 @@ class Plan:
                       "samples_per_volume": self.samples_per_volume},
             "model": {"name": self.model, "channels": self.channels,
                       "strides": [s[0] for s in self.strides] if iso else self.strides,
-                      "num_res_units": self.num_res_units, "deep_supervision": self.deep_supervision},
+                      "num_res_units": self.num_res_units, "deep_supervision": self.deep_supervision,
+                      **({"kernel_sizes": self.kernel_sizes} if self.kernel_sizes else {})},
             "train": {"batch_size": self.batch_size}})
 
     def save(self, path: str | Path) -> Path:
@@ -155,8 +157,10 @@ class Plan:
         text = yaml.safe_dump(_py({"fingerprint": self.fingerprint, "plan": values}), sort_keys=False,
                               default_flow_style=None)  # short lists on one line
         text += yaml.safe_dump({"reasons": self.reasons}, sort_keys=False, width=1000)
-        Path(path).write_text("# dataset fingerprint and training plan (medseg.planning)\n" + text)
-        return Path(path)
+        from medseg.io.volume import atomic_write
+
+        text = "# dataset fingerprint and training plan (medseg.planning)\n" + text
+        return atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
 def load_plan(path: str | Path) -> Plan:
@@ -164,7 +168,10 @@ def load_plan(path: str | Path) -> Plan:
     if not path.is_file():
         raise InputNotFoundError("plan file not found", path=path, fix="check the path")
     doc = yaml.safe_load(path.read_text())
-    if not isinstance(doc, dict) or set(doc.get("plan") or {}) != {f.name for f in dataclasses.fields(Plan)[:-2]}:
+    known = {f.name for f in dataclasses.fields(Plan)[:-2]}
+    required = {f.name for f in dataclasses.fields(Plan) if f.default is dataclasses.MISSING
+                and f.default_factory is dataclasses.MISSING}
+    if not isinstance(doc, dict) or not required <= set(doc.get("plan") or {}) <= known:
         raise ConfigError("not a plan file", path=path, expected="sections 'fingerprint', 'plan' and 'reasons'",
                           found=", ".join(map(str, doc)) if isinstance(doc, dict) else repr(doc)[:80])
     return Plan(**doc["plan"], reasons=doc.get("reasons") or {}, fingerprint=doc.get("fingerprint") or {})
@@ -178,6 +185,15 @@ def _strides_for(patch, spacing, max_pools: int) -> list[list[int]]:
         s = [2 if valid[a] and sp[a] <= 2 * sp[valid].min() + 1e-6 else 1 for a in range(3)]
         out.append(s)
         size, sp = size / s, sp * s
+    return out
+
+
+def _kernels_for(spacing, strides) -> list[list[int]]:
+    """nnU-Net: a kernel of 1 along axes whose spacing at that level is over 2x the finest, else 3."""
+    sp, out = np.asarray(spacing, float), []
+    for s in [[1, 1, 1], *strides]:
+        sp = sp * np.asarray(s, float)
+        out.append([3 if sp[a] <= 2 * sp.min() + 1e-6 else 1 for a in range(3)])
     return out
 
 
@@ -255,6 +271,11 @@ def make_plan(fp: Fingerprint, *, device: str = "cpu", memory_gb: float | None =
         intensity = {"mode": "zscore", "nonzero": fp.zero_background_share > 0.5}
         reasons["intensity"] = (f"{fp.modality}: per-image z-score, nonzero={intensity['nonzero']} "
                                 f"({fp.zero_background_share:.0%} of cases have a zero background)")
+    kernels = _kernels_for(target, strides) if gpu else None
+    if kernels and any(3 not in k or 1 in k for k in kernels):
+        reasons["kernel_sizes"] = "kernel 1 along axes whose spacing at a level is over 2x the finest (nnU-Net)"
+    elif kernels:
+        kernels = None  # isotropic: 3x3x3 everywhere, the model default
     coverage = float(np.prod(patch) / np.prod(median_shape))
     reasons.update(model="GPU: nnU-Net-style DynUNet with deep supervision" if gpu else
                    "CPU: MONAI residual UNet (2 residual units), no deep supervision",
@@ -264,6 +285,7 @@ def make_plan(fp: Fingerprint, *, device: str = "cpu", memory_gb: float | None =
                 channels=channels, strides=_py(strides), num_res_units=0 if gpu else 2,
                 deep_supervision=max(0, min(2, len(strides) - 1)) if gpu else 0, intensity=_py(intensity),
                 samples_per_volume=1 if coverage >= 0.5 else 2, device="cuda" if gpu else "cpu",
+                kernel_sizes=kernels,
                 estimates={"memory_gb": round(mem, 3), "step_s": round(step, 3)},  # GPU: step on an H200
                 reasons=reasons, fingerprint=fp.summary())
 

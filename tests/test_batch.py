@@ -66,7 +66,7 @@ def test_batch_mixed_archive_resume_and_shards(tmp_path):
     root = make_archive(tmp_path / "archive")
     before = {p: p.read_bytes() for p in root.rglob("*") if p.is_file()}
     out = tmp_path / "out"
-    proc = run_cli("batch", root, "-o", out, "--device", "cpu")
+    proc = run_cli("batch", root, "-o", out, "--device", "cpu", "--record-paths")
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = manifest_rows(out / "manifest.jsonl")
     groups = by_status(rows)
@@ -187,7 +187,7 @@ def test_batch_on_the_shared_dicom_archive_with_kill(shared_data, tmp_path):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert len(manifest_rows(out / "manifest.jsonl")) < 11
-    final = run_cli("batch", root, "-o", out, "--device", "cpu")
+    final = run_cli("batch", root, "-o", out, "--device", "cpu", "--record-paths")
     assert final.returncode == 0, final.stderr[-3000:]
     rows = manifest_rows(out / "manifest.jsonl")
     status = by_status(rows)

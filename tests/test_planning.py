@@ -121,6 +121,19 @@ def test_anisotropic_dataset_plan(tmp_path):
         assert all(p % d == 0 for p, d in zip(plan.patch_size, div))
         assert all(len(s) == 3 for s in plan.to_overrides()["model"]["strides"])  # per-axis strides
     assert plan.model == "dynunet3d" and plan.deep_supervision >= 1 and plan.channels[0] == 32
+    # 0.8 x 0.8 x 3.4 mm: in-plane 3x3 kernels only until the spacings are comparable (nnU-Net)
+    assert plan.kernel_sizes[0] == [3, 3, 1] and plan.kernel_sizes[-1] == [3, 3, 3]
+    assert len(plan.kernel_sizes) == len(plan.strides) + 1
+    from medseg.config import from_dict
+    from medseg.models.registry import build_model
+
+    cfg = from_dict({"model": plan.to_overrides()["model"], "patch": {"size": plan.patch_size}})
+    net = build_model(cfg.model, 1, 2).eval()
+    with torch.no_grad():
+        out = net(torch.zeros(1, 1, *plan.patch_size))
+    assert tuple(out.shape[2:]) == tuple(plan.patch_size)
+    path = plan.save(tmp_path / "plan.yaml")
+    assert load_plan(path).kernel_sizes == plan.kernel_sizes
 
 
 def test_ct_dataset_plan_uses_foreground_statistics(tmp_path):

@@ -119,3 +119,19 @@ def split_cases(cases: list[Case], val_fraction: float, seed: int) -> tuple[list
     train = [c for i, c in enumerate(ordered) if i not in val_idx]
     val = [c for i, c in enumerate(ordered) if i in val_idx]
     return train, val
+
+
+def kfold_split(cases: list[Case], folds: int, fold: int, seed: int) -> tuple[list[Case], list[Case]]:
+    """Fold ``fold`` of a deterministic ``folds``-way split: every case is validated in exactly one fold."""
+    ordered = sorted(cases, key=lambda c: c.name)
+    if folds < 2 or not 0 <= fold < folds:
+        raise DataError("invalid cross-validation fold", expected=f"0 <= fold < folds, folds >= 2",
+                        found=f"fold {fold} of {folds}", fix="e.g. --folds 5")
+    if len(ordered) < folds:
+        raise DataError("too few cases for cross-validation", expected=f"at least {folds} cases",
+                        found=str(len(ordered)), fix="lower the number of folds or add cases")
+    order = np.random.default_rng(seed).permutation(len(ordered))
+    val_idx = set(order[fold::folds].tolist())
+    train = [c for i, c in enumerate(ordered) if i not in val_idx]
+    val = [c for i, c in enumerate(ordered) if i in val_idx]
+    return train, val

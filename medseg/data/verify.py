@@ -90,3 +90,36 @@ def check_pair(img_path: Path, lab_path: Path, allowed: set[int] | None, atol: f
     if values <= {0}:
         out.append(Problem(str(lab_path), "label is empty (background only)", severity="warning"))
     return out
+
+
+def check_training_inputs(cfg, output_dir: str | Path) -> None:
+    """Refuse, before anything is written, training data that would fail or mislead part-way.
+
+    Every image/label pair is read once: unreadable files, NaN/Inf voxels, 2D or 4D images,
+    image/label geometry mismatch and label values outside ``cfg.labels`` are errors that name
+    the file. The output folder must be writable and may not be (or lie inside) a data folder.
+    """
+    from medseg.data.datasets import dataset_cases
+    from medseg.errors import DataError, OutputError
+    from medseg.io.volume import check_writable_folder
+
+    out = Path(output_dir)
+    check_writable_folder(out, "train.output_dir")
+    cases = dataset_cases(cfg.data)
+    data_dirs = {Path(p).resolve().parent for c in cases for p in (c.image, c.label) if p}
+    if cfg.data.root and not cfg.data.datalist:
+        data_dirs.add(Path(cfg.data.root).resolve())
+    o = out.resolve()
+    for d in sorted(data_dirs):
+        if o == d or o.is_relative_to(d):
+            raise OutputError("train.output_dir is a data folder", path=out, found=f"inside {d}",
+                              fix="write checkpoints outside the training data, e.g. --set train.output_dir=runs/NAME")
+    allowed = set(int(k) for k in cfg.labels)
+    for case in cases:
+        if case.label is None:
+            continue
+        errors = [p for p in check_pair(Path(case.image), Path(case.label), allowed) if p.severity == "error"]
+        if errors:
+            more = f" ({len(errors) - 1} more problem(s) in this pair)" if len(errors) > 1 else ""
+            raise DataError(errors[0].message + more, path=errors[0].file,
+                            fix="repair or remove this case; 'medseg verify-data DATASET --config CONFIG' lists every problem")

@@ -28,9 +28,24 @@ def resolve_device(device: str = "auto") -> torch.device:
                           fix="use --device auto") from None
 
 
-def autocast(device: torch.device, enabled: bool = True):
+AMP_DTYPES = {"fp16": torch.float16, "float16": torch.float16, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
+
+
+def amp_dtype(name: str | torch.dtype | None) -> torch.dtype:
+    """``fp16`` (default) or ``bf16`` -> the autocast dtype; anything else is a ConfigError."""
+    if isinstance(name, torch.dtype):
+        return name
+    key = (name or "fp16").lower()
+    if key not in AMP_DTYPES:
+        raise ConfigError("unknown mixed-precision type", expected="fp16 or bf16", found=repr(name),
+                          fix="use --amp fp16, --amp bf16 or --amp off")
+    return AMP_DTYPES[key]
+
+
+def autocast(device: torch.device, enabled: bool = True, dtype: str | torch.dtype | None = None):
+    """Mixed precision on CUDA (fp16 by default, bf16 selectable); a no-op on the CPU."""
     if enabled and device.type == "cuda":
-        return torch.autocast(device_type="cuda", dtype=torch.float16)
+        return torch.autocast(device_type="cuda", dtype=amp_dtype(dtype))
     return contextlib.nullcontext()
 
 
@@ -119,3 +134,183 @@ def _index_map(proc: torch.Tensor, src: torch.Tensor, proc_shape, src_shape):
         return out.contiguous()
 
     return apply
+
+
+# ---------------------------------------------------------------------------
+# memory-bounded sliding window: windows go to the compute device one batch at a time,
+# logits are blended in a slab as deep as one window, and each finished slab is turned
+# into probabilities stored compactly (float16 for large volumes) in the full-volume output.
+
+
+def _pad_to_roi(x: torch.Tensor, roi) -> tuple[torch.Tensor, list[tuple[int, int]]]:
+    """Zero-pad ``(1, X, Y, Z)`` symmetrically to at least ``roi``, as MONAI's sliding window does."""
+    pads = []
+    for size, r in zip(x.shape[1:], roi):
+        diff = max(int(r) - int(size), 0)
+        pads.append((diff // 2, diff - diff // 2))
+    if any(a or b for a, b in pads):
+        flat = [v for a, b in reversed(pads) for v in (a, b)]
+        x = torch.nn.functional.pad(x[None], flat, mode="constant", value=0.0)[0]
+    return x, pads
+
+
+def window_starts(spatial_shape, roi, overlap: float) -> list[tuple[int, int, int]]:
+    """Window start corners, the same positions MONAI's ``sliding_window_inference`` uses."""
+    from monai.data.utils import dense_patch_slices
+    from monai.inferers.utils import _get_scan_interval
+
+    nd = len(spatial_shape)
+    interval = _get_scan_interval(tuple(spatial_shape), tuple(roi), nd, (overlap,) * nd)
+    slices = dense_patch_slices(tuple(spatial_shape), tuple(roi), interval, return_slice=False)
+    return sorted({tuple(int(s[0]) for s in sl) for sl in slices}, key=lambda s: (s[-1], *s[:-1]))
+
+
+def importance_map(roi, blend: str, device: torch.device) -> torch.Tensor:
+    from monai.data.utils import compute_importance_map
+
+    return compute_importance_map(tuple(int(r) for r in roi), mode=blend, sigma_scale=0.125, device=device,
+                                  dtype=torch.float32)
+
+
+@torch.no_grad()
+def sliding_window_probs(runner, image: torch.Tensor, roi, *, num_classes: int, overlap: float,
+                         blend: str = "gaussian", sw_batch_size: int = 4, device: torch.device | None = None,
+                         out_dtype: torch.dtype = torch.float32, groups: int = 1,
+                         accumulate_on: torch.device | None = None, image_on_device: bool = False) -> torch.Tensor:
+    """Softmax probabilities ``(C, X, Y, Z)`` on the CPU for a channel-first image ``(1, X, Y, Z)``.
+
+    ``runner(batch)`` maps windows ``(B, 1, *roi)`` on ``device`` to logits ``(B, groups*C, *roi)``
+    (``groups`` > 1: an ensemble whose members' probabilities are averaged). Logits are blended
+    exactly as MONAI's ``sliding_window_inference`` blends them (same positions, same Gaussian
+    weights), but only a slab one window deep is kept in float32; every finished slab is
+    normalised, turned into probabilities and stored in the ``out_dtype`` result. Peak memory is
+    the image, the result and one slab, whatever the volume's depth.
+    """
+    device = device or torch.device("cpu")
+    acc_dev = accumulate_on or device
+    x = image.as_tensor() if isinstance(image, MetaTensor) else torch.as_tensor(image)
+    if x.dtype != torch.float32:
+        x = x.float()
+    spatial = tuple(int(s) for s in x.shape[1:])
+    roi = [int(r) for r in roi]
+    x, pads = _pad_to_roi(x, roi)
+    if image_on_device and device.type != "cpu":
+        x = x.to(device)
+    padded = tuple(int(s) for s in x.shape[1:])
+    starts = window_starts(padded, roi, overlap)
+    if len(starts) == 1 and groups == 1:  # one window (small volumes): blending weights cancel out
+        tile = x[None].to(device) if x.device != device else x[None]
+        logits = runner(tile)[0].float()
+        crop = tuple(slice(a, a + n) for (a, _), n in zip(pads, spatial))
+        return torch.softmax(logits[(slice(None), *crop)], dim=0).to("cpu", out_dtype)
+    imp = importance_map(roi, blend, acc_dev)
+    imp_run = imp if acc_dev == device else imp.to(device)
+    channels = groups * num_classes
+    slab = (padded[0], padded[1], roi[2])
+    acc = torch.zeros((channels, *slab), dtype=torch.float32, device=acc_dev)
+    wsum = torch.zeros((1, *slab), dtype=torch.float32, device=acc_dev)
+    out = torch.empty((num_classes, *spatial), dtype=out_dtype)
+    pin = device.type == "cuda" and x.device.type == "cpu"
+
+    def finalize(n: int, z0: int) -> None:
+        # planes [z0, z0 + n) of the padded grid are complete
+        lo, hi = max(z0, pads[2][0]), min(z0 + n, pads[2][0] + spatial[2])
+        if hi <= lo:
+            return
+        a, b = lo - z0, hi - z0
+        xs = slice(pads[0][0], pads[0][0] + spatial[0])
+        ys = slice(pads[1][0], pads[1][0] + spatial[1])
+        logits = acc[:, xs, ys, a:b] / wsum[:, xs, ys, a:b]
+        if groups > 1:
+            p = torch.softmax(logits.view(groups, num_classes, *logits.shape[1:]), dim=1).mean(0)
+        else:
+            p = torch.softmax(logits, dim=0)
+        out[..., lo - pads[2][0]: hi - pads[2][0]] = p.to("cpu", out_dtype)
+
+    def run(batch: list[tuple[int, int, int]]) -> None:
+        tiles = torch.stack([x[:, s[0]:s[0] + roi[0], s[1]:s[1] + roi[1], s[2]:s[2] + roi[2]] for s in batch])
+        if pin:
+            tiles = tiles.pin_memory().to(device, non_blocking=True)
+        elif tiles.device != device:
+            tiles = tiles.to(device)
+        logits = runner(tiles).float() * imp_run
+        if logits.device != acc_dev:
+            logits = logits.to(acc_dev)
+        for k, s in enumerate(batch):
+            acc[:, s[0]:s[0] + roi[0], s[1]:s[1] + roi[1], :] += logits[k]
+            wsum[:, s[0]:s[0] + roi[0], s[1]:s[1] + roi[1], :] += imp
+
+    z_prev = None
+    group: list[tuple[int, int, int]] = []
+    for s in starts + [None]:
+        if group and (s is None or s[2] != group[0][2]):
+            z = group[0][2]
+            if z_prev is not None:  # planes before this group's start are finished: emit them, shift the slab
+                d = z - z_prev
+                finalize(d, z_prev)
+                acc[..., : roi[2] - d] = acc[..., d:].clone()
+                acc[..., roi[2] - d:] = 0
+                wsum[..., : roi[2] - d] = wsum[..., d:].clone()
+                wsum[..., roi[2] - d:] = 0
+            for i in range(0, len(group), max(1, int(sw_batch_size))):
+                run(group[i:i + max(1, int(sw_batch_size))])
+            z_prev, group = z, []
+        if s is not None:
+            group.append(s)
+    finalize(roi[2], z_prev)
+    return out
+
+
+def argmax_labels(probs: torch.Tensor, dtype=np.uint8, chunk_voxels: int = 1 << 22) -> np.ndarray:
+    """Argmax over channels of ``(C, X, Y, Z)``, slab by slab (no full-volume int64 index array)."""
+    spatial = probs.shape[1:]
+    out = np.empty(tuple(spatial), dtype=dtype)
+    step = max(1, chunk_voxels // max(1, int(spatial[0]) * int(spatial[1])))
+    for z0 in range(0, int(spatial[2]), step):
+        out[..., z0:z0 + step] = probs[..., z0:z0 + step].argmax(0).numpy().astype(dtype, copy=False)
+    return out
+
+
+def labels_on_source_grid(probs: torch.Tensor, processed_affine, source_affine, source_shape, *,
+                          dtype=np.uint8, chunk_voxels: int = 1 << 21) -> np.ndarray:
+    """Labels on the source grid from probabilities on the processed grid, in bounded memory.
+
+    Same mapping as :func:`to_source_grid` followed by an argmax: exact index permutation/flip
+    when the grids share voxel centres (argmax first, then the labels are re-indexed), otherwise
+    trilinear interpolation of the probabilities (border padding, voxel centres aligned) done a
+    few source slices at a time, each slice block reading only the part of the processed grid it
+    needs.
+    """
+    proc = torch.as_tensor(np.asarray(processed_affine), dtype=torch.float64)
+    src = torch.as_tensor(np.asarray(source_affine), dtype=torch.float64)
+    shape = tuple(int(s) for s in source_shape)
+    plain = probs.as_tensor() if isinstance(probs, MetaTensor) else probs
+    if tuple(plain.shape[1:]) == shape and torch.allclose(proc, src, atol=1e-6):
+        return argmax_labels(plain, dtype)
+    exact = _index_map(proc, src, plain.shape[1:], shape)
+    if exact is not None:
+        labels = torch.from_numpy(argmax_labels(plain, dtype))
+        return exact(labels[None])[0].numpy()
+    m = torch.linalg.inv(proc) @ src  # source index -> processed index
+    psize = [int(s) for s in plain.shape[1:]]
+    out = np.empty(shape, dtype=dtype)
+    step = max(1, chunk_voxels // max(1, shape[0] * shape[1]))
+    ii = torch.arange(shape[0], dtype=torch.float64).view(-1, 1, 1)
+    jj = torch.arange(shape[1], dtype=torch.float64).view(1, -1, 1)
+    for k0 in range(0, shape[2], step):
+        kk = torch.arange(k0, min(k0 + step, shape[2]), dtype=torch.float64).view(1, 1, -1)
+        coords, box = [], []
+        for a in range(3):
+            p = (m[a, 0] * ii + m[a, 1] * jj + m[a, 2] * kk + m[a, 3]).clamp_(0, psize[a] - 1)
+            lo = int(np.floor(float(p.min())))
+            hi = min(int(np.ceil(float(p.max()))) + 1, psize[a])
+            n = hi - lo
+            local = (p - lo).float()
+            coords.append(local * (2.0 / (n - 1)) - 1.0 if n > 1 else torch.zeros_like(local))
+            box.append(slice(lo, hi))
+        block = plain[(slice(None), *box)].float()[None]
+        grid = torch.stack([coords[2], coords[1], coords[0]], dim=-1)[None]  # grid_sample wants (z, y, x) order
+        vals = torch.nn.functional.grid_sample(block, grid, mode="bilinear", padding_mode="border",
+                                               align_corners=True)[0]
+        out[..., k0:k0 + vals.shape[-1]] = vals.argmax(0).numpy().astype(dtype, copy=False)
+    return out

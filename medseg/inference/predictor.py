@@ -10,14 +10,17 @@ import numpy as np
 import torch
 
 from medseg.config import Config
-from medseg.errors import InputNotFoundError, OutputError, UnknownModelError
+from medseg.errors import ConfigError, InputNotFoundError, MedsegError, OutputError, UnknownModelError
 from medseg.inference.engine import (
+    labels_on_source_grid,
     resolve_device,
-    sliding_window_logits,
+    sliding_window_probs,
     to_source_grid,
+    window_size,
 )
-from medseg.io.volume import Volume, load_volume, save_volume
+from medseg.io.volume import Volume, check_writable_folder, load_volume, save_volume
 from medseg.models.registry import build_model, get_spec
+from medseg.postprocess import apply_postprocessing
 from medseg.training.checkpoint import config_from_checkpoint, load_checkpoint
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
@@ -65,59 +68,143 @@ class Predictor:
 
     def __init__(self, model: str | Path | None = None, device: str = "auto", *,
                  overlap: float | None = None, sw_batch_size: int | None = None, amp: bool = True,
-                 tta: bool = False) -> None:
+                 tta: bool = False, backend: str = "auto", amp_dtype: str = "fp16", compile: bool = False,
+                 threads: int | None = None, plan_memory: bool = True) -> None:
+        from medseg.inference.backends import EXPORT_SUFFIXES, check_backend, is_exported, read_export_metadata
+        from medseg.inference.memory import bounded_memory_transforms
         from medseg.transforms.pipeline import inference_transforms
 
         self.model_path = resolve_model(model)
-        ck = load_checkpoint(self.model_path)
+        exported = is_exported(self.model_path)
+        suffix_backend = EXPORT_SUFFIXES.get(self.model_path.suffix.lower())
+        self.backend = check_backend(backend) if backend not in (None, "", "auto") else (suffix_backend or "torch")
+        if exported:
+            if self.backend != suffix_backend:
+                raise ConfigError(f"{self.model_path.suffix} models run with the {suffix_backend} backend",
+                                  path=self.model_path, expected=f"--backend {suffix_backend} (or auto)",
+                                  found=f"--backend {self.backend}",
+                                  fix=f"use --backend {suffix_backend}, or the .pt checkpoint for --backend torch")
+            payload = read_export_metadata(self.model_path)
+            ck = {"config": payload["config"], **payload.get("meta", {})}
+        else:
+            ck = load_checkpoint(self.model_path)
         self.cfg: Config = config_from_checkpoint(ck, source=str(self.model_path))
+        if self.cfg.task != "volume":
+            from medseg.errors import UnsupportedInputError
+
+            raise UnsupportedInputError("this model segments 2D images, not volumes", path=self.model_path,
+                                        expected="a volume model (task: volume)", found=f"task: {self.cfg.task}",
+                                        fix="use 'medseg predict IMAGE.png --model ...' for 2D images, "
+                                            "or a 3D model for volumes")
         if overlap is not None:
             self.cfg.inference.overlap = overlap
         if sw_batch_size is not None:
             self.cfg.inference.sw_batch_size = sw_batch_size
+        self._sw_batch_size = sw_batch_size
         self.device = resolve_device(device)
+        if threads:
+            torch.set_num_threads(int(threads))
         self.amp = amp
+        self.amp_dtype = amp_dtype
+        self.plan_memory = plan_memory
+        self.last_plan = None
         # mirror test-time augmentation only along axes the model was trained to be mirror-invariant on
         self.tta_axes = sorted(set(self.cfg.augment.flip_axes)) if (tta and self.cfg.augment.enabled) else []
         self.spec = get_spec(self.cfg.model.name)
-        net = build_model(self.cfg.model, 1, self.cfg.num_classes)
-        net.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in ck["state_dict"].items()})
-        self.net = net.to(self.device).eval()
-        self.transforms = inference_transforms(self.cfg)
+        # a packed cross-validation ensemble carries one state dict per fold; probabilities are averaged
+        self.nets = []
+        for state in ([ck["state_dict"], *ck.get("ensemble", [])] if not exported else []):
+            net = build_model(self.cfg.model, 1, self.cfg.num_classes)
+            net.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
+            self.nets.append(net.to(self.device).eval())
+        self.net = self.nets[0] if self.nets else None
+        self.runner = self._make_runner(compile, threads)
+        self.transforms = bounded_memory_transforms(inference_transforms(self.cfg))
         self.meta = {k: ck.get(k) for k in ("epoch", "best_metric", "val_dice")}
+
+    def _make_runner(self, compile: bool, threads: int | None):
+        from medseg.inference import backends
+
+        if self.backend == "torch":
+            return backends.TorchRunner(self.nets, self.device, amp=self.amp, amp_dtype=self.amp_dtype, compile=compile,
+                                        channels_last=self.spec.dims == 3 and self.device.type == "cuda")
+        fmt = "onnx" if self.backend == "onnxruntime" else "torchscript"
+        path = self.model_path
+        if not backends.is_exported(path):
+            from medseg.inference.export import cached_export
+
+            path = cached_export(path, fmt)
+        if fmt == "onnx":
+            return backends.OnnxRunner(path, device=self.device, threads=threads)
+        return backends.TorchScriptRunner(path, device=self.device, amp=self.amp, amp_dtype=self.amp_dtype)
 
     @property
     def labels(self) -> dict[int, str]:
         return dict(self.cfg.labels)
 
-    def probabilities(self, vol: Volume) -> torch.Tensor:
-        """Class probabilities ``(C, X, Y, Z)`` on the source grid of ``vol``."""
-        if not np.all(np.isfinite(vol.array)):
+    def plan(self, vol: Volume):
+        """Estimated peak memory and the run settings for ``vol`` (see :mod:`medseg.inference.memory`)."""
+        from medseg.inference.memory import plan_memory
+
+        params = sum(p.numel() * 4 for n in self.nets for p in n.parameters())
+        try:
+            plan = plan_memory(vol.shape, vol.affine, self.cfg, num_classes=self.cfg.num_classes,
+                               device=self.runner.device, source_itemsize=vol.array.dtype.itemsize,
+                               groups=self.runner.groups, tta_passes=len(self.tta_axes),
+                               sw_batch_size=self._sw_batch_size, amp=self.amp, param_bytes=params,
+                               check=self.plan_memory)
+        except MedsegError as exc:  # the message names the volume that does not fit
+            if exc.path is None and vol.source:
+                exc.path = str(vol.source)
+                exc.args = (exc.format(),)
+            raise
+        self.last_plan = plan
+        return plan
+
+    def processed_probabilities(self, vol: Volume, plan=None):
+        """``(probs, image)``: probabilities ``(C, …)`` on the processed grid and the processed image."""
+        if vol.array.dtype.kind == "f" and not np.all(np.isfinite(vol.array)):
             from medseg.errors import UnsupportedInputError
 
             bad = int((~np.isfinite(vol.array)).sum())
             raise UnsupportedInputError("image contains NaN or Inf voxels", path=vol.source,
                                         expected="finite intensities", found=f"{bad} non-finite voxels",
                                         fix="repair or mask the image before segmenting it")
+        plan = plan or self.plan(vol)
         item = self.transforms({"image": vol})
         image = item["image"]
-        probs = self._probs(image)
+        del item
+        probs = self._probs(image, plan)
         for axis in self.tta_axes:  # each mirrored pass is flipped back and averaged
             flipped = torch.flip(torch.as_tensor(image), dims=[1 + axis])
-            probs += torch.flip(self._probs(flipped), dims=[1 + axis])
+            probs += torch.flip(self._probs(flipped, plan), dims=[1 + axis])
+            del flipped
         if self.tta_axes:
             probs /= 1 + len(self.tta_axes)
-        return to_source_grid(probs, image.affine, vol.affine, vol.shape)
+        return probs, image
 
-    def _probs(self, image) -> torch.Tensor:
-        logits = sliding_window_logits(self.net, image, self.cfg, self.device, dims=self.spec.dims, amp=self.amp)
-        return torch.softmax(logits[0], dim=0)
+    def probabilities(self, vol: Volume) -> torch.Tensor:
+        """Class probabilities ``(C, X, Y, Z)`` (float32) on the source grid of ``vol``."""
+        probs, image = self.processed_probabilities(vol)
+        return to_source_grid(probs.float(), image.affine, vol.affine, vol.shape)
+
+    def _probs(self, image, plan) -> torch.Tensor:
+        roi = window_size(self.cfg, image.shape[1:], self.spec.dims)
+        run_dev = self.runner.device
+        return sliding_window_probs(
+            self.runner, image, roi, num_classes=self.cfg.num_classes, overlap=self.cfg.inference.overlap,
+            blend=self.cfg.inference.blend, sw_batch_size=plan.sw_batch_size, device=run_dev,
+            out_dtype=plan.probs_dtype, groups=self.runner.groups,
+            accumulate_on=run_dev if plan.accumulate_on == "device" else torch.device("cpu"),
+            image_on_device=plan.image_on_device)
 
     def predict_volume(self, vol: Volume) -> Volume:
         """Integer label volume with exactly ``vol``'s shape and affine."""
-        probs = self.probabilities(vol)
+        probs, image = self.processed_probabilities(vol)
         dtype = np.uint8 if self.cfg.num_classes <= 256 else np.uint16
-        labels = probs.argmax(0).numpy().astype(dtype)
+        labels = labels_on_source_grid(probs, image.affine, vol.affine, vol.shape, dtype=dtype)
+        del probs, image
+        labels = apply_postprocessing(labels, self.cfg.inference.postprocess)
         return vol.with_array(labels, kind="labels", label_names=self.labels)
 
     def predict_file(self, path: str | Path, out_path: str | Path) -> Prediction:
@@ -160,24 +247,56 @@ class PredictResult:
     seconds: float
 
 
+def load_item(item, dicom_options: dict | None = None) -> Volume:
+    return item.load(**(dicom_options or {})) if item.kind == "dicom" else item.load()
+
+
+class prefetch:
+    """Iterate ``(item, load(item))`` with the next item loaded on a worker thread meanwhile.
+
+    A loading error is raised when its item is reached, as a plain loop would raise it.
+    """
+
+    def __init__(self, items: list, load) -> None:
+        self.items, self.load = list(items), load
+
+    def __enter__(self):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="medseg-prefetch")
+        return self._iterate()
+
+    def _iterate(self):
+        future = self.pool.submit(self.load, self.items[0]) if self.items else None
+        for i, it in enumerate(self.items):
+            value = future.result()
+            future = self.pool.submit(self.load, self.items[i + 1]) if i + 1 < len(self.items) else None
+            yield it, value
+
+    def __exit__(self, *exc):
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
+
 def segment_item(predictor: "Predictor", item, base: Path, formats: list[str] | None,
-                 dicom_options: dict | None = None) -> tuple[Volume, list[Path]]:
-    """Load one input item, segment it and write every requested format next to ``base``."""
+                 dicom_options: dict | None = None, anonymize: bool = False,
+                 volume: Volume | None = None) -> tuple[Volume, list[Path]]:
+    """Load one input item (unless ``volume`` is given), segment it and write every requested format."""
     from medseg.io.writers import write_labels
     from medseg.labels import infos_from_config
 
-    vol = item.load(**(dicom_options or {})) if item.kind == "dicom" else item.load()
+    vol = volume if volume is not None else load_item(item, dicom_options)
     labels = predictor.predict_volume(vol)
     files = list(item.series.files) if item.kind == "dicom" and item.series is not None else None
     outs = write_labels(labels, vol, base, formats or [default_format(item)], infos=infos_from_config(predictor.cfg),
-                        source_files=files, model_name=predictor.cfg.name)
+                        source_files=files, model_name=predictor.cfg.name, anonymize=anonymize)
     return labels, outs
 
 
 def predict(inputs: list[str | Path], outdir: str | Path, *, model: str | Path | None = None,
             device: str = "auto", progress: bool = True, overlap: float | None = None,
             rules: str | Path | None = None, dicom_options: dict | None = None,
-            formats: list[str] | None = None, tta: bool = False, stats: str | None = None) -> list[PredictResult]:
+            formats: list[str] | None = None, tta: bool = False, stats: str | None = None,
+            anonymize: bool = False, runtime: dict | None = None) -> list[PredictResult]:
     """Segment every input and write ``OUTDIR/<name>.<format>`` label files.
 
     Inputs are NIfTI/NRRD files, folders of them, DICOM series or study folders (series
@@ -185,6 +304,9 @@ def predict(inputs: list[str | Path], outdir: str | Path, *, model: str | Path |
     ``nifti``, ``nrrd``, ``seg.nrrd``, ``dicom-seg`` (default: NIfTI, or NRRD for NRRD input).
     ``stats`` (``csv`` or ``json``) also writes ``<name>.lesions.<stats>``: one row per connected
     component of each label with its volume (mL), longest diameter (mm) and centroid (RAS and LPS).
+    ``anonymize`` de-identifies DICOM SEG outputs (see :mod:`medseg.privacy`). ``runtime`` holds
+    :class:`Predictor` options: ``backend``, ``amp``, ``amp_dtype``, ``compile``, ``threads``.
+    The next input is read on a worker thread while the current one is segmented.
     """
     from medseg.io.rules import load_rules
     from medseg.io.sources import discover
@@ -193,6 +315,7 @@ def predict(inputs: list[str | Path], outdir: str | Path, *, model: str | Path |
     from medseg.progress import progress_bar
 
     outdir = Path(outdir)
+    check_writable_folder(outdir)
     formats = check_formats(formats) if formats else None
     if stats not in (None, "csv", "json"):
         from medseg.errors import ConfigError
@@ -212,12 +335,14 @@ def predict(inputs: list[str | Path], outdir: str | Path, *, model: str | Path |
             raise UnsupportedInputError("DICOM SEG output needs a DICOM input series", path=not_dicom[0].path,
                                         expected="DICOM series inputs only", found="a NIfTI/NRRD volume",
                                         fix="use --format nifti, nrrd or seg.nrrd for NIfTI/NRRD inputs")
-    predictor = Predictor(model, device=device, overlap=overlap, tta=tta)
+    predictor = Predictor(model, device=device, overlap=overlap, tta=tta, **(runtime or {}))
     results = []
-    with progress_bar("predict", total=len(items), enabled=progress) as advance:
-        for it, outs in zip(items, plans):
+    with progress_bar("predict", total=len(items), enabled=progress) as advance, \
+            prefetch(items, lambda it: load_item(it, dicom_options)) as loaded:
+        for (it, vol), outs in zip(loaded, plans):
             t0 = time.perf_counter()
-            labels, written = segment_item(predictor, it, outdir / it.name, formats, dicom_options)
+            labels, written = segment_item(predictor, it, outdir / it.name, formats, dicom_options, anonymize,
+                                           volume=vol)
             if stats:
                 from medseg.lesions import lesion_table, write_lesion_report
 

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+
 from medseg.errors import InputNotFoundError, OutputError, UnsupportedInputError
 from medseg.io.rules import load_rules
 from medseg.io.sources import discover
-from medseg.io.volume import Volume, save_volume, volume_suffix
+from medseg.io.volume import Volume, check_writable_folder, save_volume, volume_suffix
 
 
 def load_single(source: str | Path, *, rules: str | Path | None = None, uneven: str = "resample",
@@ -36,5 +38,11 @@ def convert(source: str | Path, output: str | Path, *, rules: str | Path | None 
     if src.exists() and (output.resolve() == src.resolve() or output.resolve().is_relative_to(src.resolve())):
         raise OutputError("output would be written into the input", path=output,
                           fix="write outside the input folder; inputs are never modified")
+    check_writable_folder(output.parent)
     vol = load_single(source, rules=rules, uneven=uneven, tilt=tilt)
+    if vol.array.dtype.kind in "fc" and not np.all(np.isfinite(vol.array)):
+        bad = int((~np.isfinite(vol.array)).sum())
+        raise UnsupportedInputError("image contains NaN or Inf voxels", path=vol.source or source,
+                                    expected="finite intensities", found=f"{bad} non-finite voxels",
+                                    fix="repair or mask the image; medseg does not write NaN or Inf voxels")
     return save_volume(vol, output), vol

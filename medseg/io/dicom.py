@@ -50,7 +50,7 @@ from medseg.errors import (
     UnreadableFileError,
     UnsupportedInputError,
 )
-from medseg.io.volume import LPS_TO_RAS, Volume
+from medseg.io.volume import LPS_TO_RAS, Volume, _check_finite_geometry
 from medseg.progress import progress_bar
 
 log = logging.getLogger(__name__)
@@ -173,10 +173,26 @@ def _text(value: Any) -> str:
 
 
 def _number(value: Any, default: float | None = None) -> float | None:
+    """A finite number from a header value, else ``default`` (blank, junk, NaN and Inf alike)."""
     try:
-        return default if value is None or value == "" else float(value)
-    except (TypeError, ValueError):
+        number = default if value is None or value == "" else float(value)
+    except (TypeError, ValueError, OverflowError):
         return default
+    return number if number is None or math.isfinite(number) else default
+
+
+def _vector(value: Any, n: int, keyword: str) -> np.ndarray:
+    """``n`` numbers from a multi-valued header entry; raises _NoGeometry when it has not exactly those."""
+    if value is None or value == "":
+        raise _NoGeometry(f"{keyword} missing")
+    items = list(value) if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue" else [value]
+    try:
+        out = np.array([float(v) for v in items], dtype=np.float64)
+    except (TypeError, ValueError, OverflowError):
+        raise _NoGeometry(f"{keyword} is not numeric") from None
+    if out.shape != (n,):
+        raise _NoGeometry(f"{keyword} has {len(out)} values, expected {n}")
+    return out
 
 
 def _read_header(path: Path):
@@ -248,11 +264,10 @@ def _frames(ds) -> list[_Frame]:
     instance = int(_number(ds.get("InstanceNumber"), 0) or 0)
     frames = []
     for i, get in enumerate(lookups):
-        ipp, iop, ps = get("ImagePositionPatient"), get("ImageOrientationPatient"), get("PixelSpacing")
-        if not ipp or not iop or not ps or len(ipp) != 3 or len(iop) != 6 or len(ps) != 2:
-            raise _NoGeometry("ImagePositionPatient, ImageOrientationPatient or PixelSpacing missing")
-        frames.append(_Frame(np.array([float(v) for v in ipp]), np.array([float(v) for v in iop]),
-                             (float(ps[0]), float(ps[1])), _number(get("RescaleSlope"), 1.0) or 1.0,
+        ipp = _vector(get("ImagePositionPatient"), 3, "ImagePositionPatient")
+        iop = _vector(get("ImageOrientationPatient"), 6, "ImageOrientationPatient")
+        ps = _vector(get("PixelSpacing"), 2, "PixelSpacing")
+        frames.append(_Frame(ipp, iop, (float(ps[0]), float(ps[1])), _number(get("RescaleSlope"), 1.0) or 1.0,
                              _number(get("RescaleIntercept"), 0.0) or 0.0, instance * 100000 + i))
     return frames
 
@@ -325,18 +340,22 @@ def _scan_files(files: list[Path], progress: bool) -> tuple[list[SeriesInfo], li
             try:
                 ds = _read_header(path)
                 skip = None if ds is None else _skip_reason(ds)
-            except ValueError as exc:
-                broken.append((path, str(exc)))
+                if ds is None or skip is _IGNORE:
+                    continue
+                frames = None
+                if skip is None:
+                    try:
+                        frames = _frames(ds)
+                        int(ds.Rows), int(ds.Columns)  # noqa: B018 - used as grouping keys below
+                    except _NoGeometry as exc:
+                        skip = f"no patient geometry ({exc})"
+                series = _series_id(path, ds)
+            except (ValueError, TypeError, KeyError, AttributeError, IndexError, OverflowError) as exc:
+                # a header pydicom parsed but whose values make no sense (junk numbers, wrong multiplicity)
+                why = str(exc) if isinstance(exc, ValueError) and not isinstance(exc, OverflowError) else \
+                    f"{type(exc).__name__}: {exc}"
+                broken.append((path, (why.splitlines() or [type(exc).__name__])[0][:200]))
                 continue
-            if ds is None or skip is _IGNORE:
-                continue
-            frames = None
-            if skip is None:
-                try:
-                    frames = _frames(ds)
-                except _NoGeometry:
-                    skip = "no patient geometry"
-            series = _series_id(path, ds)
             uid = (series, _text(ds.get("SOPInstanceUID")))
             if uid[1] and uid in seen:
                 continue  # the same instance copied twice
@@ -433,6 +452,7 @@ def load_dicom_series(source: str | Path | Iterable[str | Path] | SeriesInfo, *,
     info, ignored = _resolve(source, progress)
     frames, pixels, padding = _read_stack(info, progress)
     array, affine, meta = _assemble(frames, pixels, padding, info, uneven=uneven, tilt=tilt)
+    _check_finite_geometry(affine, Path(info.files[0]).parent)
     meta.update({k: getattr(info, k) for k in _META_FIELDS})
     meta.update(format="dicom", image_type=list(info.image_type), ignored=ignored)
     return Volume(array, affine, source=str(Path(info.files[0]).parent), meta=meta)
@@ -546,6 +566,7 @@ def _assemble(frames: list[_Frame], pixels: np.ndarray, padding: int | None, inf
               tilt: str):
     """Sort, check and resample the slices; return the (i, j, k) array, its RAS affine and meta."""
     where = Path(info.files[0]).parent
+    _check_frame_geometry(frames, where)
     iop = frames[0].orientation
     if any(not np.allclose(f.orientation, iop, atol=1e-3) for f in frames):
         raise UnsupportedInputError("slices have different orientations", path=where, expected="one orientation",
@@ -601,6 +622,28 @@ def _assemble(frames: list[_Frame], pixels: np.ndarray, padding: int | None, inf
     lps = np.eye(4)
     lps[:3, 0], lps[:3, 1], lps[:3, 2], lps[:3, 3] = col_dir * dc, row_dir * dr, normal * step, origin
     return np.ascontiguousarray(array.transpose(2, 1, 0)), LPS_TO_RAS @ lps, meta
+
+
+def _check_frame_geometry(frames: list[_Frame], where: Path) -> None:
+    """Refuse headers whose geometry cannot describe a grid: zero, negative or NaN pixel
+    spacing, NaN positions, or orientation cosines that are not two unit vectors at right angles."""
+    for f in frames:
+        path = f.path or where
+        if not all(math.isfinite(v) and v > 0 for v in f.spacing):
+            raise UnsupportedInputError("PixelSpacing is zero, negative or not a number", path=path,
+                                        expected="two positive spacings in mm", found=f"PixelSpacing {list(f.spacing)}",
+                                        fix="repair the header or re-export the series")
+        if not np.all(np.isfinite(f.position)):
+            raise UnsupportedInputError("ImagePositionPatient is not a number", path=path,
+                                        found=f"ImagePositionPatient {f.position.tolist()}",
+                                        fix="repair the header or re-export the series")
+        row, col = f.orientation[:3], f.orientation[3:]
+        ok = np.all(np.isfinite(f.orientation)) and abs(np.linalg.norm(row) - 1) < 0.01 \
+            and abs(np.linalg.norm(col) - 1) < 0.01 and abs(float(row @ col)) < 0.01
+        if not ok:
+            raise UnsupportedInputError("ImageOrientationPatient is not two perpendicular unit vectors", path=path,
+                                        found=f"ImageOrientationPatient {np.round(f.orientation, 4).tolist()}",
+                                        fix="repair the header or re-export the series")
 
 
 def _check_repeats(t: np.ndarray, where: Path) -> None:

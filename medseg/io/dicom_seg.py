@@ -160,12 +160,14 @@ def write_dicom_seg(labels: Volume, source_files, path: str | Path, infos: list[
                     series_description: str = "medseg segmentation", series_number: int | None = None,
                     manufacturer: str = "medseg", software_version: str | None = None,
                     model_name: str | None = None, model_version: str | None = None,
-                    content_creator: str | None = None, series_uid: str | None = None) -> Path:
+                    content_creator: str | None = None, series_uid: str | None = None,
+                    anonymize: bool = False) -> Path:
     """Write ``labels`` (on the grid of ``source_files``) as a BINARY DICOM SEG at ``path``.
 
     One segment per ``infos`` entry; every non-zero label value needs one. ``series_number``
     defaults to the source's plus 1000. Raises :class:`GeometryError` unless the label grid is
-    exactly the grid of the source slices.
+    exactly the grid of the source slices. ``anonymize`` de-identifies the patient and study
+    attributes the SEG copies from its source (:func:`medseg.privacy.anonymize_dataset`).
     """
     import highdicom as hd
     from pydicom.uid import generate_uid
@@ -207,6 +209,10 @@ def write_dicom_seg(labels: Volume, source_files, path: str | Path, infos: list[
         raise OutputError("cannot build the DICOM SEG from this source series", path=where,
                           found=f"{type(exc).__name__}: {exc}".splitlines()[0][:200],
                           fix="check that the files are the slices of one image series") from None
+    if anonymize:
+        from medseg.privacy import anonymize_dataset
+
+        anonymize_dataset(seg)
     return atomic_write(path, lambda tmp: seg.save_as(tmp))
 
 

@@ -8,13 +8,16 @@ becomes an :class:`InputItem` with a stable name that holds no patient informati
 from __future__ import annotations
 
 import hashlib
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from medseg.errors import InputNotFoundError, UnsupportedInputError
+from medseg.errors import InputNotFoundError, UnreadableFileError, UnsupportedInputError
 from medseg.io.rules import SelectionRules, select_series
 from medseg.io.volume import Volume, case_name, load_volume, volume_suffix
+
+log = logging.getLogger("medseg.io.dicom")
 
 
 def short_hash(text: str, n: int = 10) -> str:
@@ -36,10 +39,19 @@ class InputItem:
     series: Any = None
     files: list[Path] = field(default_factory=list)
     output_suffix: str = ".nii.gz"
+    damaged: list[tuple[Path, str]] = field(default_factory=list)
+    """DICOM files beside the series whose header is damaged: one may be a lost slice of it."""
 
     def load(self, **dicom_options) -> Volume:
         if self.kind == "dicom":
             from medseg.io.dicom import load_dicom_series
+
+            if self.damaged:
+                path, why = self.damaged[0]
+                more = f" ({len(self.damaged)} damaged files)" if len(self.damaged) > 1 else ""
+                raise UnreadableFileError("damaged DICOM file beside the series (it may be one of its slices)",
+                                          path=path, expected="a complete DICOM file", found=why + more,
+                                          fix="re-export or re-copy the file, or move it out of the series folder")
 
             return load_dicom_series(self.series, **dicom_options)
         return load_volume(self.path)
@@ -98,7 +110,7 @@ def _is_volume_file(p: Path) -> bool:
 def discover(inputs: list[str | Path], rules: SelectionRules | None = None, *, mirror_root: Path | None = None,
              recursive: bool = True) -> tuple[list[InputItem], list[Skipped]]:
     """Everything to segment under ``inputs``, and what was skipped with the reason."""
-    from medseg.io.dicom import scan_dicom
+    from medseg.io.dicom import _scan_path
 
     rules = rules or SelectionRules()
     items: list[InputItem] = []
@@ -106,6 +118,8 @@ def discover(inputs: list[str | Path], rules: SelectionRules | None = None, *, m
     for raw in inputs:
         p = Path(raw)
         if p.is_file():
+            if p.stat().st_size == 0:
+                raise UnreadableFileError("file is empty (0 bytes)", path=p, fix="re-export or re-copy the file")
             if volume_suffix(p):
                 items.append(_volume_item(p, mirror_root))
                 continue
@@ -118,16 +132,32 @@ def discover(inputs: list[str | Path], rules: SelectionRules | None = None, *, m
         vols = sorted(f for f in (p_dir.rglob("*") if recursive else p_dir.iterdir()) if _is_volume_file(f))
         base = mirror_root if mirror_root is not None else p_dir
         items.extend(_volume_item(f, base if f.is_relative_to(base) else f.parent) for f in vols)
-        series = [s for root in dicom_roots for s in scan_dicom(root)]
+        series, damaged = [], []
+        for root in dicom_roots:
+            found, broken = _scan_path(root, False)
+            series += found
+            damaged += broken
+        folders = set()
         for decision in select_series(series, rules):
             item = dicom_item(decision.series)
+            item.damaged = [(f, why) for f, why in damaged if f.parent == item.path]
+            folders.add(item.path)
             if decision.selected:
                 items.append(item)
             else:
                 skipped.append(Skipped(item.key, item.path, "; ".join(decision.reasons), decision.series))
+        for path, why in damaged:
+            if path.parent not in folders:  # those beside a series fail that series, with this reason
+                log.warning("%s: damaged DICOM header, file skipped (%s)", path, why)
         if not vols and not series:
-            raise InputNotFoundError("no images found", path=p,
-                                     expected="NIfTI/NRRD files or DICOM image series", fix="check the folder")
+            if damaged:
+                raise UnreadableFileError("cannot read DICOM header", path=damaged[0][0], expected="a complete DICOM file",
+                                          found=damaged[0][1] + (f" ({len(damaged)} damaged files)" if len(damaged) > 1 else ""),
+                                          fix="re-export or re-copy the files")
+            empty = [f for f in (p_dir.rglob("*") if recursive else p_dir.iterdir()) if f.is_file() and f.stat().st_size == 0]
+            raise InputNotFoundError("no images found", path=p, expected="NIfTI/NRRD files or DICOM image series",
+                                     found=f"{len(empty)} empty (0-byte) file(s), e.g. {empty[0].name}" if empty else None,
+                                     fix="re-copy the files" if empty else "check the folder")
     seen: set[str] = set()
     unique = []
     for it in items:

@@ -8,7 +8,6 @@ Writers copy the grid of a source volume and check it before writing.
 
 from __future__ import annotations
 
-import gzip
 import os
 import tempfile
 import zlib
@@ -21,6 +20,7 @@ import numpy as np
 from medseg.errors import (
     GeometryError,
     InputNotFoundError,
+    MedsegError,
     OutputError,
     UnreadableFileError,
     UnsupportedInputError,
@@ -30,6 +30,10 @@ NIFTI_SUFFIXES = (".nii.gz", ".nii")
 ITK_SUFFIXES = (".nrrd", ".nhdr", ".mha", ".mhd")
 VOLUME_SUFFIXES = NIFTI_SUFFIXES + ITK_SUFFIXES
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+MAX_SPACING_MM = 1e4
+"""Voxels larger than 10 m are a broken header, not an image."""
+MAX_ORIGIN_MM = 1e7
+"""An origin 10 km away is a broken header too (and overflows float32 NIfTI fields)."""
 
 
 def volume_suffix(path: str | Path) -> str | None:
@@ -116,6 +120,10 @@ def check_same_grid(out: Volume, ref: Volume, what: str = "output", atol: float 
 
 
 def _squeeze_to_3d(array: np.ndarray, path: Path) -> np.ndarray:
+    if array.size == 0 or array.ndim < 2:
+        raise UnsupportedInputError("image has no voxels or fewer than two dimensions", path=path,
+                                    expected="a 3D volume", found=f"shape {array.shape}",
+                                    fix="re-export the image; its header declares no 3D grid")
     if array.ndim == 2:
         raise UnsupportedInputError("image is 2D", path=path, expected="a 3D volume",
                                     found=f"shape {array.shape}",
@@ -135,6 +143,11 @@ def _check_finite_geometry(affine: np.ndarray, path: Path) -> None:
                                   expected="a finite voxel-to-world affine", found=str(affine.tolist()),
                                   fix="repair the header (spacing, origin, direction)")
     spacing = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
+    if np.any(spacing > MAX_SPACING_MM) or np.any(np.abs(affine[:3, 3]) > MAX_ORIGIN_MM):
+        raise UnreadableFileError("header geometry is implausibly large", path=path,
+                                  expected=f"voxel spacing up to {MAX_SPACING_MM:g} mm and an origin within "
+                                           f"{MAX_ORIGIN_MM:g} mm", found=f"spacing {spacing.tolist()}, "
+                                  f"origin {affine[:3, 3].tolist()}", fix="repair the header (spacing, origin)")
     if np.any(spacing <= 1e-6) or abs(np.linalg.det(affine[:3, :3])) <= 1e-12:
         raise UnreadableFileError("header has zero or degenerate voxel spacing", path=path,
                                   expected="positive spacing and an invertible direction",
@@ -169,21 +182,107 @@ def _load_nifti(path: Path) -> Volume:
     import nibabel as nib
 
     try:
-        img = nib.load(str(path))
+        with _quiet_nibabel():  # header "fixes" are checked below, not printed
+            img = nib.load(str(path))
+        _check_declared_size(img.shape, np.dtype(img.get_data_dtype()).itemsize, path)
         array = np.asanyarray(img.dataobj)
-    except (OSError, EOFError, ValueError, zlib.error, gzip.BadGzipFile, nib.filebasedimages.ImageFileError) as exc:
+    except MedsegError:
+        raise
+    except MemoryError:
+        raise UnsupportedInputError("image is larger than the free memory", path=path,
+                                    found=f"the header declares shape {tuple(img.shape)}",
+                                    fix="check the header, crop the image, or use a machine with more memory") from None
+    except Exception as exc:  # noqa: BLE001 - nibabel raises many types (ImageFileError, HeaderDataError, OSError...)
         raise UnreadableFileError("cannot read NIfTI file", path=path, expected="a complete NIfTI-1/2 file",
                                   found=f"{type(exc).__name__}: {exc}".splitlines()[0][:200],
                                   fix="re-export the file; it may be truncated or not NIfTI") from None
     array = _squeeze_to_3d(np.asarray(array), path)
+    if int(img.header.get("sform_code", 0)) <= 0:  # the grid comes from pixdim: nibabel silently "fixes" bad ones
+        _check_raw_pixdim(path, len(array.shape))
     affine = img.affine
     return Volume(array, affine, source=str(path), header=img.header.copy(), meta={"format": "nifti"})
+
+
+class _quiet_nibabel:
+    """Silence nibabel's header-repair messages (medseg checks the raw header itself)."""
+
+    def __enter__(self):
+        import nibabel as nib
+
+        self.logger = nib.imageglobals.logger
+        self.level = self.logger.level
+        self.logger.setLevel(100)
+
+    def __exit__(self, *exc):
+        self.logger.setLevel(self.level)
+        return False
+
+
+def _check_declared_size(shape, itemsize: int, path: Path) -> None:
+    """Refuse, before reading voxels, a header that declares more data than memory can hold
+    (a damaged or byte-swapped header can declare terabytes)."""
+    try:
+        n = 1
+        for d in shape:
+            n *= max(0, int(d))
+    except (TypeError, ValueError, OverflowError):
+        return
+    declared = n * max(1, int(itemsize))
+    try:
+        from medseg.inference.memory import available_host_bytes
+
+        avail = available_host_bytes()
+    except ImportError:
+        avail = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if avail is not None and declared > avail:
+        raise UnsupportedInputError("image is larger than the free memory", path=path,
+                                    expected=f"at most {avail / 2 ** 30:.1f} GB of voxels",
+                                    found=f"the header declares shape {tuple(int(d) for d in shape)} "
+                                          f"({declared / 2 ** 30:.1f} GB)",
+                                    fix="check the header (a damaged one can declare absurd sizes), crop the "
+                                        "image, or use a machine with more memory")
+
+
+def _check_raw_pixdim(path: Path, ndim: int) -> None:
+    """Refuse zero, negative or non-finite voxel sizes as stored in the file.
+
+    nibabel replaces a zero pixdim by 1 and a negative one by its absolute value when it
+    reads a header; a segmentation on such a guessed grid would be silently wrong.
+    """
+    import nibabel as nib
+
+    try:
+        with nib.openers.ImageOpener(str(path)) as fh:
+            raw = fh.read(540)
+        if len(raw) < 348:
+            return
+        sizeof = int(np.frombuffer(raw[:4], "<i4")[0])
+        order = "<" if sizeof in (348, 540) else ">"
+        if int(np.frombuffer(raw[:4], order + "i4")[0]) == 540:
+            pixdim = np.frombuffer(raw[104:168], order + "f8")
+        else:
+            pixdim = np.frombuffer(raw[76:108], order + "f4")
+    except (OSError, EOFError, ValueError, zlib.error):
+        return
+    spacing = np.asarray(pixdim[1:1 + min(ndim, 3)], dtype=np.float64)
+    if not np.all(np.isfinite(spacing)) or np.any(spacing <= 0):
+        raise UnreadableFileError("header has zero, negative or NaN voxel spacing", path=path,
+                                  expected="positive pixdim[1..3] (mm)", found=f"pixdim {spacing.tolist()}",
+                                  fix="repair the header (e.g. nibabel or fslchpixdim), or re-export the image")
 
 
 def _load_itk(path: Path) -> Volume:
     import SimpleITK as sitk
 
     try:
+        info = sitk.ImageFileReader()
+        info.SetFileName(str(path))
+        info.ReadImageInformation()
+        try:
+            itemsize = np.dtype(sitk.GetArrayViewFromImage(sitk.Image(1, 1, info.GetPixelID())).dtype).itemsize
+        except (RuntimeError, TypeError, ValueError):
+            itemsize = 8
+        _check_declared_size(tuple(info.GetSize()) + (info.GetNumberOfComponents(),), itemsize, path)
         img = sitk.ReadImage(str(path))
     except RuntimeError as exc:
         first = str(exc).strip().splitlines()
@@ -239,6 +338,38 @@ def _read_umask() -> int:
 
 
 _UMASK = _read_umask()  # read once, at import, before any worker thread exists
+
+
+def check_writable_folder(folder: str | Path, what: str = "output folder") -> Path:
+    """Refuse, before any work is done, an output folder that cannot be created or written.
+
+    Nothing is created: the folder itself, or its nearest existing parent, must be a
+    writable folder.
+    """
+    folder = Path(folder)
+    probe = folder
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise OutputError(f"{what} is not a folder", path=probe if probe != folder else folder,
+                          found="a file" if probe.exists() else "nothing", fix="choose a folder for the output")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise OutputError(f"{what} is not writable", path=folder, found=f"no write permission on {probe}",
+                          fix="choose a writable output folder")
+    return folder
+
+
+def remove_partial_files(folder: str | Path, names: list[str]) -> list[Path]:
+    """Delete the temporary files a killed :func:`atomic_write` of ``folder/NAME`` left behind."""
+    removed = []
+    folder = Path(folder)
+    if folder.is_dir():
+        for name in names:
+            for tmp in folder.glob(f".{case_name(name)}.*.part*"):
+                if tmp.is_file():
+                    tmp.unlink()
+                    removed.append(tmp)
+    return removed
 
 
 def atomic_write(target: str | Path, writer) -> Path:

@@ -31,8 +31,11 @@ def check_formats(formats: list[str] | None, *, default: str = "nifti") -> list[
 
 
 def write_labels(labels: Volume, source: Volume, base: Path, formats: list[str], *, infos=None,
-                 source_files: list[Path] | None = None, model_name: str = "medseg") -> list[Path]:
-    """Write ``labels`` as every format in ``formats``; ``base`` is the output path without suffix."""
+                 source_files: list[Path] | None = None, model_name: str = "medseg",
+                 anonymize: bool = False) -> list[Path]:
+    """Write ``labels`` as every format in ``formats``; ``base`` is the output path without suffix.
+
+    ``anonymize`` de-identifies DICOM SEG outputs (the other formats hold no patient data)."""
     written = []
     for fmt in formats:
         path = base.parent / f"{base.name}{FORMATS[fmt]}"
@@ -49,7 +52,8 @@ def write_labels(labels: Volume, source: Volume, base: Path, formats: list[str],
                                             fix="use --format nifti, nrrd or seg.nrrd for this input")
             from medseg.io.dicom_seg import write_dicom_seg
 
-            written.append(write_dicom_seg(labels, source_files, path, infos, model_name=model_name))
+            written.append(write_dicom_seg(labels, source_files, path, infos, model_name=model_name,
+                                           anonymize=anonymize))
     return written
 
 

@@ -75,9 +75,15 @@ def _dynunet(cfg, in_channels: int, out_channels: int) -> nn.Module:
         raise ConfigError("too many deep-supervision heads", expected=f"at most {len(cfg.strides) - 1}",
                           found=str(cfg.deep_supervision), fix="lower model.deep_supervision")
     strides = [1, *cfg.strides]
+    kernels = cfg.kernel_sizes or [3] * len(strides)
+    if len(kernels) != len(strides) or any(
+            not isinstance(k, int) and (len(k) != 3 or min(k) < 1) for k in kernels):
+        raise ConfigError("model.kernel_sizes must have one [x, y, z] entry per level", expected=f"{len(strides)} "
+                          "entries (one more than strides)", found=str(kernels),
+                          fix="e.g. [[1, 3, 3], [3, 3, 3], ...], or null for 3x3x3 everywhere")
     return DynUNet(
         spatial_dims=3, in_channels=in_channels, out_channels=out_channels,
-        kernel_size=[3] * len(strides), strides=strides, upsample_kernel_size=strides[1:],
+        kernel_size=kernels, strides=strides, upsample_kernel_size=strides[1:],
         filters=list(cfg.channels), dropout=cfg.dropout or None, norm_name=cfg.norm,
         deep_supervision=cfg.deep_supervision > 0, deep_supr_num=max(1, cfg.deep_supervision),
         res_block=cfg.num_res_units > 0,
@@ -97,11 +103,34 @@ MODELS: dict[str, ModelSpec] = {
     for spec in [
         ModelSpec("unet3d", 3, "MONAI residual U-Net on 3D patches; the default for CT and MR volumes.", _unet(3)),
         ModelSpec("unet2d", 2, "MONAI residual U-Net on 2D slices; applied slice by slice to volumes "
-                               "(use patch depth 1). Lighter than 3D for thick-slice scans.", _unet(2)),
+                               "(use patch depth 1). Lighter than 3D for thick-slice scans. Also takes "
+                               "task: image2d (plain U-Net from scratch on images).", _unet(2)),
         ModelSpec("dynunet3d", 3, "nnU-Net-style 3D U-Net (MONAI DynUNet) with optional deep supervision; "
                                   "residual blocks when num_res_units > 0.", _dynunet),
     ]
 }
+
+# 2D image models (task: image2d; RGB PNG/JPEG in), see medseg/models/nets2d.py
+from medseg.models import nets2d  # noqa: E402
+
+MODELS.update({
+    spec.name: spec
+    for spec in [
+        ModelSpec("fcn_resnet", 2, "Images: FCN on a MONAI ResNet encoder (model.backbone, default resnet18) with "
+                                   "skip heads at 8s/16s/32s (model.output_stride). A solid, simple baseline; "
+                                   "choose it when a ResNet backbone's weights are at hand.", nets2d.build_fcn),
+        ModelSpec("segnet", 2, "Images: SegNet encoder-decoder that unpools with the max-pooling indices "
+                               "(widths: model.channels). The small one (0.6 M parameters at 16-128): little "
+                               "data, few classes, small images, tight memory; narrow it for speed.",
+                  nets2d.build_segnet),
+        ModelSpec("deeplabv3plus_mobilenetv3", 2, "Images: DeepLabV3+ (atrous MobileNetV3 encoder, ASPP, decoder "
+                                                  "with stride-4 features). Real-time on modest hardware with good "
+                                                  "accuracy on large scenes (street, indoor).", nets2d.build_deeplab),
+        ModelSpec("flexunet2d", 2, "Images: U-Net with a MONAI EfficientNet/ResNet encoder (FlexibleUNet; "
+                                   "model.backbone, default efficientnet-b0). Choose it for fine boundaries and "
+                                   "small structures (cells, defects, documents).", nets2d.build_flexunet),
+    ]
+})
 
 
 def get_spec(name: str) -> ModelSpec:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +31,7 @@ def state_digest(state_dict: dict[str, torch.Tensor]) -> str:
         h.update(name.encode())
         h.update(str(tuple(t.shape)).encode())
         h.update(str(t.dtype).encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")  # 0-dim too (BatchNorm counters)
     return h.hexdigest()
 
 
@@ -62,7 +63,9 @@ def load_checkpoint(path: str | Path) -> dict:
         raise InputNotFoundError("model file not found", path=path, expected="a medseg .pt checkpoint",
                                  fix="check the path or use a bundled model name (see 'medseg models')")
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # e.g. "pickle protocol 4": the refusal below says it in one line
+            warnings.simplefilter("ignore")
+            payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises UnpicklingError, RuntimeError, EOFError... for bad files
         first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
         raise CheckpointError("cannot load model file safely", path=path,
@@ -73,28 +76,119 @@ def load_checkpoint(path: str | Path) -> dict:
         raise CheckpointError("not a medseg checkpoint", path=path,
                               expected=f"a dict with {', '.join(REQUIRED)}", found=str(found),
                               fix="use a checkpoint written by 'medseg train'")
+    _check_schema(payload, path)
     if int(payload["version"]) > VERSION:
         raise CheckpointError("checkpoint is from a newer medseg", path=path, expected=f"version <= {VERSION}",
                               found=str(payload["version"]), fix="upgrade medseg")
     digest = payload.get("sha256")
-    if digest is not None and digest != state_digest(payload["state_dict"]):
+    if not isinstance(digest, str) or len(digest) != 64:
+        raise CheckpointError("model file carries no weights checksum", path=path,
+                              expected="a 'sha256' entry written by medseg", found=type(digest).__name__,
+                              fix="use a checkpoint written by 'medseg train' or 'medseg pack-model'")
+    if digest != state_digest(payload["state_dict"]):
         raise CheckpointError("model weights do not match their checksum", path=path,
                               expected=digest[:16] + "...", found="different weights",
                               fix="the file is damaged or was altered; restore it from the original")
+    members = payload.get("ensemble", [])
+    sums = payload.get("ensemble_sha256", [])
+    if members and (not isinstance(members, list) or len(sums) != len(members)
+                    or any(d != state_digest(m) for d, m in zip(sums, members))):
+        raise CheckpointError("ensemble weights do not match their checksums", path=path,
+                              expected=f"{len(members)} checksummed fold models", found="different weights",
+                              fix="the file is damaged or was altered; restore it from the original")
     return payload
+
+
+def _is_state_dict(obj: Any) -> bool:
+    return isinstance(obj, dict) and bool(obj) and all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                                       for k, v in obj.items())
+
+
+def _check_schema(payload: dict, path: Path) -> None:
+    """The types of every entry medseg relies on, so a foreign or hand-made file fails here, clearly."""
+    problems = []
+    if not isinstance(payload.get("version"), int):
+        problems.append("version is not an integer")
+    config = payload.get("config")
+    if not isinstance(config, dict) or not isinstance(config.get("model"), dict) \
+            or not isinstance(config.get("labels"), dict):
+        problems.append("config is not a dict with 'model' and 'labels'")
+    if not _is_state_dict(payload.get("state_dict")):
+        problems.append("state_dict is not a dict of named tensors")
+    members = payload.get("ensemble")
+    if members is not None and (not isinstance(members, list) or not all(_is_state_dict(m) for m in members)):
+        problems.append("ensemble is not a list of state dicts")
+    if "ensemble_sha256" in payload and not (isinstance(payload["ensemble_sha256"], list)
+                                             and all(isinstance(d, str) for d in payload["ensemble_sha256"])):
+        problems.append("ensemble_sha256 is not a list of strings")
+    if "labels" in payload and not isinstance(payload["labels"], dict):
+        problems.append("labels is not a dict")
+    if problems:
+        raise CheckpointError("model file does not have the medseg checkpoint layout", path=path,
+                              expected="format, version, config, state_dict and sha256 as medseg writes them",
+                              found="; ".join(problems), fix="use a checkpoint written by 'medseg train'")
 
 
 def config_from_checkpoint(payload: dict, source: str = "checkpoint") -> Config:
     return from_dict(payload["config"], source=source)
 
 
-def pack(checkpoint: str | Path, output: str | Path) -> Path:
-    """Compact predict-only copy of a checkpoint: float16 weights, config, labels, metrics."""
-    ck = load_checkpoint(checkpoint)
-    state = {k: (v.half() if v.is_floating_point() else v) for k, v in ck["state_dict"].items()}
-    keep = {k: ck[k] for k in ("epoch", "best_metric", "best_epoch", "val_dice", "split") if k in ck}
-    payload = {"format": FORMAT, "version": VERSION, "config": ck["config"], "labels": ck.get("labels", {}),
+def _half(state: dict) -> dict:
+    return {k: (v.half() if v.is_floating_point() else v) for k, v in state.items()}
+
+
+def pack(checkpoint: str | Path | list, output: str | Path, *, postprocess: dict | None = None) -> Path:
+    """Compact predict-only copy of a checkpoint: float16 weights, config, labels, metrics.
+
+    Given several checkpoints of the same model config (the folds of ``medseg train --folds``),
+    writes one ensemble file whose predictions average the folds' probabilities.
+    ``postprocess`` replaces ``inference.postprocess`` in the packed config.
+    """
+    paths = [Path(p) for p in checkpoint] if isinstance(checkpoint, (list, tuple)) else [Path(checkpoint)]
+    if not paths:
+        raise InputNotFoundError("nothing to pack", expected="at least one checkpoint",
+                                 fix="pass best.pt files written by 'medseg train'")
+    cks = [load_checkpoint(p) for p in paths]
+    first = cks[0]
+    for p, ck in zip(paths[1:], cks[1:]):
+        if ck["config"]["model"] != first["config"]["model"] or ck["config"]["labels"] != first["config"]["labels"]:
+            raise CheckpointError("cannot ensemble checkpoints of different models or labels", path=p,
+                                  expected=str(first["config"]["model"]), found=str(ck["config"]["model"]),
+                                  fix="pack only the folds of one 'medseg train --folds' run")
+    config = dict(first["config"])
+    if postprocess is not None:
+        config["inference"] = {**config.get("inference", {}), "postprocess": postprocess}
+    state = _half(first["state_dict"])
+    keep = {k: first[k] for k in ("epoch", "best_metric", "best_epoch", "val_dice", "split") if k in first}
+    payload = {"format": FORMAT, "version": VERSION, "config": config, "labels": first.get("labels", {}),
                "state_dict": state, "sha256": state_digest(state), **keep}
+    if len(cks) > 1:
+        members = [_half(ck["state_dict"]) for ck in cks[1:]]
+        payload["ensemble"] = members
+        payload["ensemble_sha256"] = [state_digest(m) for m in members]
+        payload["folds"] = [{"best_metric": ck.get("best_metric"), "val_dice": ck.get("val_dice")} for ck in cks]
     buf = io.BytesIO()
     torch.save(payload, buf)
     return atomic_write(output, lambda tmp: Path(tmp).write_bytes(buf.getvalue()))
+
+
+def pack_sources(paths: list[str | Path]) -> tuple[list[Path], dict | None]:
+    """Expand 'medseg pack-model' sources: a ``train --folds`` folder becomes its folds' best.pt
+    files plus the postprocessing chosen on cross-validation; files are taken as they are."""
+    import json
+
+    sources: list[Path] = []
+    postprocess = None
+    for p in map(Path, paths):
+        if p.is_dir():
+            folds = sorted(p.glob("fold_*/best.pt"), key=lambda q: int(q.parent.name.split("_")[1]))
+            if not folds:
+                raise InputNotFoundError("no fold checkpoints in folder", path=p,
+                                         expected="fold_*/best.pt from 'medseg train --folds'",
+                                         fix="pass checkpoint files, or the output folder of a cross-validation run")
+            sources += folds
+            if (p / "postprocess.json").is_file():
+                postprocess = json.loads((p / "postprocess.json").read_text())
+        else:
+            sources.append(p)
+    return sources, postprocess

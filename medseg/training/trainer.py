@@ -12,12 +12,19 @@ import numpy as np
 import torch
 
 from medseg.config import Config, save_config, to_dict
-from medseg.data.datasets import dataset_cases, split_cases
+from medseg.data.datasets import dataset_cases, kfold_split, split_cases
+from medseg.data.verify import check_training_inputs
 from medseg.errors import CheckpointError, DataError
-from medseg.inference.engine import autocast, resolve_device, sliding_window_logits
-from medseg.io.volume import atomic_write
+from medseg.inference.engine import autocast, sliding_window_logits
+from medseg.io.volume import atomic_write, remove_partial_files
 from medseg.models.registry import build_model, get_spec
-from medseg.training.checkpoint import load_checkpoint, save_checkpoint
+from medseg.training.checkpoint import config_from_checkpoint, load_checkpoint, save_checkpoint
+from medseg.training.distributed import DistContext
+from medseg.training.distributed import barrier as dist_barrier
+from medseg.training.distributed import sampler as dist_sampler
+from medseg.training.distributed import setup as dist_setup
+from medseg.training.distributed import teardown as dist_teardown
+from medseg.training.distributed import wrap as dist_wrap
 
 
 @dataclass
@@ -82,6 +89,40 @@ def validate(model, val_ds, cfg: Config, device, dims: int) -> np.ndarray:
     return np.nanmean(np.stack(scores), axis=0) if scores else np.array([])
 
 
+class EMA:
+    """Exponential moving average of a model's weights: ``avg = decay * avg + (1 - decay) * current``.
+
+    Averaged weights generalise a little better than the last step's and make the
+    best-epoch choice less noisy; they are what gets validated and saved.
+    """
+
+    def __init__(self, model: torch.nn.Module, decay: float) -> None:
+        import copy
+
+        self.decay = float(decay)
+        self.model = copy.deepcopy(model).eval()
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module) -> None:
+        for avg, cur in zip(self.model.state_dict().values(), model.state_dict().values()):
+            if avg.is_floating_point():
+                avg.mul_(self.decay).add_(cur.detach(), alpha=1.0 - self.decay)
+            else:
+                avg.copy_(cur)
+
+
+def _init_weights(model: torch.nn.Module, cfg: Config, path: Path) -> None:
+    ck = load_checkpoint(path)
+    if to_dict(config_from_checkpoint(ck, str(path)).model) != to_dict(cfg.model):
+        raise CheckpointError("train.init_from holds a different model", path=path,
+                              expected=str(to_dict(cfg.model)), found=str(ck["config"]["model"]),
+                              fix="start from a checkpoint of the same model config, or drop train.init_from")
+    state = ck.get("ema_state_dict") or ck["state_dict"]
+    model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
+
+
 def _is_tty() -> bool:
     return sys.stderr.isatty()
 
@@ -95,22 +136,35 @@ def train(cfg: Config, *, resume: bool = False, progress: bool = True, log=None)
     from medseg.transforms.pipeline import train_transforms, val_transforms
 
     console = Console(stderr=True)
-    say = log or (lambda msg: console.print(msg, highlight=False))
+    ctx = DistContext.from_env()
+    _say = log or (lambda msg: console.print(msg, highlight=False))
+
+    def say(msg: str) -> None:  # only rank 0 talks in multi-process training
+        if ctx.is_main:
+            _say(msg)
+
+    progress = progress and ctx.is_main
     tc = cfg.train
     out = Path(tc.output_dir)
+    check_training_inputs(cfg, out)  # bad data or an output folder among the inputs: refused before any write
     out.mkdir(parents=True, exist_ok=True)
+    remove_partial_files(out, ["last.pt", "best.pt", "history.json", "split.json", "config.yaml"])  # a killed run's
     last_path, best_path = out / "last.pt", out / "best.pt"
     if tc.threads:
         torch.set_num_threads(tc.threads)
-    set_determinism(seed=tc.seed)
-    device = resolve_device(tc.device)
+    set_determinism(seed=tc.seed + ctx.rank)  # each process draws its own patches and augmentations
+    device = dist_setup(ctx, tc.device)
     spec = get_spec(cfg.model.name)
 
     cases = dataset_cases(cfg.data)
-    train_cases, val_cases = split_cases(cases, cfg.data.val_fraction, cfg.data.seed)
+    if cfg.data.folds:
+        train_cases, val_cases = kfold_split(cases, cfg.data.folds, cfg.data.fold, cfg.data.seed)
+    else:
+        train_cases, val_cases = split_cases(cases, cfg.data.val_fraction, cfg.data.seed)
     split = {"train": [c.name for c in train_cases], "validation": [c.name for c in val_cases]}
-    atomic_write(out / "split.json", lambda p: Path(p).write_text(json.dumps(split, indent=1)))
-    save_config(cfg, out / "config.yaml")
+    if ctx.is_main:
+        atomic_write(out / "split.json", lambda p: Path(p).write_text(json.dumps(split, indent=1)))
+        save_config(cfg, out / "config.yaml")
 
     model = build_model(cfg.model, 1, cfg.num_classes).to(device)
     loss_fn = _loss(cfg)
@@ -118,12 +172,16 @@ def train(cfg: Config, *, resume: bool = False, progress: bool = True, log=None)
     sched = torch.optim.lr_scheduler.PolynomialLR(opt, total_iters=max(1, tc.epochs), power=0.9)
     scaler = torch.amp.GradScaler("cuda", enabled=(device.type == "cuda" and tc.amp))
     start_epoch, best, best_epoch, history = 1, -1.0, 0, []
+    if tc.init_from and not resume:
+        _init_weights(model, cfg, Path(tc.init_from))
+        say(f"starting from the weights of {tc.init_from}")
+    ema = EMA(model, tc.ema) if tc.ema else None
     if resume:
         if not last_path.is_file():
             raise CheckpointError("nothing to resume", path=last_path, expected="a last.pt from an earlier run",
                                   fix="run without --resume, or point train.output_dir at the earlier run")
         ck = load_checkpoint(last_path)
-        if ck["config"]["model"] != to_dict(cfg.model) or ck["config"]["labels"] != dict(cfg.labels):
+        if to_dict(config_from_checkpoint(ck, str(last_path)).model) != to_dict(cfg.model) or ck["config"]["labels"] != dict(cfg.labels):
             raise CheckpointError("cannot resume: the model or labels in the config changed", path=last_path,
                                   expected=str(ck["config"]["model"]), found=str(to_dict(cfg.model)),
                                   fix="resume with the same config, or train into a new train.output_dir")
@@ -132,6 +190,11 @@ def train(cfg: Config, *, resume: bool = False, progress: bool = True, log=None)
             opt.load_state_dict(ck["optimizer"])
         if "scheduler" in ck:
             sched.load_state_dict(ck["scheduler"])
+            if sched.total_iters != max(1, tc.epochs):  # train.epochs changed: decay to zero at the new end
+                say(f"learning-rate schedule now ends at epoch {tc.epochs} (was {sched.total_iters})")
+                sched.total_iters = max(1, tc.epochs)
+        if ema is not None and "ema_state_dict" in ck:
+            ema.model.load_state_dict(ck["ema_state_dict"])
         start_epoch = int(ck["epoch"]) + 1
         best = float(ck.get("best_metric") or -1.0)
         best_epoch = int(ck.get("best_epoch", 0))
@@ -143,10 +206,17 @@ def train(cfg: Config, *, resume: bool = False, progress: bool = True, log=None)
     t0 = time.time()
     train_ds = cache([c.as_dict() for c in train_cases], transform=train_transforms(cfg), **kw)
     val_ds = cache([c.as_dict() for c in val_cases], transform=val_transforms(cfg), **kw) if val_cases else None
-    loader = DataLoader(train_ds, batch_size=tc.batch_size, shuffle=True, num_workers=tc.num_workers,
-                        pin_memory=device.type == "cuda", drop_last=len(train_ds) > tc.batch_size)
+    train_sampler = dist_sampler(train_ds, ctx, tc.seed)
+    loader = DataLoader(train_ds, batch_size=tc.batch_size, shuffle=train_sampler is None, sampler=train_sampler,
+                        num_workers=tc.num_workers, pin_memory=device.type == "cuda",
+                        drop_last=len(train_ds) > tc.batch_size * ctx.world_size)
+    fmt = torch.channels_last_3d if (device.type == "cuda" and tc.channels_last and spec.dims == 3) else None
+    if fmt is not None:
+        model.to(memory_format=fmt)
+    net = dist_wrap(model, ctx, device)  # DDP averages gradients across processes; `model` stays the plain module
     say(f"{len(train_cases)} training / {len(val_cases)} validation cases; data ready in {time.time() - t0:.1f} s; "
-        f"device {device}; model {cfg.model.name} ({sum(p.numel() for p in model.parameters()):,} parameters)")
+        f"device {device}; model {cfg.model.name} ({sum(p.numel() for p in model.parameters()):,} parameters)"
+        + (f"; {ctx.world_size} processes" if ctx.enabled else ""))
 
     from medseg.progress import progress_bar
 
@@ -156,35 +226,46 @@ def train(cfg: Config, *, resume: bool = False, progress: bool = True, log=None)
         model.train()
         for epoch in range(start_epoch, tc.epochs + 1):
             losses = []
+            if train_sampler is not None:
+                train_sampler.set_epoch(epoch)
             for batch in loader:
                 x = batch["image"].to(device, non_blocking=True)
                 y = batch["label"].to(device, non_blocking=True)
+                if fmt is not None:
+                    x = x.contiguous(memory_format=fmt)
                 _check_labels(y, cfg, "a training batch")
                 opt.zero_grad(set_to_none=True)
                 with autocast(device, tc.amp):
-                    loss = supervised_loss(loss_fn, model(x), y)
+                    loss = supervised_loss(loss_fn, net(x), y)
                 scaler.scale(loss).backward()
                 scaler.unscale_(opt)
                 torch.nn.utils.clip_grad_norm_(model.parameters(), 12.0)
                 scaler.step(opt)
                 scaler.update()
+                if ema is not None:
+                    ema.update(model)
                 losses.append(float(loss.detach()))
             sched.step()
             record = {"epoch": epoch, "loss": float(np.mean(losses)) if losses else float("nan"),
                       "lr": opt.param_groups[0]["lr"], "elapsed_s": round(time.time() - t_start, 1)}
+            if not ctx.is_main:
+                continue
             if val_ds is not None and (epoch % tc.val_every == 0 or epoch == tc.epochs):
                 for j in range(len(val_ds)):
                     _check_labels(torch.as_tensor(val_ds[j]["label"]), cfg, f"validation case {val_cases[j].name}")
-                dice = validate(model, val_ds, cfg, device, spec.dims)
+                dice = validate(ema.model if ema else model, val_ds, cfg, device, spec.dims)
+                model.train()
                 record["val_dice"] = {cfg.labels.get(c, str(c)): round(float(d), 4) for c, d in zip(range(1, cfg.num_classes), dice)}
                 record["val_mean_dice"] = round(float(np.nanmean(dice)), 4)
                 if record["val_mean_dice"] > best:
                     best, best_epoch = record["val_mean_dice"], epoch
-                    save_checkpoint(best_path, model=model, cfg=cfg, epoch=epoch, best_metric=best,
+                    save_checkpoint(best_path, model=ema.model if ema else model, cfg=cfg, epoch=epoch, best_metric=best,
                                     best_epoch=best_epoch, split=split, val_dice=record["val_dice"])
             history.append(record)
             save_checkpoint(last_path, model=model, cfg=cfg, epoch=epoch, best_metric=best, best_epoch=best_epoch,
-                            optimizer=opt.state_dict(), scheduler=sched.state_dict(), history=history, split=split)
+                            optimizer=opt.state_dict(), scheduler=sched.state_dict(), history=history, split=split,
+                            **({"ema_state_dict": {k: v.detach().cpu() for k, v in ema.model.state_dict().items()}}
+                               if ema else {}))
             atomic_write(out / "history.json", lambda p: Path(p).write_text(json.dumps(history, indent=1)))
             desc = f"loss {record['loss']:.4f}"
             if "val_mean_dice" in record:
@@ -192,7 +273,10 @@ def train(cfg: Config, *, resume: bool = False, progress: bool = True, log=None)
             advance(desc)
             if not _is_tty() or "val_mean_dice" in record:
                 say(f"epoch {epoch}/{tc.epochs} {desc} · {record['elapsed_s']:.0f} s")
-    if val_ds is None:  # no validation split: the last weights are the best we know
-        save_checkpoint(best_path, model=model, cfg=cfg, epoch=epoch, best_metric=None, split=split)
+    dist_barrier(ctx)
+    dist_teardown(ctx)
+    if val_ds is None and ctx.is_main:  # no validation split: the last weights are the best we know
+        save_checkpoint(best_path, model=ema.model if ema else model, cfg=cfg, epoch=epoch, best_metric=None,
+                        split=split)
     return TrainResult(out, best_path, last_path, best, best_epoch, epoch - start_epoch + 1,
                        time.time() - t_start, history)

@@ -73,6 +73,8 @@ class ZScore(Transform):
     def __call__(self, img):
         img = _as_float(img)
         is_t = isinstance(img, torch.Tensor)
+        if is_t:
+            return self._torch(img)
         mask = (img != 0) if self.nonzero else (torch.ones_like(img, dtype=torch.bool) if is_t else np.ones(img.shape, bool))
         if int(mask.sum()) == 0:
             return img * 0
@@ -83,6 +85,38 @@ class ZScore(Transform):
         out = (img - mean) / std
         if self.nonzero:
             out = out * mask
+        return out
+
+    def _torch(self, img: torch.Tensor) -> torch.Tensor:
+        """Same result in bounded memory: statistics in float64 over slabs, one output tensor."""
+        from monai.data import MetaTensor
+
+        plain = img.as_tensor() if isinstance(img, MetaTensor) else img  # no per-operation metadata work
+        mask = (plain != 0) if self.nonzero else None
+        count = int(mask.sum()) if mask is not None else plain.numel()
+        if count == 0:
+            return img * 0
+        if plain.numel() <= 1 << 24:  # small: one pass, as the numpy path computes it
+            vals = plain[mask] if mask is not None else plain.reshape(-1)
+            mean, std = float(vals.mean()), float(vals.std(unbiased=False))
+        else:
+            step = max(1, (1 << 22) // max(1, int(np.prod(plain.shape[:-1]))))
+            slabs = [(a, min(a + step, plain.shape[-1])) for a in range(0, plain.shape[-1], step)]
+
+            def values(a: int, b: int) -> torch.Tensor:
+                x = plain[..., a:b]
+                return (x[mask[..., a:b]] if mask is not None else x.reshape(-1)).double()
+
+            mean = sum(float(values(a, b).sum()) for a, b in slabs) / count
+            var = sum(float(((values(a, b) - mean) ** 2).sum()) for a, b in slabs) / count
+            std = float(np.sqrt(var))
+        std = std if std > self.eps else 1.0
+        out = plain - mean
+        out.div_(std)
+        if mask is not None:
+            out.mul_(mask)
+        if isinstance(img, MetaTensor):
+            out = MetaTensor(out, meta=img.meta, applied_operations=img.applied_operations)
         return out
 
 

@@ -14,6 +14,7 @@ from monai.transforms import (
     EnsureTyped,
     MapTransform,
     Orientationd,
+    Rand3DElasticd,
     RandAdjustContrastd,
     RandAffined,
     RandCropByPosNegLabeld,
@@ -107,6 +108,11 @@ def train_transforms(cfg) -> Compose:
             steps.append(RandAffined(
                 ["image", "label"], prob=aug.affine_prob, rotate_range=(rad, rad, rad),
                 scale_range=(aug.scale,) * 3, mode=("bilinear", "nearest"), padding_mode="border",
+            ))
+        if aug.elastic_prob > 0:
+            steps.append(Rand3DElasticd(
+                ["image", "label"], sigma_range=tuple(aug.elastic_sigma), magnitude_range=tuple(aug.elastic_magnitude),
+                prob=aug.elastic_prob, mode=("bilinear", "nearest"), padding_mode="border",
             ))
         if aug.intensity_prob > 0:
             steps.append(RandScaleIntensityd("image", factors=aug.intensity_scale, prob=aug.intensity_prob))

@@ -1,0 +1,1 @@
+"""Execution engines that spread batch inference over several processes or machines."""

@@ -1,0 +1,193 @@
+"""Inference backends: the window runners the sliding window calls.
+
+A runner maps a batch of windows ``(B, 1, *roi)`` to logits ``(B, G*C, *roi)`` where ``G`` is
+the number of ensemble members (their probabilities are averaged after blending). Three kinds:
+
+* ``torch``: the PyTorch modules, on CPU or CUDA (mixed precision fp16/bf16, optional
+  ``torch.compile``);
+* ``onnxruntime``: an exported ``.onnx`` file run by ONNX Runtime (CPU, or CUDA where the
+  GPU build is installed);
+* ``torchscript``: an exported TorchScript file.
+
+Exported files carry the resolved model config (labels, preprocessing, window size) inside
+them (:mod:`medseg.inference.export`), so they predict on their own.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from pathlib import Path
+
+import torch
+
+from medseg.errors import CheckpointError, ConfigError, MedsegError, MissingDependencyError
+
+BACKENDS = ("torch", "onnxruntime", "torchscript")
+EXPORT_SUFFIXES = {".onnx": "onnxruntime", ".ts": "torchscript", ".torchscript": "torchscript"}
+META_KEY = "medseg"
+
+
+def cpu_threads() -> int:
+    """Cores this process may run on (affinity and cgroup aware), at least 1."""
+    try:
+        n = len(os.sched_getaffinity(0))
+    except AttributeError:
+        n = os.cpu_count() or 1
+    try:
+        with open("/sys/fs/cgroup/cpu.max") as fh:
+            quota, period = fh.read().split()
+        if quota != "max":
+            n = min(n, max(1, int(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass
+    return max(1, n)
+
+
+def check_backend(name: str) -> str:
+    name = (name or "torch").lower()
+    if name == "ort":
+        name = "onnxruntime"
+    if name not in BACKENDS:
+        raise ConfigError("unknown inference backend", expected=" | ".join(BACKENDS), found=repr(name),
+                          fix="use --backend torch or --backend onnxruntime")
+    return name
+
+
+class Ensemble(torch.nn.Module):
+    """Runs every member on the same windows and concatenates their logits along channels."""
+
+    def __init__(self, nets) -> None:
+        super().__init__()
+        self.nets = torch.nn.ModuleList(nets)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        outs = [net(x) for net in self.nets]
+        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
+
+
+class TorchRunner:
+    def __init__(self, nets, device: torch.device, *, amp: bool = True, amp_dtype: str = "fp16",
+                 compile: bool = False, channels_last: bool = False) -> None:
+        from medseg.inference.engine import amp_dtype as resolve_dtype
+
+        self.groups = len(nets)
+        self.device = device
+        self.amp = amp
+        self.dtype = resolve_dtype(amp_dtype)
+        module = Ensemble(nets).to(device).eval()
+        # channels-last activations suit cuDNN's 3D convolutions (on CPUs it is no faster for these UNets)
+        self.channels_last = channels_last
+        if channels_last:
+            module = module.to(memory_format=torch.channels_last_3d)
+        if compile:
+            try:
+                module = torch.compile(module, dynamic=False)
+            except Exception as exc:  # noqa: BLE001 - compilation is optional
+                raise ConfigError("torch.compile is not available here", found=f"{type(exc).__name__}: {exc}"[:200],
+                                  fix="run without --compile") from None
+        self.module = module
+
+    @torch.inference_mode()
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        from medseg.inference.engine import autocast
+
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last_3d)
+        with autocast(self.device, self.amp, self.dtype):
+            return self.module(x)
+
+
+class OnnxRunner:
+    def __init__(self, path: str | Path, *, device: torch.device | None = None, threads: int | None = None) -> None:
+        ort = import_onnxruntime()
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = int(threads or cpu_threads())
+        opts.inter_op_num_threads = 1
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        providers = ["CPUExecutionProvider"]
+        if device is not None and device.type == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
+            providers.insert(0, ("CUDAExecutionProvider", {"device_id": device.index or 0}))
+        try:
+            self.session = ort.InferenceSession(str(path), sess_options=opts, providers=providers)
+        except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own exception types
+            raise CheckpointError("cannot load ONNX model", path=path, expected="an ONNX file from 'medseg export'",
+                                  found=str(exc).splitlines()[0][:200], fix="export the model again") from None
+        self.input = self.session.get_inputs()[0].name
+        meta = self.session.get_modelmeta().custom_metadata_map
+        self.groups = int(json.loads(meta[META_KEY]).get("groups", 1)) if META_KEY in meta else 1
+        self.device = torch.device("cpu")
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        arr = x.detach().to("cpu", torch.float32).contiguous().numpy()
+        return torch.from_numpy(self.session.run(None, {self.input: arr})[0])
+
+
+class TorchScriptRunner:
+    def __init__(self, path: str | Path, *, device: torch.device, amp: bool = True, amp_dtype: str = "fp16") -> None:
+        from medseg.inference.engine import amp_dtype as resolve_dtype
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            self.module = torch.jit.load(str(path), map_location=device).eval()
+        self.device, self.amp, self.dtype = device, amp, resolve_dtype(amp_dtype)
+        self.groups = int(read_export_metadata(path).get("groups", 1))
+
+    @torch.no_grad()
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        from medseg.inference.engine import autocast
+
+        with autocast(self.device, self.amp, self.dtype):
+            return self.module(x)
+
+
+def import_onnxruntime():
+    try:
+        import onnxruntime
+    except ImportError:
+        raise MissingDependencyError("onnxruntime is not installed", expected="the onnxruntime package",
+                                     fix="pip install 'medseg[onnx]' (or pip install onnxruntime)") from None
+    onnxruntime.set_default_logger_severity(3)
+    return onnxruntime
+
+
+def is_exported(path: str | Path) -> bool:
+    return Path(path).suffix.lower() in EXPORT_SUFFIXES
+
+
+def read_export_metadata(path: str | Path) -> dict:
+    """The medseg payload stored in an exported file: ``{"config": …, "groups": …, …}``."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".onnx":
+            try:
+                import onnx
+            except ImportError:
+                ort = import_onnxruntime()
+                sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+                raw = sess.get_modelmeta().custom_metadata_map.get(META_KEY)
+            else:
+                model = onnx.load(str(path), load_external_data=False)
+                raw = next((p.value for p in model.metadata_props if p.key == META_KEY), None)
+        else:
+            extra = {f"{META_KEY}.json": ""}
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", DeprecationWarning)
+                torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
+            raw = extra[f"{META_KEY}.json"] or None
+    except MedsegError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - foreign or damaged files
+        raise CheckpointError("cannot read exported model", path=path, expected="a file written by 'medseg export'",
+                              found=f"{type(exc).__name__}: {exc}".splitlines()[0][:200],
+                              fix="export the model again with 'medseg export'") from None
+    if not raw:
+        raise CheckpointError("exported model carries no medseg config", path=path,
+                              expected="a file written by 'medseg export'", found="no 'medseg' metadata",
+                              fix="export it with 'medseg export MODEL --format onnx|torchscript'")
+    payload = json.loads(raw)
+    if "config" not in payload:
+        raise CheckpointError("exported model metadata has no config", path=path, fix="export the model again")
+    return payload

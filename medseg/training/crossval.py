@@ -1,0 +1,166 @@
+"""K-fold cross-validation: train each fold, predict its held-out cases, pool, choose postprocessing.
+
+Layout of ``train.output_dir`` after ``medseg train CONFIG --folds 5``::
+
+    fold_0/ ... fold_4/        best.pt, last.pt, history.json, split.json of each fold
+    fold_K/validation/*.nii.gz out-of-fold predictions on each case's own grid
+    cv_summary.json            per-fold and pooled Dice, the postprocessing trial results
+    postprocess.json           the chosen postprocessing (used by 'medseg pack-model DIR')
+
+Folds can run as separate jobs (``--fold I``); the summary is written once every fold is done.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from medseg.config import Config
+from medseg.data.datasets import dataset_cases, kfold_split
+from medseg.errors import CheckpointError, DataError, InputNotFoundError
+from medseg.io.volume import atomic_write, load_volume, save_volume
+from medseg.postprocess import apply_postprocessing, choose_postprocessing, mean_dice_per_class
+
+
+@dataclass
+class CVResult:
+    output_dir: Path
+    folds_done: list[int]
+    fold_dice: dict[int, dict[str, float]] = field(default_factory=dict)
+    pooled: dict[str, float] | None = None
+    pooled_postprocessed: dict[str, float] | None = None
+    postprocess: dict[str, list[int]] | None = None
+
+    @property
+    def complete(self) -> bool:
+        return self.pooled is not None
+
+
+def fold_config(cfg: Config, folds: int, fold: int) -> Config:
+    out = copy.deepcopy(cfg)
+    out.data.folds, out.data.fold = folds, fold
+    out.train.output_dir = str(Path(cfg.train.output_dir) / f"fold_{fold}")
+    out.validate()
+    return out
+
+
+def _write_json(path: Path, data) -> None:
+    atomic_write(path, lambda p: Path(p).write_text(json.dumps(data, indent=1)))
+
+
+def predict_fold_validation(cfg: Config, fold_dir: Path, *, device: str = "auto", progress: bool = True) -> dict:
+    """Predict every validation case of a fold with its best.pt, on the case's own grid; Dice per case."""
+    from medseg.inference.predictor import Predictor
+    from medseg.progress import progress_bar
+
+    best = fold_dir / "best.pt"
+    if not best.is_file():
+        raise CheckpointError("fold has no best.pt", path=best, expected="a finished fold",
+                              fix="train the fold first: medseg train CONFIG --folds N --fold I")
+    _, val_cases = kfold_split(dataset_cases(cfg.data), cfg.data.folds, cfg.data.fold, cfg.data.seed)
+    predictor = Predictor(best, device=device)
+    out_dir = fold_dir / "validation"
+    out_dir.mkdir(exist_ok=True)
+    classes = [c for c in cfg.labels if c]
+    cases = {}
+    with progress_bar(f"validate fold {cfg.data.fold}", total=len(val_cases), enabled=progress) as advance:
+        for case in val_cases:
+            vol = load_volume(case.image)
+            pred = predictor.predict_volume(vol)
+            save_volume(pred, out_dir / f"{case.name}.nii.gz", reference=vol)
+            ref = load_volume(case.label).array
+            d = mean_dice_per_class([(np.asarray(pred.array), np.rint(ref).astype(np.int64))], classes)
+            cases[case.name] = {str(c): d[c] for c in classes}
+            advance()
+    _write_json(out_dir / "dice.json", cases)
+    return cases
+
+
+def _named(d: dict[int, float], cfg: Config) -> dict[str, float]:
+    out = {cfg.labels.get(c, str(c)): round(float(v), 4) for c, v in d.items()}
+    out["mean"] = round(float(np.nanmean(list(d.values()))), 4)
+    return out
+
+
+def summarize(cfg: Config, folds: int) -> CVResult:
+    """Pool the out-of-fold predictions of all finished folds; choose postprocessing when all are done."""
+    base = Path(cfg.train.output_dir)
+    classes = [c for c in cfg.labels if c]
+    res = CVResult(base, [])
+    pairs_by_fold = {}
+    for f in range(folds):
+        fcfg = fold_config(cfg, folds, f)
+        vdir = Path(fcfg.train.output_dir) / "validation"
+        if not (vdir / "dice.json").is_file():
+            continue
+        _, val_cases = kfold_split(dataset_cases(cfg.data), folds, f, cfg.data.seed)
+        pairs = []
+        for case in val_cases:
+            pred_path = vdir / f"{case.name}.nii.gz"
+            if not pred_path.is_file():
+                raise InputNotFoundError("out-of-fold prediction missing", path=pred_path,
+                                         expected="one prediction per validation case",
+                                         fix=f"re-run: medseg train CONFIG --folds {folds} --fold {f} --resume")
+            pred = np.asarray(load_volume(pred_path).array).astype(np.int64)
+            ref = np.rint(load_volume(case.label).array).astype(np.int64)
+            if pred.shape != ref.shape:
+                raise DataError("prediction and label grids differ", path=pred_path, expected=str(ref.shape),
+                                found=str(pred.shape), fix="delete the fold's validation folder and re-run it")
+            pairs.append((pred, ref))
+        pairs_by_fold[f] = pairs
+        res.folds_done.append(f)
+        res.fold_dice[f] = _named(mean_dice_per_class(pairs, classes), cfg)
+    if len(res.folds_done) < folds:
+        return res
+    pooled = [p for f in range(folds) for p in pairs_by_fold[f]]
+    res.pooled = _named(mean_dice_per_class(pooled, classes), cfg)
+    chosen, report = choose_postprocessing(pooled, classes)
+    res.postprocess = chosen
+    post_pairs = [(apply_postprocessing(p, chosen), r) for p, r in pooled]
+    res.pooled_postprocessed = _named(mean_dice_per_class(post_pairs, classes), cfg)
+    summary = {
+        "folds": folds, "cases": len(pooled),
+        "fold_dice": {str(f): d for f, d in res.fold_dice.items()},
+        "pooled_dice": res.pooled, "pooled_dice_postprocessed": res.pooled_postprocessed,
+        "postprocess": chosen,
+        "postprocess_trials": [
+            {**t, "dice": {str(c): round(v, 5) for c, v in t["dice"].items()}} for t in report["trials"]
+        ],
+    }
+    _write_json(base / "cv_summary.json", summary)
+    _write_json(base / "postprocess.json", chosen)
+    return res
+
+
+def train_folds(cfg: Config, folds: int, *, only: int | None = None, resume: bool = False,
+                progress: bool = True, log=None) -> CVResult:
+    """Train folds ``0..folds-1`` (or only ``only``), predict their validation cases, then summarize."""
+    from medseg.training.trainer import train
+
+    if folds < 2:
+        raise DataError("cross-validation needs at least 2 folds", found=str(folds), fix="e.g. --folds 5")
+    if only is not None and not 0 <= only < folds:
+        raise DataError("fold out of range", expected=f"0..{folds - 1}", found=str(only), fix=f"--fold 0..{folds - 1}")
+    from medseg.training.distributed import DistContext
+
+    ctx = DistContext.from_env()
+    if ctx.enabled and only is None:
+        raise DataError("under torchrun, train one fold per launch", expected="--folds K --fold I",
+                        found=f"--folds {folds} without --fold", fix="launch torchrun once per fold with --fold I")
+    say = log or print
+    for f in ([only] if only is not None else range(folds)):
+        fcfg = fold_config(cfg, folds, f)
+        fdir = Path(fcfg.train.output_dir)
+        if (fdir / "validation" / "dice.json").is_file():
+            say(f"fold {f}: already done")
+            continue
+        last = fdir / "last.pt"
+        say(f"fold {f} of {folds}")
+        train(fcfg, resume=resume and last.is_file(), progress=progress, log=log)
+        if ctx.is_main:  # rank 0 predicts the fold's held-out cases
+            predict_fold_validation(fcfg, fdir, device=fcfg.train.device, progress=progress)
+    return summarize(cfg, folds) if ctx.is_main else CVResult(Path(cfg.train.output_dir), [])

@@ -1,0 +1,186 @@
+"""Cross-validation, fold ensembles, postprocessing chosen on CV, EMA and warm starts."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import REPO, assert_clean_error, run_cli
+
+from medseg.config import ConfigError, load_config
+from medseg.data.datasets import Case, kfold_split
+from medseg.errors import CheckpointError
+from medseg.postprocess import (
+    apply_postprocessing,
+    choose_postprocessing,
+    keep_largest,
+    keep_largest_foreground,
+)
+from medseg.training.checkpoint import load_checkpoint
+from medseg.training.trainer import EMA
+
+TINY = ["model.channels=[4,8,16]", "model.strides=[2,2]", "model.num_res_units=1", "patch.size=[16,16,16]",
+        "train.epochs=2", "train.val_every=1", "train.batch_size=2", "inference.sw_batch_size=2",
+        "data.cache=false", "augment.enabled=false"]
+
+
+def _sets(*items: str) -> list[str]:
+    out = []
+    for it in items:
+        out += ["--set", it]
+    return out
+
+
+def test_kfold_split_covers_every_case_once():
+    cases = [Case(f"c{i:02d}", f"c{i}.nii.gz", f"l{i}.nii.gz") for i in range(23)]
+    vals = []
+    for f in range(5):
+        train, val = kfold_split(cases, 5, f, seed=3)
+        assert not {c.name for c in train} & {c.name for c in val}
+        assert len(train) + len(val) == 23 and len(val) in (4, 5)
+        vals += [c.name for c in val]
+    assert sorted(vals) == sorted(c.name for c in cases)
+    assert kfold_split(cases[::-1], 5, 2, seed=3) == kfold_split(cases, 5, 2, seed=3)  # order-independent
+
+
+def _blobs(shape=(30, 30, 30)):
+    ref = np.zeros(shape, np.int64)
+    ref[5:15, 5:15, 5:15] = 1
+    ref[15:20, 5:15, 5:15] = 2
+    return ref
+
+
+def test_keep_largest_steps():
+    lab = _blobs()
+    noisy = lab.copy()
+    noisy[25:27, 25:27, 25:27] = 1  # a stray class-1 island
+    noisy[0:2, 25:27, 0:2] = 2      # a stray class-2 island
+    assert np.array_equal(keep_largest(noisy, [1, 2]), lab)
+    assert np.array_equal(keep_largest_foreground(noisy, [1, 2]), lab)
+    only1 = keep_largest(noisy, [1])
+    assert (only1[0:2, 25:27, 0:2] == 2).all() and (only1[25:27, 25:27, 25:27] == 0).all()
+    assert np.array_equal(apply_postprocessing(noisy, {"keep_largest": [1, 2]}), lab)
+    assert apply_postprocessing(noisy, {}) is noisy
+
+
+def test_postprocessing_chosen_only_where_it_helps():
+    ref = _blobs()
+    noisy = ref.copy()
+    noisy[25:28, 25:28, 25:28] = 1
+    chosen, report = choose_postprocessing([(noisy, ref), (ref.copy(), ref)], [1, 2])
+    assert chosen == {"keep_largest_foreground": [1, 2]}
+    assert report["after"][1] > report["before"][1]
+    # the reference itself has two separate class-1 parts: removing one would hurt, so nothing is chosen
+    two = ref.copy()
+    two[25:28, 25:28, 25:28] = 1
+    chosen, _ = choose_postprocessing([(two.copy(), two), (two.copy(), two)], [1, 2])
+    assert chosen == {}
+
+
+def test_ema_is_a_moving_average():
+    net = torch.nn.Linear(2, 1, bias=False)
+    with torch.no_grad():
+        net.weight.fill_(1.0)
+    ema = EMA(net, 0.9)
+    with torch.no_grad():
+        net.weight.fill_(3.0)
+    ema.update(net)
+    assert torch.allclose(ema.model.weight, torch.full((1, 2), 1.2))
+    assert not ema.model.weight.requires_grad
+
+
+def test_config_checks_for_new_keys(tmp_path):
+    with pytest.raises(ConfigError, match="cross-validation"):
+        load_config(REPO / "configs" / "hippocampus.yaml", ["data.folds=1"])
+    with pytest.raises(ConfigError, match="train.ema"):
+        load_config(REPO / "configs" / "hippocampus.yaml", ["train.ema=1.5"])
+    with pytest.raises(ConfigError, match="unknown postprocessing step"):
+        load_config(REPO / "configs" / "hippocampus.yaml", ["inference.postprocess={largest: [1]}"])
+    with pytest.raises(ConfigError, match="not labels"):
+        load_config(REPO / "configs" / "hippocampus.yaml", ["inference.postprocess={keep_largest: [7]}"])
+
+
+@pytest.mark.slow
+def test_folds_train_pool_pack_and_predict_ensemble(tmp_path, hippo_data):
+    out = tmp_path / "cv"
+    args = ["train", REPO / "configs" / "hippocampus.yaml", "--folds", "2",
+            *_sets(f"data.root={hippo_data}", f"train.output_dir={out}", "train.ema=0.9", *TINY)]
+    proc = run_cli(*args[:4], "--fold", "1", *args[4:])
+    assert proc.returncode == 0, proc.stderr
+    assert "1 of 2 folds done" in proc.stdout and not (out / "cv_summary.json").exists()
+    proc = run_cli(*args)  # fold 1 is skipped as done, fold 0 trains, then the summary
+    assert proc.returncode == 0, proc.stderr
+    assert "fold 1: already done" in proc.stderr and "pooled out-of-fold Dice" in proc.stdout
+    summary = json.loads((out / "cv_summary.json").read_text())
+    assert summary["cases"] == 6 and set(summary["fold_dice"]) == {"0", "1"}
+    assert set(summary["pooled_dice"]) == {"anterior", "posterior", "mean"}
+    names = {p.name for f in (0, 1) for p in (out / f"fold_{f}" / "validation").glob("*.nii.gz")}
+    assert names == {p.name for p in (hippo_data / "labelsTr").glob("*.nii.gz")}
+    # pack both folds into one ensemble file carrying the chosen postprocessing
+    model = tmp_path / "ensemble.pt"
+    proc = run_cli("pack-model", out, model)
+    assert proc.returncode == 0, proc.stderr
+    ck = load_checkpoint(model)
+    assert len(ck["ensemble"]) == 1 and ck["config"]["inference"]["postprocess"] == summary["postprocess"]
+    from medseg.inference.predictor import Predictor
+    from medseg.io import load_volume
+
+    p = Predictor(model, device="cpu")
+    assert len(p.nets) == 2
+    vol = load_volume(hippo_data / "imagesTr" / "hippocampus_003.nii.gz")
+    lab = p.predict_volume(vol)
+    assert lab.shape == vol.shape and np.allclose(lab.affine, vol.affine)
+    # the ensemble's probabilities are the mean of its members'
+    single = [Predictor(out / f"fold_{f}" / "best.pt", device="cpu").probabilities(vol) for f in (0, 1)]
+    assert torch.allclose(p.probabilities(vol), (single[0] + single[1]) / 2, atol=2e-3)
+    # a member altered after packing is refused
+    payload = torch.load(model, weights_only=True)
+    key = next(iter(payload["ensemble"][0]))
+    payload["ensemble"][0][key] = payload["ensemble"][0][key] + 1
+    torch.save(payload, tmp_path / "tampered.pt")
+    with pytest.raises(CheckpointError, match="ensemble weights"):
+        load_checkpoint(tmp_path / "tampered.pt")
+
+
+@pytest.mark.slow
+def test_init_from_warm_start_and_mismatch(tmp_path, hippo_data):
+    first = tmp_path / "a"
+    base = ["train", REPO / "configs" / "hippocampus.yaml",
+            *_sets(f"data.root={hippo_data}", *TINY, "train.epochs=1")]
+    assert run_cli(*base, "--set", f"train.output_dir={first}").returncode == 0
+    proc = run_cli(*base, "--set", f"train.output_dir={tmp_path / 'b'}", "--set", f"train.init_from={first / 'best.pt'}")
+    assert proc.returncode == 0, proc.stderr
+    assert "starting from the weights of" in proc.stderr
+    proc = run_cli(*base, "--set", f"train.output_dir={tmp_path / 'c'}", "--set", f"train.init_from={first / 'best.pt'}",
+                   "--set", "model.channels=[4,8,32]")
+    assert_clean_error(proc, "different model", "best.pt")
+    # resuming with more epochs extends the run; the learning-rate decay now ends at the new last epoch
+    proc = run_cli(*base, "--set", f"train.output_dir={first}", "--set", "train.epochs=2", "--resume")
+    assert proc.returncode == 0, proc.stderr
+    assert "schedule now ends at epoch 2 (was 1)" in proc.stderr and "resuming at epoch 2 of 2" in proc.stderr
+    ck = load_checkpoint(first / "last.pt")
+    assert ck["epoch"] == 2 and ck["history"][-1]["lr"] == pytest.approx(0.0)
+
+
+def test_pack_model_needs_an_output(tmp_path):
+    assert_clean_error(run_cli("pack-model", tmp_path / "x.pt"), "SOURCE... OUTPUT.pt")
+    empty = tmp_path / "cv"
+    empty.mkdir()
+    assert_clean_error(run_cli("pack-model", empty, tmp_path / "m.pt"), "no fold checkpoints")
+
+
+def test_elastic_augmentation_keeps_labels_integral(hippo_data):
+    from medseg.transforms.pipeline import train_transforms
+
+    cfg = load_config(REPO / "configs" / "hippocampus.yaml",
+                      ["augment.elastic_prob=1.0", "augment.affine_prob=0", "patch.size=[24,24,24]",
+                       "patch.samples_per_volume=1"])
+    name = "hippocampus_003.nii.gz"
+    item = {"image": str(hippo_data / "imagesTr" / name), "label": str(hippo_data / "labelsTr" / name)}
+    out = train_transforms(cfg)(item)
+    out = out[0] if isinstance(out, list) else out
+    lab = np.asarray(out["label"])
+    assert lab.shape == (1, 24, 24, 24) and set(np.unique(lab)) <= {0.0, 1.0, 2.0}
