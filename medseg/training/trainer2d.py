@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -34,18 +33,10 @@ from medseg.inference.engine import autocast, resolve_device
 from medseg.io.volume import atomic_write
 from medseg.models.registry import build_model
 from medseg.training.checkpoint import load_checkpoint, save_checkpoint
+from medseg.training.trainer import TrainResult
 
 
-@dataclass
-class TrainResult2D:
-    output_dir: Path
-    best_checkpoint: Path
-    last_checkpoint: Path
-    best_metric: float
-    best_epoch: int
-    epochs_run: int
-    seconds: float
-    history: list = field(default_factory=list)
+TrainResult2D = TrainResult  # same fields as a volume training run
 
 
 DEFAULT_LABELS = {0: "background", 1: "foreground"}
