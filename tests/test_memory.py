@@ -135,7 +135,7 @@ def test_ct_size_volume_stays_under_4gb_peak_rss(tmp_path):
     peak_kb = int(proc.stdout.split("PEAK")[-1].strip())
     assert peak_kb * 1024 < 4 * 2 ** 30, f"peak RSS {peak_kb / 2 ** 20:.2f} GB"
     written = sorted(p.name for p in (tmp_path / "out").iterdir())
-    assert written == ["ct.nii.gz"], written  # labels are always written compressed
+    assert "ct.nii.gz" in written, written  # labels are always written compressed, beside the colour tables
     out = nib.load(str(tmp_path / "out" / "ct.nii.gz"))
     assert out.shape == (512, 512, 600) and np.allclose(out.affine, affine)
     assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss > 0
