@@ -7,7 +7,9 @@ checkpoint (cases it never trained on). ``--train`` retrains from the config fir
     python benchmarks/hippocampus.py --model runs/hippocampus/best.pt
     python benchmarks/hippocampus.py --train --set train.epochs=50
     python benchmarks/hippocampus.py --model hippocampus --model runs/hippocampus_wide/best.pt --tta
-    python benchmarks/hippocampus.py --cv runs/cv_plain --cv runs/cv_wide   # cross-validation summaries
+    python benchmarks/hippocampus.py --cv runs/hippocampus_cv                # cross-validation summary
+    python benchmarks/hippocampus.py --model hippocampus --model runs/hippocampus_cv/fold_0/best.pt \
+        --model ensemble.pt --tta      # single models and a fold ensemble on the same unseen cases
 
 Prints a table and one JSON line; the figures go into benchmarks/RESULTS.md by hand,
 with the machine they were measured on.
@@ -95,7 +97,12 @@ def main(argv=None) -> int:
     models = [model] if args.train or not args.model else args.model
     first = Predictor(models[0], device=args.device)
     split = load_checkpoint(first.model_path).get("split") or {}
-    names = split.get("validation") or []
+    names = split.get("validation") or split.get("test") or []
+    if not names and first.cfg.data.test_fraction > 0:  # an ensemble: the cases its config set aside
+        from medseg.data.datasets import holdout_cases
+
+        first.cfg.data.root = str(data)
+        names = [c.name for c in holdout_cases(first.cfg.data)]
     if not names:
         print("checkpoint has no stored validation split; nothing held out to score", file=sys.stderr)
         return 2
@@ -110,7 +117,7 @@ def main(argv=None) -> int:
         for tta in ([False, True] if args.tta else [False]):
             pred.tta_axes = sorted(set(pred.cfg.augment.flip_axes)) if (tta and pred.cfg.augment.enabled) else []
             results.append(score(pred, names, data, tta, train_seconds if ref == models[0] else None, evaluate))
-    print(f"held-out cases: {len(names)} (the validation split stored in {models[0]})")
+    print(f"held-out cases: {len(names)} (never trained on by any model below; from {models[0]})")
     head = f"{'model':<44} {'TTA':<4} " + " ".join(f"{n + ' Dice':>15}" for n in results[0]["dice"])
     print(head + f" {'mean Dice':>10} {'s/case':>7}")
     for r in results:
@@ -120,12 +127,21 @@ def main(argv=None) -> int:
     for r in results:
         print(json.dumps(r))
     for cv in args.cv:
-        summary = json.loads((Path(cv) / "cv_summary.json").read_text())
-        pooled, post = summary["pooled_dice"], summary["pooled_dice_postprocessed"]
-        print(f"cross-validation {cv}: {summary['folds']} folds, {summary['cases']} cases; pooled mean Dice "
-              f"{pooled['mean']:.4f} ({', '.join(f'{k} {v:.4f}' for k, v in pooled.items() if k != 'mean')}); "
-              f"with postprocessing {summary['postprocess'] or 'none'}: {post['mean']:.4f}")
+        print_cv(Path(cv))
     return 0
+
+
+def print_cv(cv: Path) -> None:
+    """Per-fold and pooled out-of-fold Dice of a 'medseg train --folds' folder, as a table."""
+    summary = json.loads((cv / "cv_summary.json").read_text())
+    pooled, post = summary["pooled_dice"], summary["pooled_dice_postprocessed"]
+    classes = [k for k in pooled if k != "mean"]
+    print(f"cross-validation {cv}: {summary['folds']} folds, {summary['cases']} cases (out-of-fold predictions)")
+    print(f"{'':<28}" + " ".join(f"{c + ' Dice':>15}" for c in classes) + f" {'mean Dice':>10}")
+    rows = [(f"fold {f}", d) for f, d in sorted(summary["fold_dice"].items(), key=lambda kv: int(kv[0]))]
+    rows += [("pooled", pooled), (f"pooled + {'+'.join(summary['postprocess'] or {}) or 'no postprocessing'}"[:28], post)]
+    for name, d in rows:
+        print(f"{name:<28}" + " ".join(f"{d[c]:>15.4f}" for c in classes) + f" {d['mean']:>10.4f}")
 
 
 if __name__ == "__main__":

@@ -172,7 +172,7 @@ def run_batch(root: str | Path, outdir: str | Path, *, model: str | None = None,
     """
     from medseg.inference.predictor import Predictor, default_format
     from medseg.io.rules import load_rules
-    from medseg.io.writers import check_formats, write_color_tables, write_labels
+    from medseg.io.writers import check_formats, write_labels
     from medseg.labels import infos_from_config
     from medseg.progress import progress_bar
 
@@ -283,16 +283,8 @@ def run_batch(root: str | Path, outdir: str | Path, *, model: str | None = None,
                         summary.done += 1
                     except Exception as exc:  # noqa: BLE001 - recorded, the batch goes on
                         err = exc
-                if err is not None:
-                    reason = str(err) if isinstance(err, MedsegError) else f"internal error: {type(err).__name__}: {err}"
-                    reason = hide(" ".join(reason.split()), it.path)
-                    row.update(status="failed", reason=reason)
-                    summary.failed += 1
-                    summary.failures.append((row["input"], reason))
-                row["finished_at"] = _now()
-                manifest.update(row)
-                if summary.done == 1 and row["status"] == "done":  # once, after the first labels exist
-                    write_color_tables(outdir, formats or sorted({default_format(t) for t in todo}), infos)
+                _record_row(row, err, it, manifest, summary, hide, outdir, infos,
+                            formats or sorted({default_format(t) for t in todo}))
                 advance(it.name)
     summary.seconds = time.perf_counter() - t_start
     return summary
@@ -301,7 +293,6 @@ def run_batch(root: str | Path, outdir: str | Path, *, model: str | None = None,
 def _merge_results(results, manifest: Manifest, summary: BatchSummary, outdir: Path, on_done, shown, hide,
                    progress: bool, total: int, infos, table_formats: list[str]) -> None:
     """Record ``(item, result)`` pairs from a distributed engine in the manifest, as the local loop does."""
-    from medseg.io.writers import write_color_tables
     from medseg.progress import progress_bar
 
     with progress_bar("batch", total=total, enabled=progress) as advance:
@@ -318,19 +309,31 @@ def _merge_results(results, manifest: Manifest, summary: BatchSummary, outdir: P
                         row.update(on_done(it, [outdir / r for r in rels]))
                     summary.done += 1
                 except Exception as exc:  # noqa: BLE001 - recorded, the batch goes on
-                    err = str(exc) if isinstance(exc, MedsegError) else f"internal error: {type(exc).__name__}: {exc}"
+                    err = exc
             else:
                 err = res.get("reason") or "failed"
-            if err is not None:
-                reason = hide(" ".join(str(err).split()), it.path)
-                row.update(status="failed", reason=reason)
-                summary.failed += 1
-                summary.failures.append((row["input"], reason))
-            row["finished_at"] = _now()
-            manifest.update(row)
-            if summary.done == 1 and row["status"] == "done":  # once, after the first labels exist
-                write_color_tables(outdir, table_formats, infos)
+            _record_row(row, err, it, manifest, summary, hide, outdir, infos, table_formats)
             advance(it.name)
+
+
+def _record_row(row: dict, err, it: InputItem, manifest: Manifest, summary: BatchSummary, hide, outdir: Path,
+                infos, table_formats: list[str]) -> None:
+    """Finish one manifest row (local loop and distributed engines alike): record a failure (an
+    exception or a reason string) with the input's path hidden, stamp it, and write the colour
+    tables once, after the first labels exist."""
+    from medseg.io.writers import write_color_tables
+
+    if err is not None:
+        if isinstance(err, BaseException) and not isinstance(err, MedsegError):
+            err = f"internal error: {type(err).__name__}: {err}"
+        reason = hide(" ".join(str(err).split()), it.path)
+        row.update(status="failed", reason=reason)
+        summary.failed += 1
+        summary.failures.append((row["input"], reason))
+    row["finished_at"] = _now()
+    manifest.update(row)
+    if summary.done == 1 and row["status"] == "done":
+        write_color_tables(outdir, table_formats, infos)
 
 
 def _finish(manifest: Manifest, row: dict, item: InputItem, on_done, outdir: Path, summary: BatchSummary) -> None:

@@ -29,6 +29,9 @@ class DataConfig:
     """JSON file with ``{"training": [{"image": ..., "label": ...}, ...]}`` (MSD dataset.json style)."""
     val_fraction: float = 0.2
     seed: int = 0
+    test_fraction: float = 0.0
+    """Cases set aside before any split (the validation side of a ``val_fraction`` split of this size and
+    seed), never trained or validated on, also not by cross-validation; benchmarks score them as unseen."""
     cache: bool = True
     folds: int = 0
     """Cross-validation: split the cases into this many folds (0 = one split by ``val_fraction``)."""
@@ -239,6 +242,11 @@ class Config:
             raise ConfigError("invalid cross-validation setting", path=source,
                               expected="data.folds 0 (off) or >= 2, and 0 <= data.fold < data.folds",
                               found=f"folds {self.data.folds}, fold {self.data.fold}", fix="e.g. folds: 5, fold: 0")
+        for key in ("val_fraction", "test_fraction"):
+            value = getattr(self.data, key)
+            if not 0.0 <= value < 1.0:
+                raise ConfigError(f"data.{key} must be in [0, 1)", path=source, found=str(value),
+                                  fix="use e.g. 0.2 (a fifth of the cases) or 0 (none)")
         if not 0.0 <= self.train.ema < 1.0:
             raise ConfigError("train.ema must be in [0, 1)", path=source, found=str(self.train.ema),
                               fix="use 0 (off) or a decay such as 0.999")

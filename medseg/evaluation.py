@@ -42,6 +42,22 @@ def dice(pred: np.ndarray, ref: np.ndarray) -> float:
     return float("nan") if denom == 0 else 2.0 * int(np.logical_and(pred, ref).sum()) / denom
 
 
+def pair_by_name(preds: dict, refs: dict, pred_dir: Path, kind: str) -> list[str]:
+    """The names found in both ``preds`` and ``refs`` (name -> path); an error when none pair
+    or when a reference has no prediction (a partial folder would flatter the mean)."""
+    common = sorted(set(preds) & set(refs))
+    if not common:
+        raise DataError("no predictions pair with a reference by file name", path=pred_dir,
+                        expected=f"names like {', '.join(list(refs)[:3])}", found=", ".join(list(preds)[:3]) or f"no {kind}",
+                        fix="predict into this folder with 'medseg predict', keeping the input names")
+    missing = sorted(set(refs) - set(preds))
+    if missing:
+        raise DataError(f"{len(missing)} reference case(s) have no prediction", path=pred_dir,
+                        expected="one prediction per reference", found="missing " + ", ".join(missing[:5]),
+                        fix="predict the missing cases, or evaluate against a folder holding only the predicted cases")
+    return common
+
+
 def _surface(mask: np.ndarray) -> np.ndarray:
     return mask & ~ndimage.binary_erosion(mask, structure=ndimage.generate_binary_structure(3, 1), border_value=0)
 
@@ -243,16 +259,7 @@ def evaluate(pred_dir: str | Path, ref_dir: str | Path, *, names: dict[int, str]
 
     pred_dir, ref_dir = Path(pred_dir), Path(ref_dir)
     preds, refs = _index(pred_dir), _index(ref_dir)
-    common = sorted(set(preds) & set(refs))
-    if not common:
-        raise DataError("no predictions pair with a reference by file name", path=pred_dir,
-                        expected=f"names like {', '.join(list(refs)[:3])}", found=", ".join(list(preds)[:3]) or "no volumes",
-                        fix="predict into this folder with 'medseg predict', keeping the input names")
-    missing = sorted(set(refs) - set(preds))
-    if missing:
-        raise DataError(f"{len(missing)} reference case(s) have no prediction", path=pred_dir,
-                        expected="one prediction per reference", found="missing " + ", ".join(missing[:5]),
-                        fix="predict the missing cases, or evaluate against a folder holding only the predicted cases")
+    common = pair_by_name(preds, refs, pred_dir, "volumes")
     loaded = []
     for key in common:
         ref = load_volume(refs[key])

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from medseg.errors import DataError, GeometryError, InputNotFoundError
+from medseg.errors import GeometryError, InputNotFoundError
 
 
 def confusion_matrix(pred: np.ndarray, ref: np.ndarray, num_classes: int, ignore_index: int = 255) -> np.ndarray:
@@ -103,18 +103,11 @@ def evaluate_masks(pred_dir: str | Path, ref_dir: str | Path, *, names: dict[int
     """Pair mask PNGs by name stem and pool their confusion matrix; classes are the config's
     (``names``) or every value found."""
     from medseg.data.images2d import read_mask
+    from medseg.evaluation import pair_by_name
 
     pred_dir, ref_dir = Path(pred_dir), Path(ref_dir)
     preds, refs = _masks(pred_dir), _masks(ref_dir)
-    common = sorted(set(preds) & set(refs))
-    if not common:
-        raise DataError("no predicted mask pairs with a reference by name", path=pred_dir,
-                        expected=f"names like {', '.join(list(refs)[:3])}", found=", ".join(list(preds)[:3]) or "no PNGs",
-                        fix="predict into this folder with 'medseg predict', keeping the image names")
-    missing = sorted(set(refs) - set(preds))
-    if missing:
-        raise DataError(f"{len(missing)} reference mask(s) have no prediction", path=pred_dir,
-                        found="missing " + ", ".join(missing[:5]), fix="predict the missing images")
+    common = pair_by_name(preds, refs, pred_dir, "PNGs")
     pairs = []
     for key in common:
         p, r = read_mask(preds[key]), read_mask(refs[key])

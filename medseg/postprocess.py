@@ -83,17 +83,13 @@ def apply_postprocessing(labels: np.ndarray, steps: dict[str, list[int]] | None)
     return labels
 
 
-def _dice(pred: np.ndarray, ref: np.ndarray, c: int) -> float:
-    p, g = pred == c, ref == c
-    denom = int(p.sum()) + int(g.sum())
-    return float("nan") if denom == 0 else 2.0 * int((p & g).sum()) / denom
-
-
 def mean_dice_per_class(pairs: list[tuple[np.ndarray, np.ndarray]], classes: Sequence[int]) -> dict[int, float]:
     """Mean over cases of each class's Dice (cases where both are empty are left out)."""
+    from medseg.evaluation import dice
+
     out = {}
     for c in classes:
-        vals = [d for d in (_dice(p, r, c) for p, r in pairs) if d == d]
+        vals = [d for d in (dice(p == c, r == c) for p, r in pairs) if d == d]
         out[int(c)] = float(np.mean(vals)) if vals else float("nan")
     return out
 

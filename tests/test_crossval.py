@@ -11,7 +11,7 @@ import torch
 from conftest import REPO, assert_clean_error, run_cli
 
 from medseg.config import ConfigError, load_config
-from medseg.data.datasets import Case, kfold_split
+from medseg.data.datasets import Case, kfold_split, split_cases, holdout_cases, training_pool
 from medseg.errors import CheckpointError
 from medseg.postprocess import (
     apply_postprocessing,
@@ -44,6 +44,29 @@ def test_kfold_split_covers_every_case_once():
         vals += [c.name for c in val]
     assert sorted(vals) == sorted(c.name for c in cases)
     assert kfold_split(cases[::-1], 5, 2, seed=3) == kfold_split(cases, 5, 2, seed=3)  # order-independent
+
+
+def test_test_fraction_keeps_unseen_cases_out_of_every_fold(tmp_path):
+    for sub in ("imagesTr", "labelsTr"):
+        (tmp_path / sub).mkdir()
+        for i in range(20):
+            (tmp_path / sub / f"case_{i:02d}.nii.gz").write_bytes(b"")
+    cfg = load_config(REPO / "configs" / "hippocampus_cv.yaml", [f"data.root={tmp_path}", "data.test_fraction=0.2"])
+    pool, held = training_pool(cfg.data), holdout_cases(cfg.data)
+    assert len(held) == 4 and len(pool) == 16
+    assert not {c.name for c in pool} & {c.name for c in held}
+    # the same cases a single run with val_fraction 0.2 and the same seed validates on
+    _, val = split_cases(pool + held, 0.2, cfg.data.seed)
+    assert [c.name for c in val] == [c.name for c in held]
+    seen = set()
+    for f in range(4):
+        train, v = kfold_split(pool, 4, f, cfg.data.seed)
+        seen |= {c.name for c in train} | {c.name for c in v}
+    assert not seen & {c.name for c in held}
+    cfg0 = load_config(REPO / "configs" / "hippocampus_cv.yaml", [f"data.root={tmp_path}", "data.test_fraction=0"])
+    assert len(training_pool(cfg0.data)) == 20 and holdout_cases(cfg0.data) == []
+    with pytest.raises(ConfigError, match="test_fraction"):
+        load_config(REPO / "configs" / "hippocampus_cv.yaml", ["data.test_fraction=1.0"])
 
 
 def _blobs(shape=(30, 30, 30)):
@@ -184,3 +207,39 @@ def test_elastic_augmentation_keeps_labels_integral(hippo_data):
     out = out[0] if isinstance(out, list) else out
     lab = np.asarray(out["label"])
     assert lab.shape == (1, 24, 24, 24) and set(np.unique(lab)) <= {0.0, 1.0, 2.0}
+
+
+def test_int8_pack_is_smaller_and_predicts_the_same_labels(tmp_path, hippo_data):
+    from medseg.evaluation import dice
+    from medseg.inference.predictor import Predictor, resolve_model
+    from medseg.io import load_volume
+    from medseg.training.checkpoint import pack
+
+    bundled = resolve_model("hippocampus")
+    half = pack([bundled, bundled], tmp_path / "half.pt")
+    small = pack([bundled, bundled], tmp_path / "int8.pt", int8=True)
+    assert small.stat().st_size < 0.6 * half.stat().st_size
+    ck = load_checkpoint(small)
+    assert any(v.dtype == torch.int8 for v in ck["state_dict"].values())
+    assert len(ck["ensemble_quant_scales"]) == 1
+    vol = load_volume(hippo_data / "imagesTr" / "hippocampus_003.nii.gz")
+    ref = np.asarray(Predictor(half, device="cpu").predict_volume(vol).array)
+    got = np.asarray(Predictor(small, device="cpu").predict_volume(vol).array)
+    assert ref.max() == 2  # the case has both labels
+    for c in (1, 2):
+        assert dice(got == c, ref == c) > 0.98
+    # a packed int8 ensemble packs again (members kept, weights dequantised)
+    again = pack([small], tmp_path / "again.pt")
+    assert len(load_checkpoint(again)["ensemble"]) == 1
+    assert (np.asarray(Predictor(again, device="cpu").predict_volume(vol).array) == got).mean() > 0.999
+    # the scales are covered by the checksum, and int8 weights need them
+    payload = torch.load(small, weights_only=True)
+    key = next(iter(payload["quant_scales"]))
+    payload["quant_scales"][key] = payload["quant_scales"][key] * 2
+    torch.save(payload, tmp_path / "tampered.pt")
+    with pytest.raises(CheckpointError, match="checksum"):
+        load_checkpoint(tmp_path / "tampered.pt")
+    del payload["quant_scales"]
+    torch.save(payload, tmp_path / "noscales.pt")
+    with pytest.raises(CheckpointError, match="int8 weights without one scale"):
+        load_checkpoint(tmp_path / "noscales.pt")

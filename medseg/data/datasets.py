@@ -121,6 +121,28 @@ def split_cases(cases: list[Case], val_fraction: float, seed: int) -> tuple[list
     return train, val
 
 
+def training_pool(data_cfg) -> list[Case]:
+    """The cases training and cross-validation may use: all of them less ``data.test_fraction``.
+
+    The test cases are the validation side of ``split_cases(cases, test_fraction, seed)``, so a
+    cross-validation with ``test_fraction: 0.2`` never sees the cases a single run with
+    ``val_fraction: 0.2`` and the same seed validates on: both can be scored on the same unseen set.
+    """
+    cases = dataset_cases(data_cfg)
+    fraction = getattr(data_cfg, "test_fraction", 0.0)
+    if fraction > 0:
+        cases, _ = split_cases(cases, fraction, data_cfg.seed)
+    return cases
+
+
+def holdout_cases(data_cfg) -> list[Case]:
+    """The cases ``data.test_fraction`` sets aside (empty when it is 0)."""
+    fraction = getattr(data_cfg, "test_fraction", 0.0)
+    if fraction <= 0:
+        return []
+    return split_cases(dataset_cases(data_cfg), fraction, data_cfg.seed)[1]
+
+
 def kfold_split(cases: list[Case], folds: int, fold: int, seed: int) -> tuple[list[Case], list[Case]]:
     """Fold ``fold`` of a deterministic ``folds``-way split: every case is validated in exactly one fold."""
     ordered = sorted(cases, key=lambda c: c.name)

@@ -20,7 +20,7 @@ from medseg.data.images2d import IMAGE_SUFFIXES, read_image, to_tensor
 from medseg.errors import InputNotFoundError, OutputError, UnsupportedInputError
 from medseg.inference.engine import resolve_device
 from medseg.models.registry import build_model
-from medseg.training.checkpoint import config_from_checkpoint, load_checkpoint
+from medseg.training.checkpoint import config_from_checkpoint, load_checkpoint, member_states
 
 
 def is_image_file(path: str | Path) -> bool:
@@ -71,7 +71,7 @@ class ImagePredictor:
         self.device = resolve_device(device)
         self.amp = amp
         self.model = build_model(self.cfg.model, 3, self.cfg.num_classes)
-        self.model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in ck["state_dict"].items()})
+        self.model.load_state_dict(member_states(ck)[0])
         self.model.to(self.device).eval()
 
     @property

@@ -85,14 +85,15 @@ def load_checkpoint(path: str | Path) -> dict:
         raise CheckpointError("model file carries no weights checksum", path=path,
                               expected="a 'sha256' entry written by medseg", found=type(digest).__name__,
                               fix="use a checkpoint written by 'medseg train' or 'medseg pack-model'")
-    if digest != state_digest(payload["state_dict"]):
+    if digest != state_digest(_digest_view(payload["state_dict"], payload.get("quant_scales"))):
         raise CheckpointError("model weights do not match their checksum", path=path,
                               expected=digest[:16] + "...", found="different weights",
                               fix="the file is damaged or was altered; restore it from the original")
     members = payload.get("ensemble", [])
     sums = payload.get("ensemble_sha256", [])
-    if members and (not isinstance(members, list) or len(sums) != len(members)
-                    or any(d != state_digest(m) for d, m in zip(sums, members))):
+    scales = payload.get("ensemble_quant_scales") or [None] * len(members)
+    if members and (not isinstance(members, list) or len(sums) != len(members) or len(scales) != len(members)
+                    or any(d != state_digest(_digest_view(m, q)) for d, m, q in zip(sums, members, scales))):
         raise CheckpointError("ensemble weights do not match their checksums", path=path,
                               expected=f"{len(members)} checksummed fold models", found="different weights",
                               fix="the file is damaged or was altered; restore it from the original")
@@ -121,6 +122,19 @@ def _check_schema(payload: dict, path: Path) -> None:
     if "ensemble_sha256" in payload and not (isinstance(payload["ensemble_sha256"], list)
                                              and all(isinstance(d, str) for d in payload["ensemble_sha256"])):
         problems.append("ensemble_sha256 is not a list of strings")
+    states = [payload.get("state_dict"), *(members if isinstance(members, list) else [])]
+    member_scales = payload.get("ensemble_quant_scales") or []
+    if not isinstance(member_scales, list):
+        problems.append("ensemble_quant_scales is not a list")
+        member_scales = []
+    for state, scales in zip(states, [payload.get("quant_scales"), *member_scales, *[None] * len(states)]):
+        if not _is_state_dict(state):
+            continue
+        quantised = {k for k, v in state.items() if v.dtype == torch.int8}
+        if quantised and not (_is_state_dict(scales) and quantised <= set(scales)
+                              and all(scales[k].numel() == state[k].shape[0] for k in quantised)):
+            problems.append("int8 weights without one scale per output channel")
+            break
     if "labels" in payload and not isinstance(payload["labels"], dict):
         problems.append("labels is not a dict")
     if problems:
@@ -137,12 +151,65 @@ def _half(state: dict) -> dict:
     return {k: (v.half() if v.is_floating_point() else v) for k, v in state.items()}
 
 
-def pack(checkpoint: str | Path | list, output: str | Path, *, postprocess: dict | None = None) -> Path:
+def _holdout_names(config: dict) -> list[str]:
+    """The cases ``data.test_fraction`` set aside, when the training data can still be found."""
+    from medseg.data.datasets import holdout_cases
+    from medseg.errors import MedsegError
+
+    try:
+        return [c.name for c in holdout_cases(from_dict(config).data)]
+    except MedsegError:
+        return []
+
+
+def _digest_view(state: dict, scales: dict | None) -> dict:
+    """What a checksum covers: the stored tensors and, for int8 weights, their scales."""
+    return state if not scales else {**state, **{f"{k}#scale": v for k, v in scales.items()}}
+
+
+def quantize_int8(state: dict) -> tuple[dict, dict]:
+    """Symmetric int8 per output channel for convolution and linear weights (tensors of two or more
+    dimensions); everything else stays float16. Returns the stored state and the float32 scales."""
+    out, scales = {}, {}
+    for k, v in state.items():
+        if v.is_floating_point() and v.dim() >= 2 and v.numel() >= 64:
+            w = v.detach().float()
+            scale = w.abs().reshape(w.shape[0], -1).amax(dim=1) / 127.0
+            scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+            out[k] = torch.round(w / scale.view(-1, *[1] * (w.dim() - 1))).clamp(-127, 127).to(torch.int8)
+            scales[k] = scale
+        else:
+            out[k] = v.half() if v.is_floating_point() else v
+    return out, scales
+
+
+def float_state(state: dict, scales: dict | None = None) -> dict:
+    """Float32 weights from a stored state dict (float16, float32, or int8 with per-channel scales)."""
+    scales = scales or {}
+    out = {}
+    for k, v in state.items():
+        if v.dtype == torch.int8:
+            out[k] = v.float() * scales[k].float().view(-1, *[1] * (v.dim() - 1))
+        else:
+            out[k] = v.float() if v.is_floating_point() else v
+    return out
+
+
+def member_states(payload: dict) -> list[dict]:
+    """Float32 state dicts of a checkpoint: one, or one per member of a packed ensemble."""
+    members = [payload["state_dict"], *payload.get("ensemble", [])]
+    scales = [payload.get("quant_scales"), *(payload.get("ensemble_quant_scales") or [None] * (len(members) - 1))]
+    return [float_state(m, q) for m, q in zip(members, scales)]
+
+
+def pack(checkpoint: str | Path | list, output: str | Path, *, postprocess: dict | None = None,
+         int8: bool = False) -> Path:
     """Compact predict-only copy of a checkpoint: float16 weights, config, labels, metrics.
 
     Given several checkpoints of the same model config (the folds of ``medseg train --folds``),
     writes one ensemble file whose predictions average the folds' probabilities.
-    ``postprocess`` replaces ``inference.postprocess`` in the packed config.
+    ``postprocess`` replaces ``inference.postprocess`` in the packed config. ``int8`` stores
+    convolution weights as int8 with a float scale per output channel (half the size again).
     """
     paths = [Path(p) for p in checkpoint] if isinstance(checkpoint, (list, tuple)) else [Path(checkpoint)]
     if not paths:
@@ -158,14 +225,24 @@ def pack(checkpoint: str | Path | list, output: str | Path, *, postprocess: dict
     config = dict(first["config"])
     if postprocess is not None:
         config["inference"] = {**config.get("inference", {}), "postprocess": postprocess}
-    state = _half(first["state_dict"])
+    store = quantize_int8 if int8 else (lambda st: (_half(st), None))
+    stored = [store(st) for ck in cks for st in member_states(ck)]  # packed ensembles contribute all members
+    state, scales = stored[0]
     keep = {k: first[k] for k in ("epoch", "best_metric", "best_epoch", "val_dice", "split") if k in first}
+    if len(cks) > 1:  # an ensemble has seen every case any member trained or chose its epoch on
+        seen = {n for ck in cks for part in ("train", "validation") for n in (ck.get("split") or {}).get(part, [])}
+        keep["split"] = {"train": sorted(seen), "validation": [],
+                         "test": (first.get("split") or {}).get("test") or _holdout_names(config)}
     payload = {"format": FORMAT, "version": VERSION, "config": config, "labels": first.get("labels", {}),
-               "state_dict": state, "sha256": state_digest(state), **keep}
+               "state_dict": state, "sha256": state_digest(_digest_view(state, scales)), **keep}
+    if scales:
+        payload["quant_scales"] = scales
+    if len(stored) > 1:
+        payload["ensemble"] = [m for m, _ in stored[1:]]
+        payload["ensemble_sha256"] = [state_digest(_digest_view(m, q)) for m, q in stored[1:]]
+        if int8:
+            payload["ensemble_quant_scales"] = [q for _, q in stored[1:]]
     if len(cks) > 1:
-        members = [_half(ck["state_dict"]) for ck in cks[1:]]
-        payload["ensemble"] = members
-        payload["ensemble_sha256"] = [state_digest(m) for m in members]
         payload["folds"] = [{"best_metric": ck.get("best_metric"), "val_dice": ck.get("val_dice")} for ck in cks]
     buf = io.BytesIO()
     torch.save(payload, buf)

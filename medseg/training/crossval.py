@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from medseg.config import Config
-from medseg.data.datasets import dataset_cases, kfold_split
+from medseg.data.datasets import kfold_split, training_pool
 from medseg.errors import CheckpointError, DataError, InputNotFoundError
 from medseg.io.volume import atomic_write, load_volume, save_volume
 from medseg.postprocess import apply_postprocessing, choose_postprocessing, mean_dice_per_class
@@ -61,7 +61,7 @@ def predict_fold_validation(cfg: Config, fold_dir: Path, *, device: str = "auto"
     if not best.is_file():
         raise CheckpointError("fold has no best.pt", path=best, expected="a finished fold",
                               fix="train the fold first: medseg train CONFIG --folds N --fold I")
-    _, val_cases = kfold_split(dataset_cases(cfg.data), cfg.data.folds, cfg.data.fold, cfg.data.seed)
+    _, val_cases = kfold_split(training_pool(cfg.data), cfg.data.folds, cfg.data.fold, cfg.data.seed)
     predictor = Predictor(best, device=device)
     out_dir = fold_dir / "validation"
     out_dir.mkdir(exist_ok=True)
@@ -97,7 +97,7 @@ def summarize(cfg: Config, folds: int) -> CVResult:
         vdir = Path(fcfg.train.output_dir) / "validation"
         if not (vdir / "dice.json").is_file():
             continue
-        _, val_cases = kfold_split(dataset_cases(cfg.data), folds, f, cfg.data.seed)
+        _, val_cases = kfold_split(training_pool(cfg.data), folds, f, cfg.data.seed)
         pairs = []
         for case in val_cases:
             pred_path = vdir / f"{case.name}.nii.gz"

@@ -12,13 +12,13 @@ import numpy as np
 import torch
 
 from medseg.config import Config, save_config, to_dict
-from medseg.data.datasets import dataset_cases, kfold_split, split_cases
+from medseg.data.datasets import kfold_split, split_cases, holdout_cases, training_pool
 from medseg.data.verify import check_training_inputs
 from medseg.errors import CheckpointError, DataError
 from medseg.inference.engine import autocast, sliding_window_logits
 from medseg.io.volume import atomic_write, remove_partial_files
 from medseg.models.registry import build_model, get_spec
-from medseg.training.checkpoint import config_from_checkpoint, load_checkpoint, save_checkpoint
+from medseg.training.checkpoint import config_from_checkpoint, float_state, load_checkpoint, member_states, save_checkpoint
 from medseg.training.distributed import DistContext
 from medseg.training.distributed import barrier as dist_barrier
 from medseg.training.distributed import sampler as dist_sampler
@@ -54,6 +54,21 @@ def supervised_loss(loss_fn, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor
         weights = weights / weights.sum()
         return sum(w * loss_fn(out[:, i], y) for i, w in enumerate(weights.tolist()))
     return loss_fn(out, y)
+
+
+def train_step(model: torch.nn.Module, opt, scaler, device: torch.device, amp: bool, compute_loss,
+               clip: float = 12.0) -> float:
+    """One optimisation step shared by the volume and image trainers: forward and loss under
+    autocast, scaled backward, gradient norm clipped to ``clip``, step; returns the loss."""
+    opt.zero_grad(set_to_none=True)
+    with autocast(device, amp):
+        loss = compute_loss()
+    scaler.scale(loss).backward()
+    scaler.unscale_(opt)
+    torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+    scaler.step(opt)
+    scaler.update()
+    return float(loss.detach())
 
 
 def dice_per_class(pred: torch.Tensor, label: torch.Tensor, num_classes: int) -> np.ndarray:
@@ -119,8 +134,7 @@ def _init_weights(model: torch.nn.Module, cfg: Config, path: Path) -> None:
         raise CheckpointError("train.init_from holds a different model", path=path,
                               expected=str(to_dict(cfg.model)), found=str(ck["config"]["model"]),
                               fix="start from a checkpoint of the same model config, or drop train.init_from")
-    state = ck.get("ema_state_dict") or ck["state_dict"]
-    model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
+    model.load_state_dict(float_state(ck["ema_state_dict"]) if "ema_state_dict" in ck else member_states(ck)[0])
 
 
 def _is_tty() -> bool:
@@ -156,12 +170,13 @@ def train(cfg: Config, *, resume: bool = False, progress: bool = True, log=None)
     device = dist_setup(ctx, tc.device)
     spec = get_spec(cfg.model.name)
 
-    cases = dataset_cases(cfg.data)
+    cases = training_pool(cfg.data)
     if cfg.data.folds:
         train_cases, val_cases = kfold_split(cases, cfg.data.folds, cfg.data.fold, cfg.data.seed)
     else:
         train_cases, val_cases = split_cases(cases, cfg.data.val_fraction, cfg.data.seed)
-    split = {"train": [c.name for c in train_cases], "validation": [c.name for c in val_cases]}
+    split = {"train": [c.name for c in train_cases], "validation": [c.name for c in val_cases],
+             "test": [c.name for c in holdout_cases(cfg.data)]}
     if ctx.is_main:
         atomic_write(out / "split.json", lambda p: Path(p).write_text(json.dumps(split, indent=1)))
         save_config(cfg, out / "config.yaml")
@@ -185,7 +200,7 @@ def train(cfg: Config, *, resume: bool = False, progress: bool = True, log=None)
             raise CheckpointError("cannot resume: the model or labels in the config changed", path=last_path,
                                   expected=str(ck["config"]["model"]), found=str(to_dict(cfg.model)),
                                   fix="resume with the same config, or train into a new train.output_dir")
-        model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in ck["state_dict"].items()})
+        model.load_state_dict(member_states(ck)[0])
         if "optimizer" in ck:
             opt.load_state_dict(ck["optimizer"])
         if "scheduler" in ck:
@@ -234,17 +249,11 @@ def train(cfg: Config, *, resume: bool = False, progress: bool = True, log=None)
                 if fmt is not None:
                     x = x.contiguous(memory_format=fmt)
                 _check_labels(y, cfg, "a training batch")
-                opt.zero_grad(set_to_none=True)
-                with autocast(device, tc.amp):
-                    loss = supervised_loss(loss_fn, net(x), y)
-                scaler.scale(loss).backward()
-                scaler.unscale_(opt)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), 12.0)
-                scaler.step(opt)
-                scaler.update()
+                loss = train_step(model, opt, scaler, device, tc.amp,
+                                  lambda: supervised_loss(loss_fn, net(x), y))  # noqa: B023 - called at once
                 if ema is not None:
                     ema.update(model)
-                losses.append(float(loss.detach()))
+                losses.append(loss)
             sched.step()
             record = {"epoch": epoch, "loss": float(np.mean(losses)) if losses else float("nan"),
                       "lr": opt.param_groups[0]["lr"], "elapsed_s": round(time.time() - t_start, 1)}

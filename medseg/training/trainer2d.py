@@ -32,8 +32,8 @@ from medseg.evaluation2d import confusion_matrix, iou_per_class
 from medseg.inference.engine import autocast, resolve_device
 from medseg.io.volume import atomic_write
 from medseg.models.registry import build_model
-from medseg.training.checkpoint import load_checkpoint, save_checkpoint
-from medseg.training.trainer import TrainResult
+from medseg.training.checkpoint import load_checkpoint, member_states, save_checkpoint
+from medseg.training.trainer import TrainResult, train_step
 
 
 TrainResult2D = TrainResult  # same fields as a volume training run
@@ -204,7 +204,7 @@ def train_2d(cfg: Config, *, resume: bool = False, progress: bool = True, log=No
             raise CheckpointError("cannot resume: the model or labels in the config changed", path=last_path,
                                   expected=str(ck["config"]["model"]), found=str(to_dict(cfg.model)),
                                   fix="resume with the same config, or train into a new train.output_dir")
-        model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in ck["state_dict"].items()})
+        model.load_state_dict(member_states(ck)[0])
         opt.load_state_dict(ck["optimizer"])
         sched.load_state_dict(ck["scheduler"])
         start_epoch = int(ck["epoch"]) + 1
@@ -232,16 +232,9 @@ def train_2d(cfg: Config, *, resume: bool = False, progress: bool = True, log=No
             losses = []
             for x, y in loader:
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                opt.zero_grad(set_to_none=True)
-                with autocast(device, tc.amp):
-                    logits = model(x)
-                loss = segmentation_loss(logits, y, tc.loss, data.ignore_index)
-                scaler.scale(loss).backward()
-                scaler.unscale_(opt)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), 12.0)
-                scaler.step(opt)
-                scaler.update()
-                losses.append(float(loss.detach()))
+                losses.append(train_step(model, opt, scaler, device, tc.amp,
+                                         lambda: segmentation_loss(model(x), y, tc.loss,  # noqa: B023 - called at once
+                                                                   data.ignore_index)))
             sched.step()
             record = {"epoch": epoch, "loss": float(np.mean(losses)) if losses else float("nan"),
                       "lr": opt.param_groups[0]["lr"], "elapsed_s": round(time.time() - t_start, 1)}
