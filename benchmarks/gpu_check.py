@@ -1,4 +1,5 @@
-"""GPU checks in one short run: CUDA tests, AMP vs fp32 sliding-window throughput, peak memory, training speed.
+"""GPU checks in one short run: CUDA tests, fp32/fp16/bf16 and torch.compile sliding-window throughput,
+the memory planner's choice, peak memory, training speed.
 
     python benchmarks/gpu_check.py --out results.json
 
@@ -72,6 +73,26 @@ def main() -> int:
         t0 = time.perf_counter()
         pred.predict_volume(ct)
         res[f"ct512x512x300_end_to_end_s_{key}"] = round(time.perf_counter() - t0, 2)
+        print(key, {k: v for k, v in res.items() if key in k}, flush=True)
+
+    # bf16 autocast and torch.compile end to end (the CLI's --amp-dtype bf16 and --compile), with the
+    # memory planner's choice for the CT volume; a failure is recorded, the other checks still run
+    for key, kw in (("amp_bf16", {"amp": True, "amp_dtype": "bf16"}), ("compile_fp16", {"amp": True, "compile": True})):
+        try:
+            pred = Predictor(device="cuda", **kw)
+            t0 = time.perf_counter()
+            pred.predict_volume(hippo)  # warm-up (compilation happens here)
+            res[f"hippocampus_first_call_s_{key}"] = round(time.perf_counter() - t0, 2)
+            res[f"hippocampus_predict_s_{key}"] = round(timed(lambda: pred.predict_volume(hippo), 20), 4)
+            torch.cuda.reset_peak_memory_stats()
+            t0 = time.perf_counter()
+            pred.predict_volume(ct)
+            res[f"ct512x512x300_end_to_end_s_{key}"] = round(time.perf_counter() - t0, 2)
+            res[f"ct_peak_gpu_mem_gb_{key}_end_to_end"] = round(torch.cuda.max_memory_allocated() / 1e9, 3)
+            if pred.last_plan is not None:
+                res[f"ct_memory_plan_{key}"] = pred.last_plan.describe()
+        except Exception as exc:  # noqa: BLE001 - report and go on
+            res[f"error_{key}"] = f"{type(exc).__name__}: {exc}"[:300]
         print(key, {k: v for k, v in res.items() if key in k}, flush=True)
 
     # training throughput on real hippocampus patches (cached, AMP on/off)

@@ -97,7 +97,7 @@ def main(argv=None) -> int:
     models = [model] if args.train or not args.model else args.model
     first = Predictor(models[0], device=args.device)
     split = load_checkpoint(first.model_path).get("split") or {}
-    names = split.get("validation") or split.get("test") or []
+    names = split.get("test") or split.get("validation") or []  # unseen cases first, else the validation split
     if not names and first.cfg.data.test_fraction > 0:  # an ensemble: the cases its config set aside
         from medseg.data.datasets import holdout_cases
 
