@@ -121,26 +121,27 @@ def split_cases(cases: list[Case], val_fraction: float, seed: int) -> tuple[list
     return train, val
 
 
-def training_pool(data_cfg) -> list[Case]:
-    """The cases training and cross-validation may use: all of them less ``data.test_fraction``.
+def holdout_split(data_cfg) -> tuple[list[Case], list[Case]]:
+    """The cases training and cross-validation may use, and the ``data.test_fraction`` set aside.
 
-    The test cases are the validation side of ``split_cases(cases, test_fraction, seed)``, so a
+    The set-aside cases are the validation side of ``split_cases(cases, test_fraction, seed)``, so a
     cross-validation with ``test_fraction: 0.2`` never sees the cases a single run with
     ``val_fraction: 0.2`` and the same seed validates on: both can be scored on the same unseen set.
     """
     cases = dataset_cases(data_cfg)
-    fraction = getattr(data_cfg, "test_fraction", 0.0)
-    if fraction > 0:
-        cases, _ = split_cases(cases, fraction, data_cfg.seed)
-    return cases
+    if data_cfg.test_fraction <= 0:
+        return cases, []
+    return split_cases(cases, data_cfg.test_fraction, data_cfg.seed)
+
+
+def training_pool(data_cfg) -> list[Case]:
+    """All cases less those ``data.test_fraction`` sets aside."""
+    return holdout_split(data_cfg)[0]
 
 
 def holdout_cases(data_cfg) -> list[Case]:
     """The cases ``data.test_fraction`` sets aside (empty when it is 0)."""
-    fraction = getattr(data_cfg, "test_fraction", 0.0)
-    if fraction <= 0:
-        return []
-    return split_cases(dataset_cases(data_cfg), fraction, data_cfg.seed)[1]
+    return holdout_split(data_cfg)[1]
 
 
 def kfold_split(cases: list[Case], folds: int, fold: int, seed: int) -> tuple[list[Case], list[Case]]:

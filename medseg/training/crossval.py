@@ -92,12 +92,13 @@ def summarize(cfg: Config, folds: int) -> CVResult:
     classes = [c for c in cfg.labels if c]
     res = CVResult(base, [])
     pairs_by_fold = {}
+    pool = training_pool(cfg.data)  # discovered once, not per fold
     for f in range(folds):
         fcfg = fold_config(cfg, folds, f)
         vdir = Path(fcfg.train.output_dir) / "validation"
         if not (vdir / "dice.json").is_file():
             continue
-        _, val_cases = kfold_split(training_pool(cfg.data), folds, f, cfg.data.seed)
+        _, val_cases = kfold_split(pool, folds, f, cfg.data.seed)
         pairs = []
         for case in val_cases:
             pred_path = vdir / f"{case.name}.nii.gz"

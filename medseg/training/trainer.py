@@ -12,13 +12,19 @@ import numpy as np
 import torch
 
 from medseg.config import Config, save_config, to_dict
-from medseg.data.datasets import kfold_split, split_cases, holdout_cases, training_pool
+from medseg.data.datasets import holdout_split, kfold_split, split_cases
 from medseg.data.verify import check_training_inputs
 from medseg.errors import CheckpointError, DataError
 from medseg.inference.engine import autocast, sliding_window_logits
 from medseg.io.volume import atomic_write, remove_partial_files
 from medseg.models.registry import build_model, get_spec
-from medseg.training.checkpoint import config_from_checkpoint, float_state, load_checkpoint, member_states, save_checkpoint
+from medseg.training.checkpoint import (
+    config_from_checkpoint,
+    float_state,
+    load_checkpoint,
+    member_states,
+    save_checkpoint,
+)
 from medseg.training.distributed import DistContext
 from medseg.training.distributed import barrier as dist_barrier
 from medseg.training.distributed import sampler as dist_sampler
@@ -170,13 +176,13 @@ def train(cfg: Config, *, resume: bool = False, progress: bool = True, log=None)
     device = dist_setup(ctx, tc.device)
     spec = get_spec(cfg.model.name)
 
-    cases = training_pool(cfg.data)
+    cases, held_out = holdout_split(cfg.data)
     if cfg.data.folds:
         train_cases, val_cases = kfold_split(cases, cfg.data.folds, cfg.data.fold, cfg.data.seed)
     else:
         train_cases, val_cases = split_cases(cases, cfg.data.val_fraction, cfg.data.seed)
     split = {"train": [c.name for c in train_cases], "validation": [c.name for c in val_cases],
-             "test": [c.name for c in holdout_cases(cfg.data)]}
+             "test": [c.name for c in held_out]}
     if ctx.is_main:
         atomic_write(out / "split.json", lambda p: Path(p).write_text(json.dumps(split, indent=1)))
         save_config(cfg, out / "config.yaml")
