@@ -24,8 +24,9 @@ test: $(STAMP)
 
 # Retrain the bundled default model from ../shared/data/hippocampus and pack it (about 40 min on 2 CPU cores).
 bundle-model: $(STAMP)
-	$(BIN)/medseg train configs/hippocampus.yaml
-	$(BIN)/medseg pack-model runs/hippocampus/best.pt medseg/assets/models/hippocampus.pt
+	$(BIN)/medseg train configs/hippocampus_cv_dynunet.yaml --folds 5 --fold 0
+	$(BIN)/medseg pack-model runs/cv_dynunet/fold_0/best.pt medseg/assets/models/hippocampus.pt \
+		--set inference.overlap=0.25
 
 benchmark: $(STAMP)
 	$(BIN)/python benchmarks/hippocampus.py

@@ -117,7 +117,7 @@ def main(argv=None) -> int:
         for tta in ([False, True] if args.tta else [False]):
             pred.tta_axes = sorted(set(pred.cfg.augment.flip_axes)) if (tta and pred.cfg.augment.enabled) else []
             results.append(score(pred, names, data, tta, train_seconds if ref == models[0] else None, evaluate))
-    print(f"held-out cases: {len(names)} (never trained on by any model below; from {models[0]})")
+    print(f"held-out cases: {len(names)} (never trained on by any model below; from {first.model_path.name})")
     head = f"{'model':<44} {'TTA':<4} " + " ".join(f"{n + ' Dice':>15}" for n in results[0]["dice"])
     print(head + f" {'mean Dice':>10} {'s/case':>7}")
     for r in results:
@@ -128,6 +128,8 @@ def main(argv=None) -> int:
         print(json.dumps(r))
     for cv in args.cv:
         print_cv(Path(cv))
+    if len(args.cv) > 1:
+        compare_cv([Path(cv) for cv in args.cv])
     return 0
 
 
@@ -142,6 +144,25 @@ def print_cv(cv: Path) -> None:
     rows += [("pooled", pooled), (f"pooled + {'+'.join(summary['postprocess'] or {}) or 'no postprocessing'}"[:28], post)]
     for name, d in rows:
         print(f"{name:<28}" + " ".join(f"{d[c]:>15.4f}" for c in classes) + f" {d['mean']:>10.4f}")
+
+
+def compare_cv(cvs: list[Path]) -> None:
+    """Pooled out-of-fold Dice of several cross-validations in one table, each against the first one."""
+    import yaml
+
+    print(f"cross-validated recipes, pooled out-of-fold Dice (gain against {cvs[0]})")
+    rows = []
+    for cv in cvs:
+        summary = json.loads((cv / "cv_summary.json").read_text())
+        cfg = yaml.safe_load((cv / "fold_0" / "config.yaml").read_text())
+        recipe = f"{cfg['model']['name']} {cfg['train']['epochs']} ep, patch {'x'.join(map(str, cfg['patch']['size']))}"
+        rows.append((cv.name, recipe, summary["cases"], summary["pooled_dice"], summary["pooled_dice_postprocessed"]))
+    classes = [k for k in rows[0][3] if k != "mean"]
+    print(f"{'folder':<20} {'recipe':<34} {'cases':>5} " + " ".join(f"{c + ' Dice':>15}" for c in classes)
+          + f" {'mean Dice':>10} {'+postproc':>10} {'gain':>7}")
+    for name, recipe, cases, pooled, post in rows:
+        print(f"{name[:20]:<20} {recipe[:34]:<34} {cases:>5} " + " ".join(f"{pooled[c]:>15.4f}" for c in classes)
+              + f" {pooled['mean']:>10.4f} {post['mean']:>10.4f} {pooled['mean'] - rows[0][3]['mean']:>+7.4f}")
 
 
 if __name__ == "__main__":

@@ -2,10 +2,10 @@
 
     python benchmarks/monai_plain.py INPUT_DIR_OR_FILE OUTPUT_DIR [--overlap 0.5]
 
-Loads the bundled hippocampus model's weights into a MONAI UNet with the same settings, then for
-every NIfTI input: LoadImaged, EnsureChannelFirstd, Orientationd(RAS), Spacingd(1 mm, bilinear),
-NormalizeIntensityd(nonzero), ``sliding_window_inference`` (48x64x48, Gaussian, overlap 0.5,
-batch 4), softmax, ``Invertd`` back to the input grid, argmax, ``SaveImage`` (uint8). It is
+Loads the bundled hippocampus model's weights into the MONAI network its config names (``UNet``
+or ``DynUNet``) with the same settings, then for every NIfTI input: LoadImaged, EnsureChannelFirstd,
+Orientationd(RAS), Spacingd(1 mm, bilinear), NormalizeIntensityd(nonzero),
+``sliding_window_inference`` (the model's patch, Gaussian, overlap 0.5, batch 4), softmax, ``Invertd`` back to the input grid, argmax, ``SaveImage`` (uint8). It is
 what a MONAI tutorial would write; no medseg code runs.
 """
 
@@ -22,7 +22,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def build(model_path: Path):
-    from monai.networks.nets import UNet
+    from monai.networks.nets import DynUNet, UNet
     from monai.transforms import (
         Compose,
         EnsureChannelFirstd,
@@ -34,9 +34,18 @@ def build(model_path: Path):
 
     ck = torch.load(model_path, map_location="cpu", weights_only=True)
     m = ck["config"]["model"]
-    net = UNet(spatial_dims=3, in_channels=1, out_channels=len(ck["config"]["labels"]), channels=m["channels"],
-               strides=m["strides"], num_res_units=m["num_res_units"], dropout=m.get("dropout", 0.0),
-               norm=m.get("norm") or "instance")
+    out_channels = len(ck["config"]["labels"])
+    if m["name"] == "dynunet3d":  # deep-supervision heads are built so that the weights load; eval ignores them
+        strides = [1, *m["strides"]]
+        net = DynUNet(spatial_dims=3, in_channels=1, out_channels=out_channels,
+                      kernel_size=m.get("kernel_sizes") or [3] * len(strides), strides=strides,
+                      upsample_kernel_size=strides[1:], filters=m["channels"], dropout=m.get("dropout") or None,
+                      norm_name=m.get("norm") or "instance", deep_supervision=m["deep_supervision"] > 0,
+                      deep_supr_num=max(1, m["deep_supervision"]), res_block=m["num_res_units"] > 0)
+    else:
+        net = UNet(spatial_dims=3, in_channels=1, out_channels=out_channels, channels=m["channels"],
+                   strides=m["strides"], num_res_units=m["num_res_units"], dropout=m.get("dropout", 0.0),
+                   norm=m.get("norm") or "instance")
     net.load_state_dict({k: v.float() for k, v in ck["state_dict"].items()})
     net.eval()
     pre = Compose([

@@ -3,7 +3,7 @@
     python benchmarks/speed.py                      # all three cases, 2 repeats, JSON to speed.json
     python benchmarks/speed.py --cases hippo,batch --hippo 20
 
-Both tools run the same network with the same weights (the bundled hippocampus UNet) and the
+Both tools run the same network with the same weights (the bundled hippocampus model) and the
 same preprocessing; every timing is load + preprocess + infer + map back + write. Runs of the
 tools alternate (A B B A …) so that a busy machine slows both alike; medians are reported.
 

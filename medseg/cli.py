@@ -282,13 +282,14 @@ def plan(
     modality: str = typer.Option("MR", "--modality", help="CT (clip to foreground percentiles, z-score) or MR/other (z-score)."),
     device: str = typer.Option("cpu", "--device", help="Plan for cpu or cuda."),
     memory_gb: Optional[float] = typer.Option(None, "--memory-gb", help="Memory budget for training (default 4 CPU / 8 GPU)."),
+    model: str = typer.Option("dynunet3d", "--model", help="Network to plan: dynunet3d (deep supervision) or unet3d."),
 ) -> None:
     """Fingerprint a dataset and write a training plan; use it with 'plan: FILE' (or 'plan: auto') in a config."""
     from medseg.data.datasets import discover_msd
     from medseg.planning import fingerprint, make_plan
 
     fp = fingerprint(discover_msd(dataset), modality=modality.upper())
-    result = make_plan(fp, device=device, memory_gb=memory_gb)
+    result = make_plan(fp, device=device, memory_gb=memory_gb, network=model)
     out = result.save(output)
     con = _console(stderr=False)
     for key, why in result.reasons.items():
@@ -536,6 +537,8 @@ def pack_model(
     int8: bool = typer.Option(False, "--int8", help="Store convolution weights as int8 with one scale per output "
                               "channel: about half the size of float16, labels nearly unchanged (check with "
                               "'medseg evaluate')."),
+    set_: Optional[List[str]] = typer.Option(None, "--set", help="Change a prediction setting of the packed config: "
+                                   "--set inference.overlap=0.25 (repeatable; inference.* keys only)."),
 ) -> None:
     """Write a compact predict-only model: float16 (or int8) weights and config, no optimizer state."""
     from medseg.errors import MedsegError
@@ -546,7 +549,7 @@ def pack_model(
                           found=" ".join(map(str, paths)), fix="e.g. medseg pack-model runs/x/best.pt model.pt")
     *checkpoint, output = paths
     sources, postprocess = pack_sources(checkpoint)
-    out = pack(sources, output, postprocess=postprocess, int8=int8)
+    out = pack(sources, output, postprocess=postprocess, int8=int8, inference=set_)
     _console(stderr=False).print(f"wrote {out} ({out.stat().st_size / 1e6:.2f} MB)")
 
 

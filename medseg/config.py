@@ -431,16 +431,16 @@ def resolve_plan(data: dict, source: str = "config") -> dict:
     from medseg.planning import apply_plan, load_plan, plan_for_config
 
     ref = str(data["plan"])
+    keep = _explicit_keys({k: v for k, v in data.items() if k != "plan"})
     if ref == "auto":
         cfg = _from_dict(Config, {k: v for k, v in data.items() if k != "plan"}, source)
-        plan = plan_for_config(cfg)
+        plan = plan_for_config(cfg, network=cfg.model.name if "model.name" in keep else None)
     else:
         plan_path = Path(ref)
         if not plan_path.is_file():
             raise InputNotFoundError("plan file not found", path=plan_path, expected="a YAML file from 'medseg plan'",
                                      fix="run 'medseg plan DATASET -o plan.yaml' or use 'plan: auto'")
         plan = load_plan(plan_path)
-    keep = _explicit_keys({k: v for k, v in data.items() if k != "plan"})
     return apply_plan(data, plan, keep=keep)
 
 

@@ -18,18 +18,28 @@ from medseg.errors import ConfigError, DataError, InputNotFoundError
 from medseg.io.volume import load_volume
 from medseg.progress import progress_bar
 
-# Cost model; "units" = batch * sum over levels of (voxels at the level * channels). CPU: this project's 2-core
-# machine, torch 2.13, 2 threads, MONAI UNet (2 residual units, channels 16..128), fp32, DiceCE + AdamW, batch 2;
-# patch: M units, median s/step, peak RSS growth: 24x32x24: 0.78, 0.020 | 32^3: 1.39, 0.029 | 40x56x40: 3.81, 0.056 |
-#   48x64x48: 6.27, 0.095, 180 MB | 64^3 b4: 22.3, 0.41, 554 MB | 96^3: 37.6, 0.60, 942 MB | 128x128x64: 44.6, 0.74,
-#   1057 MB  ->  4 ms + 16.4 ms per M units; 50 MB + 23 MB per M units (fp32 activations and their gradients).
+# Cost model; "units" = batch * sum over levels of (voxels at the level * channels); per (device, network): step
+# seconds = a + b * M units, training memory GB = base + bytes per unit * units. CPU: this project's 2-core machine,
+# torch 2.13, 2 threads, channels 16..128, fp32, DiceCE + AdamW (benchmarks/cpu_step.py measures and fits both
+# networks). UNet (2 residual units), batch 2; patch: M units, median s/step, peak RSS growth: 24x32x24: 0.78,
+#   0.020 | 32^3: 1.39, 0.029 | 40x56x40: 3.81, 0.056 | 48x64x48: 6.27, 0.095, 180 MB | 64^3 b4: 22.3, 0.41, 554 MB |
+#   96^3: 37.6, 0.60, 942 MB | 128x128x64: 44.6, 0.74, 1057 MB -> 4 ms + 16.4 ms per M units; 50 MB + 23 MB per M.
+# DynUNet (2 deep-supervision heads), 2026-11 (benchmarks/cpu_step.py): 32^3 b2: 1.39, 0.095, 215 MB | 40x56x40 b2:
+#   3.81, 0.238, 434 MB | b4: 7.62, 0.567, 677 MB | 48x64x48 b2: 6.27, 0.465, 555 MB | 64^3 b2: 11.1, 1.35, 788 MB ->
+#   5 ms + 74 ms per M units up to 8 M units (beyond, it grows faster: 64^3 is 1.6x the estimate); 180 MB + 58.6 MB
+#   per M units. About 4.5x the UNet's step: the full-resolution first level and the second convolution per level.
 # GPU: one H200, torch 2.11+cu130, MONAI DynUNet (channels 32.. capped at 320, 2 deep-supervision heads), fp16 autocast,
 # batch 2; patch: M units, peak torch.cuda.max_memory_allocated, s/step: 40x56x40: 7.6, 0.29 GB, 0.017 | b24: 91,
 #   2.71 GB, 0.029 | 96^3: 75, 2.42 GB, 0.036 | 128^3: 179, 5.56 GB, 0.077 | b4: 357, 10.6 GB, 0.116 | 160x160x48 at
 #   0.8x0.8x5 mm: 143, 4.59 GB  ->  0.15 GB + 29 B per unit (within 0.5 GB) + 0.85 GB for the CUDA context;
 #   step 12 ms + 0.3 ms per M units.
-CPU_STEP_S, CPU_BYTES_PER_UNIT, CPU_BASE_GB = (0.004, 16.4e-9), 25.0, 0.1
-GPU_STEP_S, GPU_BYTES_PER_UNIT, GPU_BASE_GB = (0.012, 0.3e-9), 29.0, 1.0
+COSTS = {  # (device, network): (step s at 0 units, step s per unit, bytes per unit, base GB)
+    ("cpu", "unet3d"): (0.004, 16.4e-9, 25.0, 0.1),
+    ("cpu", "dynunet3d"): (0.005, 74e-9, 58.6, 0.18),
+    ("gpu", "dynunet3d"): (0.012, 0.3e-9, 29.0, 1.0),
+}
+CPU_MODEL = "dynunet3d"  # the network planned for CPUs (see the README's cross-validation table)
+PLANNED_NETWORKS = ("dynunet3d", "unet3d")  # on a GPU both are costed as the DynUNet (the UNet is lighter)
 TIME_BUDGETS = {"cpu": 0.5, "fast": 0.2, "none": math.inf}
 MIN_BOTTLENECK = 4
 
@@ -205,12 +215,24 @@ def _fmt(values, digits: int = 3) -> str:
     return "x".join(f"{v:.{digits}g}" if digits else f"{round(v)}" for v in np.asarray(values, float).tolist())
 
 
+def estimate_cost(device: str, network: str, units: float) -> tuple[float, float]:
+    """Estimated seconds per training step and training memory (GB) of ``network`` on ``device`` (``cpu``/``gpu``)
+    for ``units`` (batch * sum over levels of voxels * channels)."""
+    a, b, bytes_per_unit, base_gb = COSTS[(device, network)]
+    return a + b * units, base_gb + units * bytes_per_unit / 1e9
+
+
 def make_plan(fp: Fingerprint, *, device: str = "cpu", memory_gb: float | None = None,
-              time_budget: str = "cpu") -> Plan:
+              time_budget: str = "cpu", network: str | None = None) -> Plan:
     """Spacing, patch, network, batch and normalisation for ``fp`` on ``device`` (``cpu``, or ``cuda``/``gpu``).
     ``memory_gb``: estimated training memory allowed (default 4 on CPU, 8 on GPU as nnU-Net); ``time_budget``:
-    the estimated CPU step limit, ``cpu`` (0.5 s), ``fast`` (0.2 s), ``none`` or seconds (ignored on GPU)."""
+    the estimated CPU step limit, ``cpu`` (0.5 s), ``fast`` (0.2 s), ``none`` or seconds (ignored on GPU);
+    ``network``: ``dynunet3d`` (the default) or ``unet3d``, planned with its own cost model."""
     gpu = not device.startswith("cpu")
+    network = network or ("dynunet3d" if gpu else CPU_MODEL)
+    if network not in PLANNED_NETWORKS:
+        raise ConfigError("cannot plan for this network", expected=" | ".join(PLANNED_NETWORKS), found=repr(network),
+                          fix="plan with one of those, or drop 'plan:' and set patch, batch and channels yourself")
     memory_gb = float(memory_gb if memory_gb is not None else (8.0 if gpu else 4.0))
     try:
         seconds = math.inf if gpu else float(TIME_BUDGETS.get(time_budget, time_budget))
@@ -228,12 +250,11 @@ def make_plan(fp: Fingerprint, *, device: str = "cpu", memory_gb: float | None =
     sizes = np.asarray(fp.shapes, float) * np.asarray(fp.spacings, float) / target  # voxels at target
     median_shape = np.median(sizes, axis=0)
     ch0, cap, max_pools = (32, 320, 5) if gpu else (16, 256, 4)
-    cost = (GPU_STEP_S, GPU_BYTES_PER_UNIT, GPU_BASE_GB) if gpu else (CPU_STEP_S, CPU_BYTES_PER_UNIT, CPU_BASE_GB)
 
     def estimate(patch, strides, batch):  # -> channels, memory (GB), step (s), whether both fit the budget
         channels = [min(ch0 * 2 ** i, cap) for i in range(len(strides) + 1)]
         units = batch * sum(float(np.prod(patch / _divisor(strides[:i]))) * c for i, c in enumerate(channels))
-        mem, step = cost[2] + units * cost[1] / 1e9, cost[0][0] + units * cost[0][1]
+        step, mem = estimate_cost("gpu" if gpu else "cpu", network if not gpu else "dynunet3d", units)
         return channels, mem, step, mem <= memory_gb and step <= seconds
 
     patch = np.maximum(np.ceil(median_shape).astype(int), 1)
@@ -271,19 +292,22 @@ def make_plan(fp: Fingerprint, *, device: str = "cpu", memory_gb: float | None =
         intensity = {"mode": "zscore", "nonzero": fp.zero_background_share > 0.5}
         reasons["intensity"] = (f"{fp.modality}: per-image z-score, nonzero={intensity['nonzero']} "
                                 f"({fp.zero_background_share:.0%} of cases have a zero background)")
-    kernels = _kernels_for(target, strides) if gpu else None
+    kernels = _kernels_for(target, strides) if network == "dynunet3d" else None
     if kernels and any(3 not in k or 1 in k for k in kernels):
         reasons["kernel_sizes"] = "kernel 1 along axes whose spacing at a level is over 2x the finest (nnU-Net)"
     elif kernels:
         kernels = None  # isotropic: 3x3x3 everywhere, the model default
     coverage = float(np.prod(patch) / np.prod(median_shape))
-    reasons.update(model="GPU: nnU-Net-style DynUNet with deep supervision" if gpu else
-                   "CPU: MONAI residual UNet (2 residual units), no deep supervision",
+    where = "GPU" if gpu else "CPU"
+    reasons.update(model=(f"{where}: nnU-Net-style DynUNet with deep supervision" + (
+                       "" if gpu else " (the best cross-validated CPU recipe)") if network == "dynunet3d" else
+                       f"{where}: MONAI residual UNet (2 residual units), no deep supervision"),
                    foreground_ratio="a third of the patches centred on foreground (nnU-Net)",
                    samples_per_volume=f"patch covers {coverage:.0%} of the median image")
-    return Plan(spacing=_py(target), patch_size=_py(patch), batch_size=batch, model="dynunet3d" if gpu else "unet3d",
-                channels=channels, strides=_py(strides), num_res_units=0 if gpu else 2,
-                deep_supervision=max(0, min(2, len(strides) - 1)) if gpu else 0, intensity=_py(intensity),
+    dyn = network == "dynunet3d"
+    return Plan(spacing=_py(target), patch_size=_py(patch), batch_size=batch, model=network,
+                channels=channels, strides=_py(strides), num_res_units=0 if dyn else 2,
+                deep_supervision=max(0, min(2, len(strides) - 1)) if dyn else 0, intensity=_py(intensity),
                 samples_per_volume=1 if coverage >= 0.5 else 2, device="cuda" if gpu else "cpu",
                 kernel_sizes=kernels,
                 estimates={"memory_gb": round(mem, 3), "step_s": round(step, 3)},  # GPU: step on an H200
@@ -322,8 +346,9 @@ def apply_plan(cfg_dict: dict, plan: Plan, *, keep=frozenset()) -> dict:
 
 
 def plan_for_config(cfg, *, device: str | None = None, memory_gb: float | None = None,
-                    progress: bool = True) -> Plan:
-    """Fingerprint the config's dataset and plan for its training device (``train.device``)."""
+                    progress: bool = True, network: str | None = None) -> Plan:
+    """Fingerprint the config's dataset and plan for its training device (``train.device``) and ``network``
+    (default: the device's planned network)."""
     from medseg.data.datasets import dataset_cases
 
     cases = dataset_cases(cfg.data)
@@ -333,4 +358,4 @@ def plan_for_config(cfg, *, device: str | None = None, memory_gb: float | None =
 
         device = "cuda" if cfg.train.device.startswith("cuda") or (
             cfg.train.device == "auto" and torch.cuda.is_available()) else "cpu"
-    return make_plan(fp, device=device, memory_gb=memory_gb)
+    return make_plan(fp, device=device, memory_gb=memory_gb, network=network)

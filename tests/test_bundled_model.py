@@ -23,9 +23,9 @@ def predictor():
 
 
 def held_out(ck: dict) -> list[str]:
-    """Cases the model never trained on: a single model's validation split, or the cases an
-    ensemble's cross-validation set aside (``data.test_fraction``)."""
-    return ck["split"].get("validation") or ck["split"].get("test") or []
+    """Cases the model never trained on and its checkpoint was not chosen on: the cases its config set aside
+    (``data.test_fraction``), else its validation split."""
+    return ck["split"].get("test") or ck["split"].get("validation") or []
 
 
 def test_bundled_model_is_small_and_complete():
@@ -34,6 +34,7 @@ def test_bundled_model_is_small_and_complete():
     ck = load_checkpoint(path)
     assert ck["config"]["labels"] == {0: "background", 1: "anterior", 2: "posterior"}
     assert len(held_out(ck)) == 39 and not set(held_out(ck)) & set(ck["split"]["train"])
+    assert not set(held_out(ck)) & set(ck["split"].get("validation") or [])
 
 
 @pytest.mark.parametrize("case", ["hippocampus_011", "hippocampus_015"])
@@ -61,7 +62,7 @@ def test_matches_stored_reference(predictor, hippo_data):
 @pytest.mark.slow
 @pytest.mark.shared_data
 def test_held_out_split_reaches_target(predictor, shared_data):
-    """All validation cases of the bundled model's split: mean Dice must reach 0.85."""
+    """All 39 cases the bundled model never saw: mean Dice must reach 0.88 (measured: 0.8878)."""
     names = held_out(load_checkpoint(predictor.model_path))
     root = shared_data / "hippocampus"
     per_class = {1: [], 2: []}
@@ -72,7 +73,7 @@ def test_held_out_split_reaches_target(predictor, shared_data):
         for c in per_class:
             per_class[c].append(dice(out == c, ref == c))
     means = {c: float(np.mean(v)) for c, v in per_class.items()}
-    assert np.mean(list(means.values())) >= 0.85, means
+    assert np.mean(list(means.values())) >= 0.88, means
 
 
 def test_demo_command(tmp_path):

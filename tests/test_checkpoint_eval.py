@@ -8,7 +8,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from conftest import write_checkpoint
+from conftest import run_cli, write_checkpoint
 
 from medseg.data.verify import verify_dataset
 from medseg.errors import CheckpointError
@@ -97,3 +97,20 @@ def test_verify_data_reports_every_problem(tmp_path):
                    "warning: " , "empty.nii.gz: label is empty", "nolabel.nii.gz: no label file", "broken.nii.gz: cannot read"]:
         assert needle in text, (needle, text)
     assert "good.nii.gz" not in text
+
+
+def test_pack_set_changes_prediction_settings_only(tmp_path):
+    from medseg.errors import ConfigError
+
+    ck = write_checkpoint(tmp_path / "a.pt")
+    packed = pack(ck, tmp_path / "p.pt", inference=["inference.overlap=0.6", "inference.sw_batch_size=2"])
+    cfg = load_checkpoint(packed)["config"]
+    assert cfg["inference"]["overlap"] == 0.6 and cfg["inference"]["sw_batch_size"] == 2
+    assert load_checkpoint(ck)["config"]["inference"]["overlap"] == 0.25  # the source is untouched
+    with pytest.raises(ConfigError, match="prediction settings only"):
+        pack(ck, tmp_path / "q.pt", inference=["train.epochs=3"])
+    with pytest.raises(ConfigError, match="overlap"):
+        pack(ck, tmp_path / "q.pt", inference=["inference.overlap=1.5"])
+    assert not (tmp_path / "q.pt").exists()
+    proc = run_cli("pack-model", ck, tmp_path / "r.pt", "--set", "model.channels=[4, 8]")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr and "inference.KEY=VALUE" in proc.stderr

@@ -243,3 +243,30 @@ def test_int8_pack_is_smaller_and_predicts_the_same_labels(tmp_path, hippo_data)
     torch.save(payload, tmp_path / "noscales.pt")
     with pytest.raises(CheckpointError, match="int8 weights without one scale"):
         load_checkpoint(tmp_path / "noscales.pt")
+
+
+def test_packing_keeps_aliased_weights_shared(tmp_path):
+    """MONAI's DynUNet lists its blocks twice in its state dict; packing must not store them twice."""
+    from medseg.config import from_dict
+    from medseg.inference.predictor import Predictor
+    from medseg.models.registry import build_model
+    from medseg.training.checkpoint import pack, save_checkpoint
+
+    cfg = from_dict({"labels": {0: "background", 1: "a", 2: "b"}, "model": {
+        "name": "dynunet3d", "channels": [8, 16, 32, 64], "strides": [2, 2, 2], "deep_supervision": 2}})
+    torch.manual_seed(0)
+    model = build_model(cfg.model, 1, 3).eval()
+    state = model.state_dict()
+    assert len({v.data_ptr() for v in state.values()}) < len(state)  # the aliasing this test is about
+    full = save_checkpoint(tmp_path / "full.pt", model=model, cfg=cfg, epoch=1)
+    half = pack(full, tmp_path / "half.pt")
+    small = pack(full, tmp_path / "int8.pt", int8=True)
+    assert half.stat().st_size < 0.55 * full.stat().st_size
+    assert small.stat().st_size < 0.55 * half.stat().st_size
+    x = torch.randn(1, 1, 32, 32, 32)
+    with torch.no_grad():
+        ref = model(x)
+        for path, tol in ((half, 0.02), (small, 0.1)):
+            got = Predictor(path, device="cpu").net(x)
+            assert (got - ref).abs().max() < tol * ref.abs().max(), path.name
+    assert pack(small, tmp_path / "again.pt").stat().st_size < 0.55 * full.stat().st_size  # repacked: still once

@@ -80,7 +80,8 @@ def test_fingerprint_hippocampus(hippo_fp):
     plan = make_plan(fp)
     assert plan.spacing == pytest.approx([1.0, 1.0, 1.0])
     assert plan.intensity == {"mode": "zscore", "nonzero": False}
-    assert plan.model == "unet3d" and plan.channels[0] == 16 and plan.batch_size >= 2
+    assert plan.model == "dynunet3d" and plan.channels[0] == 16 and plan.batch_size >= 2
+    assert plan.deep_supervision == 2 and plan.num_res_units == 0 and plan.kernel_sizes is None  # isotropic
     assert plan.foreground_ratio == 0.33
     assert set(plan.reasons) >= {"spacing", "patch_size", "strides", "channels", "batch_size", "intensity", "model"}
     div = np.prod(plan.strides, axis=0)
@@ -120,6 +121,7 @@ def test_anisotropic_dataset_plan(tmp_path):
         div = np.prod(plan.strides, axis=0)
         assert all(p % d == 0 for p, d in zip(plan.patch_size, div))
         assert all(len(s) == 3 for s in plan.to_overrides()["model"]["strides"])  # per-axis strides
+        assert plan.model == "dynunet3d" and plan.kernel_sizes[0] == [3, 3, 1]
     assert plan.model == "dynunet3d" and plan.deep_supervision >= 1 and plan.channels[0] == 32
     # 0.8 x 0.8 x 3.4 mm: in-plane 3x3 kernels only until the spacings are comparable (nnU-Net)
     assert plan.kernel_sizes[0] == [3, 3, 1] and plan.kernel_sizes[-1] == [3, 3, 3]
@@ -200,12 +202,20 @@ def big_ct_fingerprint(n: int = 20) -> Fingerprint:
 
 
 def test_patch_shrinks_to_the_budget(hippo_fp):
-    roomy, tight = make_plan(hippo_fp, memory_gb=4), make_plan(hippo_fp, memory_gb=0.15)
+    roomy, tight = make_plan(hippo_fp, memory_gb=4), make_plan(hippo_fp, memory_gb=0.25)
     assert np.prod(tight.patch_size) < np.prod(roomy.patch_size)
-    assert tight.estimates["memory_gb"] <= 0.15 < roomy.estimates["memory_gb"] or roomy.batch_size > 2
+    assert tight.estimates["memory_gb"] <= 0.25 < roomy.estimates["memory_gb"]
     assert "shrunk" in tight.reasons["patch_size"]
-    fast = make_plan(hippo_fp, time_budget="0.03")
-    assert np.prod(fast.patch_size) < np.prod(roomy.patch_size) and fast.estimates["step_s"] <= 0.03
+    fast = make_plan(hippo_fp, time_budget="0.1")
+    assert np.prod(fast.patch_size) < np.prod(roomy.patch_size) and fast.estimates["step_s"] <= 0.1
+    # the lighter UNet is planned with its own cost model
+    unet = make_plan(hippo_fp, network="unet3d")
+    assert unet.model == "unet3d" and unet.num_res_units == 2 and unet.deep_supervision == 0
+    assert unet.patch_size == roomy.patch_size and unet.batch_size == roomy.batch_size  # 6 cases: batch cap 2
+    assert unet.estimates["step_s"] < roomy.estimates["step_s"] / 3
+    assert "residual UNet" in unet.reasons["model"] and "DynUNet" in roomy.reasons["model"]
+    with pytest.raises(ConfigError, match="cannot plan for this network"):
+        make_plan(hippo_fp, network="segresnet")
 
     fp = big_ct_fingerprint()
     cpu, gpu8, gpu4 = make_plan(fp), make_plan(fp, device="cuda"), make_plan(fp, device="cuda", memory_gb=4)
@@ -244,7 +254,7 @@ def test_apply_plan_keeps_explicit_keys(hippo_fp):
     assert cfg.model.strides == [2, 2, 2] and cfg.preprocess.spacing == plan.spacing
     from medseg.models.registry import build_model
 
-    net = build_model(cfg.model, 1, cfg.num_classes)
+    net = build_model(cfg.model, 1, cfg.num_classes).eval()
     assert net(torch.zeros(1, 1, *cfg.patch.size)).shape[2:] == tuple(cfg.patch.size)
 
     # coupled keys: a user's channels keep the plan's strides out, another intensity mode keeps all
@@ -296,7 +306,11 @@ def test_config_plan_auto_and_plan_file_fill_only_unset_keys(tmp_path, hippo_dat
     cfg = load_config(cfg_path)
     assert cfg.patch.size == [32, 32, 32]  # set by the user: kept
     assert cfg.preprocess.spacing == [1.0, 1.0, 1.0] and cfg.patch.foreground_ratio == 0.33  # planned
-    assert cfg.train.batch_size >= 2 and cfg.model.name == "unet3d"
+    assert cfg.train.batch_size >= 2 and cfg.model.name == "dynunet3d" and cfg.model.deep_supervision == 2
+    cfg_path.write_text(cfg_path.read_text().replace("train: {device: cpu}", "train: {device: cpu}\nmodel: {name: unet3d}"))
+    unet = load_config(cfg_path)  # a network named in the config is planned as that network
+    assert unet.model.name == "unet3d" and unet.model.num_res_units == 2 and unet.model.deep_supervision == 0
+    cfg_path.write_text(cfg_path.read_text().replace("\nmodel: {name: unet3d}", ""))
     proc = run_cli("plan", hippo_data, "-o", tmp_path / "plan.yaml")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "patch_size:" in proc.stdout

@@ -6,6 +6,7 @@ A checkpoint is a plain dict saved with ``torch.save`` and read back with
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import io
 import warnings
@@ -15,7 +16,7 @@ from typing import Any
 import torch
 
 from medseg.config import Config, from_dict, to_dict
-from medseg.errors import CheckpointError, InputNotFoundError
+from medseg.errors import CheckpointError, ConfigError, InputNotFoundError
 from medseg.io.volume import atomic_write
 
 FORMAT = "medseg-checkpoint"
@@ -39,7 +40,7 @@ def save_checkpoint(path: str | Path, *, model: torch.nn.Module, cfg: Config, ep
                     best_metric: float | None = None, half: bool = False, **extra: Any) -> Path:
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     if half:
-        state = {k: (v.half() if v.is_floating_point() else v) for k, v in state.items()}
+        state = _half(state)
     payload = {
         "format": FORMAT,
         "version": VERSION,
@@ -147,8 +148,20 @@ def config_from_checkpoint(payload: dict, source: str = "checkpoint") -> Config:
     return from_dict(payload["config"], source=source)
 
 
+def _shared_map(state: dict, fn) -> dict:
+    """``{k: fn(k, v)}``, calling ``fn`` once per distinct tensor: keys that alias one tensor (MONAI's DynUNet
+    registers its blocks twice, once under ``skip_layers``) keep sharing it, so ``torch.save`` stores it once."""
+    done, out = {}, {}
+    for k, v in state.items():
+        key = (v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape), tuple(v.stride()), v.dtype)
+        if key not in done:
+            done[key] = fn(k, v)
+        out[k] = done[key]
+    return out
+
+
 def _half(state: dict) -> dict:
-    return {k: (v.half() if v.is_floating_point() else v) for k, v in state.items()}
+    return _shared_map(state, lambda k, v: v.half() if v.is_floating_point() else v)
 
 
 def _holdout_names(config: dict) -> list[str]:
@@ -170,29 +183,28 @@ def _digest_view(state: dict, scales: dict | None) -> dict:
 def quantize_int8(state: dict) -> tuple[dict, dict]:
     """Symmetric int8 per output channel for convolution and linear weights (tensors of two or more
     dimensions); everything else stays float16. Returns the stored state and the float32 scales."""
-    out, scales = {}, {}
-    for k, v in state.items():
+    def store(k, v):
         if v.is_floating_point() and v.dim() >= 2 and v.numel() >= 64:
             w = v.detach().float()
             scale = w.abs().reshape(w.shape[0], -1).amax(dim=1) / 127.0
             scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-            out[k] = torch.round(w / scale.view(-1, *[1] * (w.dim() - 1))).clamp(-127, 127).to(torch.int8)
-            scales[k] = scale
-        else:
-            out[k] = v.half() if v.is_floating_point() else v
-    return out, scales
+            return torch.round(w / scale.view(-1, *[1] * (w.dim() - 1))).clamp(-127, 127).to(torch.int8), scale
+        return (v.half() if v.is_floating_point() else v), None
+
+    pairs = _shared_map(state, store)
+    return {k: q for k, (q, _) in pairs.items()}, {k: sc for k, (_, sc) in pairs.items() if sc is not None}
 
 
 def float_state(state: dict, scales: dict | None = None) -> dict:
     """Float32 weights from a stored state dict (float16, float32, or int8 with per-channel scales)."""
     scales = scales or {}
-    out = {}
-    for k, v in state.items():
+
+    def restore(k, v):
         if v.dtype == torch.int8:
-            out[k] = v.float() * scales[k].float().view(-1, *[1] * (v.dim() - 1))
-        else:
-            out[k] = v.float() if v.is_floating_point() else v
-    return out
+            return v.float() * scales[k].float().view(-1, *[1] * (v.dim() - 1))
+        return v.float() if v.is_floating_point() else v
+
+    return _shared_map(state, restore)
 
 
 def member_states(payload: dict) -> list[dict]:
@@ -203,13 +215,15 @@ def member_states(payload: dict) -> list[dict]:
 
 
 def pack(checkpoint: str | Path | list, output: str | Path, *, postprocess: dict | None = None,
-         int8: bool = False) -> Path:
+         int8: bool = False, inference: list[str] | None = None) -> Path:
     """Compact predict-only copy of a checkpoint: float16 weights, config, labels, metrics.
 
     Given several checkpoints of the same model config (the folds of ``medseg train --folds``),
     writes one ensemble file whose predictions average the folds' probabilities.
     ``postprocess`` replaces ``inference.postprocess`` in the packed config. ``int8`` stores
     convolution weights as int8 with a float scale per output channel (half the size again).
+    ``inference``: ``inference.KEY=VALUE`` overrides of the packed config's prediction settings
+    (window overlap, blending, window batch, postprocessing); the weights are not affected.
     """
     paths = [Path(p) for p in checkpoint] if isinstance(checkpoint, (list, tuple)) else [Path(checkpoint)]
     if not paths:
@@ -222,9 +236,19 @@ def pack(checkpoint: str | Path | list, output: str | Path, *, postprocess: dict
             raise CheckpointError("cannot ensemble checkpoints of different models or labels", path=p,
                                   expected=str(first["config"]["model"]), found=str(ck["config"]["model"]),
                                   fix="pack only the folds of one 'medseg train --folds' run")
-    config = dict(first["config"])
+    config = copy.deepcopy(first["config"])  # the overrides below change nested sections in place
     if postprocess is not None:
         config["inference"] = {**config.get("inference", {}), "postprocess": postprocess}
+    if inference:
+        from medseg.config import apply_overrides
+
+        bad = [o for o in inference if not o.startswith("inference.")]
+        if bad:
+            raise ConfigError("pack-model --set changes prediction settings only", path=paths[0],
+                              expected="inference.KEY=VALUE", found=", ".join(bad),
+                              fix="e.g. --set inference.overlap=0.25; retrain to change anything else")
+        config = apply_overrides(config, inference)
+        from_dict(config, source=f"{paths[0]} with --set")  # validates the new values
     store = quantize_int8 if int8 else (lambda st: (_half(st), None))
     stored = [store(st) for ck in cks for st in member_states(ck)]  # packed ensembles contribute all members
     state, scales = stored[0]
