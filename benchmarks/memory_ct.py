@@ -1,6 +1,6 @@
 """Peak resident memory of ``medseg predict`` on a CT-size volume with a 3D model.
 
-    python benchmarks/memory_ct.py                          # 512x512x600, bundled 3D UNet, torch backend
+    python benchmarks/memory_ct.py                          # 512x512x600, bundled 3D model, torch backend
     python benchmarks/memory_ct.py --backend onnxruntime --overlap 0.25
 
 Writes a synthetic int16 CT volume (HU-like noise with a few bright blobs, 0.8x0.8x1.0 mm, so
