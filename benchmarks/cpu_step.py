@@ -40,7 +40,7 @@ def main(argv=None) -> int:
         print(json.dumps(one(name, tuple(int(v) for v in patch.split("x")), int(batch), args.steps, args.threads)))
         return 0
 
-    from medseg.planning import estimate_cost
+    from medseg.planning import estimate_cost, units_for
 
     rows = []
     for name in args.model or ["unet3d", "dynunet3d"]:
@@ -49,7 +49,7 @@ def main(argv=None) -> int:
                                   "--steps", str(args.steps), "--threads", str(args.threads)],
                                  check=True, capture_output=True, text=True).stdout
             row = json.loads(out.strip().splitlines()[-1])
-            units = batch * sum(float(np.prod(np.asarray(patch) / 2 ** i)) * c for i, c in enumerate(CHANNELS))
+            units = units_for(patch, [[2, 2, 2]] * (len(CHANNELS) - 1), CHANNELS, batch)
             step_s, mem_gb = estimate_cost("cpu", name, units)
             row.update(M_units=round(units / 1e6, 2), planner_s=round(step_s, 3), planner_gb=round(mem_gb, 3))
             rows.append(row)

@@ -282,7 +282,8 @@ def plan(
     modality: str = typer.Option("MR", "--modality", help="CT (clip to foreground percentiles, z-score) or MR/other (z-score)."),
     device: str = typer.Option("cpu", "--device", help="Plan for cpu or cuda."),
     memory_gb: Optional[float] = typer.Option(None, "--memory-gb", help="Memory budget for training (default 4 CPU / 8 GPU)."),
-    model: str = typer.Option("dynunet3d", "--model", help="Network to plan: dynunet3d (deep supervision) or unet3d."),
+    model: Optional[str] = typer.Option(None, "--model", help="Network to plan: dynunet3d (deep supervision; the "
+                                        "default on CPU and GPU) or unet3d."),
 ) -> None:
     """Fingerprint a dataset and write a training plan; use it with 'plan: FILE' (or 'plan: auto') in a config."""
     from medseg.data.datasets import discover_msd

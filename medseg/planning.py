@@ -215,6 +215,12 @@ def _fmt(values, digits: int = 3) -> str:
     return "x".join(f"{v:.{digits}g}" if digits else f"{round(v)}" for v in np.asarray(values, float).tolist())
 
 
+def units_for(patch, strides, channels, batch: int) -> float:
+    """The cost models' size measure: batch * sum over levels of (voxels at the level * channels)."""
+    patch = np.asarray(patch, float)
+    return batch * sum(float(np.prod(patch / _divisor(strides[:i]))) * c for i, c in enumerate(channels))
+
+
 def estimate_cost(device: str, network: str, units: float) -> tuple[float, float]:
     """Estimated seconds per training step and training memory (GB) of ``network`` on ``device`` (``cpu``/``gpu``)
     for ``units`` (batch * sum over levels of voxels * channels)."""
@@ -233,6 +239,8 @@ def make_plan(fp: Fingerprint, *, device: str = "cpu", memory_gb: float | None =
     if network not in PLANNED_NETWORKS:
         raise ConfigError("cannot plan for this network", expected=" | ".join(PLANNED_NETWORKS), found=repr(network),
                           fix="plan with one of those, or drop 'plan:' and set patch, batch and channels yourself")
+    dyn = network == "dynunet3d"
+    cost_key = ("gpu", "dynunet3d") if gpu else ("cpu", network)
     memory_gb = float(memory_gb if memory_gb is not None else (8.0 if gpu else 4.0))
     try:
         seconds = math.inf if gpu else float(TIME_BUDGETS.get(time_budget, time_budget))
@@ -253,8 +261,7 @@ def make_plan(fp: Fingerprint, *, device: str = "cpu", memory_gb: float | None =
 
     def estimate(patch, strides, batch):  # -> channels, memory (GB), step (s), whether both fit the budget
         channels = [min(ch0 * 2 ** i, cap) for i in range(len(strides) + 1)]
-        units = batch * sum(float(np.prod(patch / _divisor(strides[:i]))) * c for i, c in enumerate(channels))
-        step, mem = estimate_cost("gpu" if gpu else "cpu", network if not gpu else "dynunet3d", units)
+        step, mem = estimate_cost(*cost_key, units_for(patch, strides, channels, batch))
         return channels, mem, step, mem <= memory_gb and step <= seconds
 
     patch = np.maximum(np.ceil(median_shape).astype(int), 1)
@@ -292,7 +299,7 @@ def make_plan(fp: Fingerprint, *, device: str = "cpu", memory_gb: float | None =
         intensity = {"mode": "zscore", "nonzero": fp.zero_background_share > 0.5}
         reasons["intensity"] = (f"{fp.modality}: per-image z-score, nonzero={intensity['nonzero']} "
                                 f"({fp.zero_background_share:.0%} of cases have a zero background)")
-    kernels = _kernels_for(target, strides) if network == "dynunet3d" else None
+    kernels = _kernels_for(target, strides) if dyn else None
     if kernels and any(3 not in k or 1 in k for k in kernels):
         reasons["kernel_sizes"] = "kernel 1 along axes whose spacing at a level is over 2x the finest (nnU-Net)"
     elif kernels:
@@ -300,11 +307,10 @@ def make_plan(fp: Fingerprint, *, device: str = "cpu", memory_gb: float | None =
     coverage = float(np.prod(patch) / np.prod(median_shape))
     where = "GPU" if gpu else "CPU"
     reasons.update(model=(f"{where}: nnU-Net-style DynUNet with deep supervision" + (
-                       "" if gpu else " (the best cross-validated CPU recipe)") if network == "dynunet3d" else
+                       "" if gpu else " (the best cross-validated CPU recipe)") if dyn else
                        f"{where}: MONAI residual UNet (2 residual units), no deep supervision"),
                    foreground_ratio="a third of the patches centred on foreground (nnU-Net)",
                    samples_per_volume=f"patch covers {coverage:.0%} of the median image")
-    dyn = network == "dynunet3d"
     return Plan(spacing=_py(target), patch_size=_py(patch), batch_size=batch, model=network,
                 channels=channels, strides=_py(strides), num_res_units=0 if dyn else 2,
                 deep_supervision=max(0, min(2, len(strides) - 1)) if dyn else 0, intensity=_py(intensity),
