@@ -120,7 +120,8 @@ def predict(
     uneven: str = typer.Option("resample", "--uneven", help=UNEVEN_HELP),
     tilt: str = typer.Option("resample", "--tilt", help=TILT_HELP),
     formats: Optional[List[str]] = typer.Option(None, "--format", "-f", help=FORMAT_HELP),
-    tta: bool = typer.Option(False, "--tta", help="Mirror test-time augmentation along the axes the model was trained to mirror."),
+    tta: Optional[bool] = typer.Option(None, "--tta/--no-tta", help="Mirror test-time augmentation along the axes the model "
+                                       "was trained to mirror (about 2x the time; default: the model's inference.tta)."),
     anonymize: bool = typer.Option(False, "--anonymize", help=ANONYMIZE_HELP),
     stats: Optional[str] = typer.Option(None, "--stats", help="Also write <name>.lesions.csv|json: per-lesion volume (mL), "
                                         "longest diameter (mm), centroid (RAS and LPS)."),
@@ -369,6 +370,8 @@ def batch(
     amp: str = typer.Option("fp16", "--amp", help=AMP_HELP),
     compile_: bool = typer.Option(False, "--compile", help="torch.compile the model (torch backend)."),
     threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads for inference."),
+    overlap: Optional[float] = typer.Option(None, "--overlap", help="Sliding-window overlap in [0, 1) (default from the model)."),
+    tta: Optional[bool] = typer.Option(None, "--tta/--no-tta", help="Mirror test-time augmentation (default: the model's inference.tta)."),
     engine: str = typer.Option("local", "--engine", help="local (one process; --shard for job arrays) | ray "
                                "(Ray actors, one model each, on a local or running Ray cluster)."),
     ray_address: Optional[str] = typer.Option(None, "--ray-address", help="With --engine ray: cluster address "
@@ -402,7 +405,8 @@ def batch(
     res = run_batch(root, output, model=model, device=device, rules_path=rules, shard=shard,
                     retry_failed=retry_failed, dicom_options=_dicom_options(uneven, tilt), formats=formats,
                     on_done=on_done, log=say, anonymize=anonymize, record_paths=record_paths,
-                    runtime=_runtime(backend, amp, compile_, threads), engine=engine, ray_address=ray_address,
+                    runtime={**_runtime(backend, amp, compile_, threads), "overlap": overlap, "tta": tta},
+                    engine=engine, ray_address=ray_address,
                     workers=workers, gpus_per_worker=gpus_per_worker)
     out = _console(stderr=False)
     out.print(f"done {res.done}, failed {res.failed}, skipped {res.skipped}, already done {res.already_done} "

@@ -170,6 +170,10 @@ class InferenceConfig:
     overlap: float = 0.5
     blend: str = "gaussian"
     sw_batch_size: int = 4
+    tta: bool = False
+    """Mirror test-time augmentation by default: each window is also predicted mirrored along
+    ``augment.flip_axes`` and the probabilities averaged (one extra pass per axis). ``medseg predict
+    --tta/--no-tta`` overrides it; cross-validation predicts its held-out cases with this setting."""
     postprocess: dict[str, list[int]] = field(default_factory=dict)
     """Applied to predicted labels: ``keep_largest: [1, 2]`` keeps the largest connected component of each
     listed class; ``keep_largest_foreground: [1]`` keeps the largest component of all foreground together.

@@ -176,8 +176,8 @@ def test_batch_on_the_shared_dicom_archive_with_kill(shared_data, tmp_path):
     (root / "mr_brain_study" / "scan.pdf").write_bytes(b"%PDF-1.4 not dicom")
     out = tmp_path / "out"
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    proc = subprocess.Popen([sys.executable, "-m", "medseg", "batch", str(root), "-o", str(out), "--device", "cpu"],
-                            cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen([sys.executable, "-m", "medseg", "batch", str(root), "-o", str(out), "--device", "cpu",
+                             "--overlap", "0"], cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
         m = out / "manifest.jsonl"
@@ -187,7 +187,7 @@ def test_batch_on_the_shared_dicom_archive_with_kill(shared_data, tmp_path):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert len(manifest_rows(out / "manifest.jsonl")) < 11
-    final = run_cli("batch", root, "-o", out, "--device", "cpu", "--record-paths")
+    final = run_cli("batch", root, "-o", out, "--device", "cpu", "--record-paths", "--overlap", "0")
     assert final.returncode == 0, final.stderr[-3000:]
     rows = manifest_rows(out / "manifest.jsonl")
     status = by_status(rows)

@@ -7,9 +7,10 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
-from conftest import blob_label, image_from_label, write_checkpoint
+from conftest import assert_clean_error, blob_label, image_from_label, run_cli, write_checkpoint
 
 from medseg.errors import (
+    ConfigError,
     InputNotFoundError,
     OutputError,
     UnknownModelError,
@@ -119,3 +120,28 @@ def test_mirror_tta_uses_the_trained_flip_axes(tmp_path, threshold_model, hippo_
     p0, p1 = plain.probabilities(img), tta.probabilities(img)
     assert p1.shape == p0.shape and torch.allclose(p1.sum(0), torch.ones_like(p1[0]), atol=1e-4)
     assert not torch.allclose(p0, p1)  # the mirrored pass did contribute
+
+
+def test_tta_default_comes_from_the_model_config(tmp_path, threshold_model):
+    # a model packed with inference.tta=true mirrors by default; --no-tta (tta=False) turns it off
+    from medseg.training.checkpoint import pack
+
+    ck = write_checkpoint(tmp_path / "t.pt", model_name=threshold_model, intensity="none")
+    assert Predictor(ck, device="cpu").tta_axes == []
+    packed = pack(ck, tmp_path / "tta.pt", inference=["inference.tta=true"])
+    assert Predictor(packed, device="cpu").tta_axes == [0]
+    assert Predictor(packed, device="cpu", tta=False).tta_axes == []
+    with pytest.raises(ConfigError):
+        pack(ck, tmp_path / "bad.pt", inference=["inference.tta=maybe"])
+
+
+def test_overlap_outside_its_range_is_a_clean_error(tmp_path):
+    (tmp_path / "in").mkdir()
+    src = _write(tmp_path / "in" / "a.nii.gz", image_from_label(blob_label((12, 12, 12))), np.eye(4))
+    with pytest.raises(ConfigError, match="overlap must be in"):
+        Predictor(device="cpu", overlap=1.0)
+    proc = run_cli("batch", src.parent, "-o", tmp_path / "out", "--device", "cpu", "--overlap", "1.5")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert "error: " in proc.stderr and "overlap must be in [0, 1)" in proc.stderr and "found 1.5" in proc.stderr
+    proc = run_cli("predict", src, "-o", tmp_path / "out2", "--device", "cpu", "--overlap", "-0.1")
+    assert_clean_error(proc, "overlap must be in [0, 1)", "found -0.1")

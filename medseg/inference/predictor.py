@@ -68,7 +68,7 @@ class Predictor:
 
     def __init__(self, model: str | Path | None = None, device: str = "auto", *,
                  overlap: float | None = None, sw_batch_size: int | None = None, amp: bool = True,
-                 tta: bool = False, backend: str = "auto", amp_dtype: str = "fp16", compile: bool = False,
+                 tta: bool | None = None, backend: str = "auto", amp_dtype: str = "fp16", compile: bool = False,
                  threads: int | None = None, plan_memory: bool = True) -> None:
         from medseg.inference.backends import EXPORT_SUFFIXES, check_backend, is_exported, read_export_metadata
         from medseg.inference.memory import bounded_memory_transforms
@@ -97,6 +97,9 @@ class Predictor:
                                         fix="use 'medseg predict IMAGE.png --model ...' for 2D images, "
                                             "or a 3D model for volumes")
         if overlap is not None:
+            if not 0.0 <= overlap < 1.0:
+                raise ConfigError("sliding-window overlap must be in [0, 1)", path=self.model_path,
+                                  expected="0 <= --overlap < 1", found=str(overlap), fix="use e.g. --overlap 0.25")
             self.cfg.inference.overlap = overlap
         if sw_batch_size is not None:
             self.cfg.inference.sw_batch_size = sw_batch_size
@@ -108,8 +111,12 @@ class Predictor:
         self.amp_dtype = amp_dtype
         self.plan_memory = plan_memory
         self.last_plan = None
-        # mirror test-time augmentation only along axes the model was trained to be mirror-invariant on
-        self.tta_axes = sorted(set(self.cfg.augment.flip_axes)) if (tta and self.cfg.augment.enabled) else []
+        # mirror test-time augmentation only along axes the model was trained to be mirror-invariant on;
+        # tta=None follows the model's own inference.tta
+        if tta is not None:
+            self.cfg.inference.tta = bool(tta)
+        self.tta_axes = (sorted(set(self.cfg.augment.flip_axes))
+                         if (self.cfg.inference.tta and self.cfg.augment.enabled) else [])
         self.spec = get_spec(self.cfg.model.name)
         # a packed cross-validation ensemble carries one state dict per fold; probabilities are averaged
         self.nets = []
@@ -295,7 +302,7 @@ def segment_item(predictor: "Predictor", item, base: Path, formats: list[str] | 
 def predict(inputs: list[str | Path], outdir: str | Path, *, model: str | Path | None = None,
             device: str = "auto", progress: bool = True, overlap: float | None = None,
             rules: str | Path | None = None, dicom_options: dict | None = None,
-            formats: list[str] | None = None, tta: bool = False, stats: str | None = None,
+            formats: list[str] | None = None, tta: bool | None = None, stats: str | None = None,
             anonymize: bool = False, runtime: dict | None = None) -> list[PredictResult]:
     """Segment every input and write ``OUTDIR/<name>.<format>`` label files.
 
