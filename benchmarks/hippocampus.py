@@ -156,13 +156,17 @@ def compare_cv(cvs: list[Path]) -> None:
         summary = json.loads((cv / "cv_summary.json").read_text())
         cfg = yaml.safe_load((cv / "fold_0" / "config.yaml").read_text())
         recipe = f"{cfg['model']['name']} {cfg['train']['epochs']} ep, patch {'x'.join(map(str, cfg['patch']['size']))}"
+        if (cfg.get("inference") or {}).get("tta"):
+            recipe += ", TTA"
         rows.append((cv.name, recipe, summary["cases"], summary["pooled_dice"], summary["pooled_dice_postprocessed"]))
     classes = [k for k in rows[0][3] if k != "mean"]
-    print(f"{'folder':<20} {'recipe':<34} {'cases':>5} " + " ".join(f"{c + ' Dice':>15}" for c in classes)
+    print(f"{'folder':<20} {'recipe':<40} {'cases':>5} " + " ".join(f"{c + ' Dice':>15}" for c in classes)
           + f" {'mean Dice':>10} {'+postproc':>10} {'gain':>7}")
     for name, recipe, cases, pooled, post in rows:
-        print(f"{name[:20]:<20} {recipe[:34]:<34} {cases:>5} " + " ".join(f"{pooled[c]:>15.4f}" for c in classes)
-              + f" {pooled['mean']:>10.4f} {post['mean']:>10.4f} {pooled['mean'] - rows[0][3]['mean']:>+7.4f}")
+        # a gain only means something over the same cases (same data, seed and set-aside share: same folds)
+        gain = f"{pooled['mean'] - rows[0][3]['mean']:>+7.4f}" if cases == rows[0][2] else f"{'n/a':>7}"
+        print(f"{name[:20]:<20} {recipe[:40]:<40} {cases:>5} " + " ".join(f"{pooled[c]:>15.4f}" for c in classes)
+              + f" {pooled['mean']:>10.4f} {post['mean']:>10.4f} {gain}")
 
 
 if __name__ == "__main__":
