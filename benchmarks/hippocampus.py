@@ -68,6 +68,9 @@ def main(argv=None) -> int:
     ap.add_argument("--tta", action="store_true", help="also score each model with mirror test-time augmentation")
     ap.add_argument("--cv", action="append", default=[], help="a 'medseg train --folds' folder: print its pooled "
                     "cross-validation Dice (repeatable)")
+    ap.add_argument("--cv-final", action="append", default=[], help="a 'medseg train --folds' folder: predict each "
+                    "fold's held-out cases again with the fold's final weights (last.pt, EMA when kept), so no "
+                    "held-out case chose the epoch, and print the pooled Dice (repeatable)")
     ap.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "hippocampus"), help="MSD Task04 folder")
     ap.add_argument("--train", action="store_true", help="train from --config first, then evaluate best.pt")
     ap.add_argument("--config", default=str(REPO / "configs" / "hippocampus.yaml"))
@@ -76,9 +79,6 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     from medseg.config import load_config
-    from medseg.evaluation import evaluate
-    from medseg.inference.predictor import Predictor
-    from medseg.training.checkpoint import load_checkpoint
 
     data = Path(args.data)
     if not data.is_dir():
@@ -95,6 +95,27 @@ def main(argv=None) -> int:
         model = str(res.best_checkpoint)
 
     models = [model] if args.train or not args.model else args.model
+    if not (args.train or args.model) and (args.cv or args.cv_final):
+        models = []  # only cross-validation tables asked for
+    if models:
+        code = compare_models(models, args, data, train_seconds)
+        if code:
+            return code
+    for cv in args.cv_final:
+        cv_final(Path(cv), data, args.device)
+    for cv in args.cv:
+        print_cv(Path(cv))
+    if len(args.cv) > 1:
+        compare_cv([Path(cv) for cv in args.cv])
+    return 0
+
+
+def compare_models(models: list, args, data: Path, train_seconds) -> int:
+    """Score every model on the first one's held-out cases (never trained on by any of them) in one table."""
+    from medseg.evaluation import evaluate
+    from medseg.inference.predictor import Predictor
+    from medseg.training.checkpoint import load_checkpoint
+
     first = Predictor(models[0], device=args.device)
     split = load_checkpoint(first.model_path).get("split") or {}
     names = split.get("test") or split.get("validation") or []  # unseen cases first, else the validation split
@@ -126,11 +147,34 @@ def main(argv=None) -> int:
               + f" {r['mean_dice']:>10.4f} {r['predict_s_per_case']:>7.2f}")
     for r in results:
         print(json.dumps(r))
-    for cv in args.cv:
-        print_cv(Path(cv))
-    if len(args.cv) > 1:
-        compare_cv([Path(cv) for cv in args.cv])
     return 0
+
+
+def cv_final(cv: Path, data: Path, device: str) -> dict:
+    """Pooled out-of-fold Dice of the folds' final weights (what ``train.keep: last`` keeps), against best.pt's."""
+    from medseg.config import load_config
+    from medseg.training.crossval import predict_fold_validation
+
+    folds = sorted(cv.glob("fold_*"), key=lambda p: int(p.name.split("_")[1]))
+    per_case, epochs = {}, []
+    for fdir in folds:
+        cfg = load_config(fdir / "config.yaml", [f"data.root={data}"])
+        per_case.update(predict_fold_validation(cfg, fdir, device=device, progress=False,
+                                                checkpoint="last.pt", out_name="validation_final"))
+        epochs.append(json.loads((fdir / "history.json").read_text())[-1]["epoch"])
+    labels = {str(k): v for k, v in cfg.labels.items() if k}
+    pooled = {labels[c]: float(np.nanmean([d[c] for d in per_case.values()])) for c in labels}
+    pooled["mean"] = float(np.mean(list(pooled.values())))
+    summary = json.loads((cv / "cv_summary.json").read_text()) if (cv / "cv_summary.json").is_file() else {}
+    print(f"cross-validation {cv}: {len(folds)} folds, {len(per_case)} cases, final weights (epochs {epochs}), "
+          f"TTA {'on' if cfg.inference.tta else 'off'}")
+    print(f"{'':<28}" + " ".join(f"{c + ' Dice':>15}" for c in pooled if c != "mean") + f" {'mean Dice':>10}")
+    print(f"{'pooled, final weights':<28}" + " ".join(f"{v:>15.4f}" for v in pooled.values()))
+    if summary:
+        best = summary["pooled_dice"]
+        print(f"{'pooled, best.pt (as trained)':<28}" + " ".join(f"{best[c]:>15.4f}" for c in pooled))
+    print(json.dumps({"cv": str(cv), "final_weights_pooled_dice": {k: round(v, 4) for k, v in pooled.items()}}))
+    return pooled
 
 
 def print_cv(cv: Path) -> None:

@@ -79,8 +79,14 @@ def train(
 
     if not DistContext.from_env().is_main:  # under torchrun, rank 0 reports
         return
-    con.print(f"best mean validation Dice {res.best_metric:.4f} at epoch {res.best_epoch}; "
-              f"{res.epochs_run} epoch(s) in {res.seconds:.0f} s")
+    if res.best_metric is None or res.best_metric < 0:  # no validation split: the final weights are kept
+        con.print(f"no validation cases; kept the final weights; {res.epochs_run} epoch(s) in {res.seconds:.0f} s")
+    elif cfg.train.keep == "last":
+        con.print(f"kept the final weights (epoch {res.best_epoch}, mean validation Dice {res.best_metric:.4f}); "
+                  f"{res.epochs_run} epoch(s) in {res.seconds:.0f} s")
+    else:
+        con.print(f"best mean validation Dice {res.best_metric:.4f} at epoch {res.best_epoch}; "
+                  f"{res.epochs_run} epoch(s) in {res.seconds:.0f} s")
     con.print(f"best checkpoint: {res.best_checkpoint}")
 
 

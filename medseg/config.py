@@ -161,6 +161,10 @@ class TrainConfig:
     """Exponential moving average of the weights (e.g. 0.999); validated and saved instead of the raw weights. 0 = off."""
     init_from: str | None = None
     """Start from the weights of this checkpoint (same model config); the optimizer and schedule start fresh."""
+    keep: str = "best"
+    """What ``best.pt`` holds: ``best``, the weights of the epoch with the highest validation Dice; ``last``,
+    the final weights whatever the validation says (nnU-Net's choice for cross-validation: the held-out
+    fold is then scored without having chosen anything). Validation is still run and logged."""
 
 
 @dataclass
@@ -251,6 +255,9 @@ class Config:
             if not 0.0 <= value < 1.0:
                 raise ConfigError(f"data.{key} must be in [0, 1)", path=source, found=str(value),
                                   fix="use e.g. 0.2 (a fifth of the cases) or 0 (none)")
+        if self.train.keep not in ("best", "last"):
+            raise ConfigError("unknown train.keep", path=source, expected="'best' or 'last'",
+                              found=repr(self.train.keep), fix="set train.keep to best (default) or last")
         if not 0.0 <= self.train.ema < 1.0:
             raise ConfigError("train.ema must be in [0, 1)", path=source, found=str(self.train.ema),
                               fix="use 0 (off) or a decay such as 0.999")

@@ -120,6 +120,8 @@ def test_config_checks_for_new_keys(tmp_path):
         load_config(REPO / "configs" / "hippocampus.yaml", ["data.folds=1"])
     with pytest.raises(ConfigError, match="train.ema"):
         load_config(REPO / "configs" / "hippocampus.yaml", ["train.ema=1.5"])
+    with pytest.raises(ConfigError, match="train.keep"):
+        load_config(REPO / "configs" / "hippocampus.yaml", ["train.keep=final"])
     with pytest.raises(ConfigError, match="unknown postprocessing step"):
         load_config(REPO / "configs" / "hippocampus.yaml", ["inference.postprocess={largest: [1]}"])
     with pytest.raises(ConfigError, match="not labels"):
@@ -186,6 +188,33 @@ def test_init_from_warm_start_and_mismatch(tmp_path, hippo_data):
     assert "schedule now ends at epoch 2 (was 1)" in proc.stderr and "resuming at epoch 2 of 2" in proc.stderr
     ck = load_checkpoint(first / "last.pt")
     assert ck["epoch"] == 2 and ck["history"][-1]["lr"] == pytest.approx(0.0)
+
+
+@pytest.mark.slow
+def test_keep_last_saves_the_final_ema_weights_as_best(tmp_path, hippo_data):
+    # train.keep: last (the cross-validation protocol): best.pt is the final EMA weights, whatever validation says
+    from medseg.training.trainer import train
+
+    cfg = load_config(REPO / "configs" / "hippocampus.yaml",
+                      [f"data.root={hippo_data}", f"train.output_dir={tmp_path / 'run'}", "train.ema=0.9",
+                       "train.keep=last", *TINY, "train.epochs=3"])
+    res = train(cfg, progress=False)
+    best, last = load_checkpoint(res.best_checkpoint), load_checkpoint(res.last_checkpoint)
+    assert best["epoch"] == 3 and res.best_epoch == 3
+    assert best["best_metric"] == last["history"][-1]["val_mean_dice"] == res.best_metric
+    for k, v in last["ema_state_dict"].items():
+        assert torch.equal(best["state_dict"][k], v), k
+    assert any(not torch.equal(last["state_dict"][k], v) for k, v in last["ema_state_dict"].items())
+    # predicting with (or packing) last.pt uses its EMA weights too, as validation did
+    from medseg.inference.predictor import Predictor
+    from medseg.io import load_volume
+    from medseg.training.checkpoint import pack
+
+    vol = load_volume(hippo_data / "imagesTr" / "hippocampus_003.nii.gz")
+    ref = Predictor(res.best_checkpoint, device="cpu").probabilities(vol)
+    assert torch.allclose(Predictor(res.last_checkpoint, device="cpu").probabilities(vol), ref, atol=1e-6)
+    packed = pack(res.last_checkpoint, tmp_path / "packed.pt")
+    assert torch.allclose(Predictor(packed, device="cpu").probabilities(vol), ref, atol=2e-3)
 
 
 def test_pack_model_needs_an_output(tmp_path):

@@ -21,7 +21,7 @@ from medseg.inference.engine import (
 from medseg.io.volume import Volume, check_writable_folder, load_volume, save_volume
 from medseg.models.registry import build_model, get_spec
 from medseg.postprocess import apply_postprocessing
-from medseg.training.checkpoint import config_from_checkpoint, load_checkpoint, member_states
+from medseg.training.checkpoint import config_from_checkpoint, load_checkpoint, predict_states
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 BUNDLED_MODELS = ASSETS / "models"
@@ -120,7 +120,7 @@ class Predictor:
         self.spec = get_spec(self.cfg.model.name)
         # a packed cross-validation ensemble carries one state dict per fold; probabilities are averaged
         self.nets = []
-        for state in (member_states(ck) if not exported else []):
+        for state in (predict_states(ck) if not exported else []):
             net = build_model(self.cfg.model, 1, self.cfg.num_classes)
             net.load_state_dict(state)
             self.nets.append(net.to(self.device).eval())

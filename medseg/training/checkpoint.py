@@ -207,6 +207,14 @@ def float_state(state: dict, scales: dict | None = None) -> dict:
     return _shared_map(state, restore)
 
 
+def predict_states(payload: dict) -> list[dict]:
+    """The weights to predict with: the EMA weights a ``last.pt`` carries when training kept an average
+    (what validation scored and ``best.pt`` holds), else :func:`member_states`."""
+    if "ema_state_dict" in payload:
+        return [float_state(payload["ema_state_dict"])]
+    return member_states(payload)
+
+
 def member_states(payload: dict) -> list[dict]:
     """Float32 state dicts of a checkpoint: one, or one per member of a packed ensemble."""
     members = [payload["state_dict"], *payload.get("ensemble", [])]
@@ -250,7 +258,7 @@ def pack(checkpoint: str | Path | list, output: str | Path, *, postprocess: dict
         config = apply_overrides(config, inference)
         from_dict(config, source=f"{paths[0]} with --set")  # validates the new values
     store = quantize_int8 if int8 else (lambda st: (_half(st), None))
-    stored = [store(st) for ck in cks for st in member_states(ck)]  # packed ensembles contribute all members
+    stored = [store(st) for ck in cks for st in predict_states(ck)]  # packed ensembles contribute all members
     state, scales = stored[0]
     keep = {k: first[k] for k in ("epoch", "best_metric", "best_epoch", "val_dice", "split") if k in first}
     if len(cks) > 1:  # an ensemble has seen every case any member trained or chose its epoch on

@@ -52,18 +52,20 @@ def _write_json(path: Path, data) -> None:
     atomic_write(path, lambda p: Path(p).write_text(json.dumps(data, indent=1)))
 
 
-def predict_fold_validation(cfg: Config, fold_dir: Path, *, device: str = "auto", progress: bool = True) -> dict:
-    """Predict every validation case of a fold with its best.pt, on the case's own grid; Dice per case."""
+def predict_fold_validation(cfg: Config, fold_dir: Path, *, device: str = "auto", progress: bool = True,
+                            checkpoint: str = "best.pt", out_name: str = "validation") -> dict:
+    """Predict every validation case of a fold with its ``checkpoint`` (``best.pt``; ``last.pt`` = the final
+    weights, EMA when kept) into ``fold_dir/out_name``, on the case's own grid; Dice per case."""
     from medseg.inference.predictor import Predictor
     from medseg.progress import progress_bar
 
-    best = fold_dir / "best.pt"
+    best = fold_dir / checkpoint
     if not best.is_file():
-        raise CheckpointError("fold has no best.pt", path=best, expected="a finished fold",
+        raise CheckpointError(f"fold has no {checkpoint}", path=best, expected="a finished fold",
                               fix="train the fold first: medseg train CONFIG --folds N --fold I")
     _, val_cases = kfold_split(training_pool(cfg.data), cfg.data.folds, cfg.data.fold, cfg.data.seed)
     predictor = Predictor(best, device=device)
-    out_dir = fold_dir / "validation"
+    out_dir = fold_dir / out_name
     out_dir.mkdir(exist_ok=True)
     classes = [c for c in cfg.labels if c]
     cases = {}

@@ -20,9 +20,9 @@ from medseg.io.volume import atomic_write, remove_partial_files
 from medseg.models.registry import build_model, get_spec
 from medseg.training.checkpoint import (
     config_from_checkpoint,
-    float_state,
     load_checkpoint,
     member_states,
+    predict_states,
     save_checkpoint,
 )
 from medseg.training.distributed import DistContext
@@ -140,7 +140,7 @@ def _init_weights(model: torch.nn.Module, cfg: Config, path: Path) -> None:
         raise CheckpointError("train.init_from holds a different model", path=path,
                               expected=str(to_dict(cfg.model)), found=str(ck["config"]["model"]),
                               fix="start from a checkpoint of the same model config, or drop train.init_from")
-    model.load_state_dict(float_state(ck["ema_state_dict"]) if "ema_state_dict" in ck else member_states(ck)[0])
+    model.load_state_dict(predict_states(ck)[0])
 
 
 def _is_tty() -> bool:
@@ -274,6 +274,7 @@ def train(cfg: Config, *, resume: bool = False, progress: bool = True, log=None)
                 record["val_mean_dice"] = round(float(np.nanmean(dice)), 4)
                 if record["val_mean_dice"] > best:
                     best, best_epoch = record["val_mean_dice"], epoch
+                if best_epoch == epoch and tc.keep == "best":
                     save_checkpoint(best_path, model=ema.model if ema else model, cfg=cfg, epoch=epoch, best_metric=best,
                                     best_epoch=best_epoch, split=split, val_dice=record["val_dice"])
             history.append(record)
@@ -290,8 +291,14 @@ def train(cfg: Config, *, resume: bool = False, progress: bool = True, log=None)
                 say(f"epoch {epoch}/{tc.epochs} {desc} · {record['elapsed_s']:.0f} s")
     dist_barrier(ctx)
     dist_teardown(ctx)
-    if val_ds is None and ctx.is_main:  # no validation split: the last weights are the best we know
-        save_checkpoint(best_path, model=ema.model if ema else model, cfg=cfg, epoch=epoch, best_metric=None,
-                        split=split)
+    if (val_ds is None or tc.keep == "last") and ctx.is_main:
+        # no validation split, or train.keep: last: best.pt holds the final weights (also after a no-op resume,
+        # in case a kill came between the last epoch's last.pt and this write)
+        final = history[-1] if history else {}
+        save_checkpoint(best_path, model=ema.model if ema else model, cfg=cfg, epoch=epoch,
+                        best_metric=final.get("val_mean_dice"), best_epoch=epoch, split=split,
+                        **({"val_dice": final["val_dice"]} if "val_dice" in final else {}))
+        if tc.keep == "last":
+            best, best_epoch = final.get("val_mean_dice", -1.0), epoch
     return TrainResult(out, best_path, last_path, best, best_epoch, epoch - start_epoch + 1,
                        time.time() - t_start, history)
