@@ -136,7 +136,7 @@ def compare_models(models: list, args, data: Path, train_seconds) -> int:
                   "compare models trained on the same split", file=sys.stderr)
             return 2
         for tta in ([False, True] if args.tta else [False]):
-            pred.tta_axes = sorted(set(pred.cfg.augment.flip_axes)) if (tta and pred.cfg.augment.enabled) else []
+            pred.set_tta(tta)
             results.append(score(pred, names, data, tta, train_seconds if ref == models[0] else None, evaluate))
     print(f"held-out cases: {len(names)} (never trained on by any model below; from {first.model_path.name})")
     head = f"{'model':<44} {'TTA':<4} " + " ".join(f"{n + ' Dice':>15}" for n in results[0]["dice"])

@@ -184,6 +184,13 @@ class InferenceConfig:
     ``medseg train --folds`` chooses it on cross-validation results."""
 
 
+def check_overlap(value: float, source: str | Path = "config") -> None:
+    """Sliding-window overlap (``inference.overlap`` or ``--overlap``) must lie in [0, 1)."""
+    if not 0.0 <= value < 1.0:
+        raise ConfigError("inference.overlap must be in [0, 1)", path=source, found=str(value),
+                          fix="use e.g. 0.5 (or --overlap 0.25)")
+
+
 @dataclass
 class Config:
     name: str = "model"
@@ -243,9 +250,7 @@ class Config:
         if self.train.loss not in ("dicece", "dice"):
             raise ConfigError("unknown loss", path=source, expected="'dicece' or 'dice'",
                               found=repr(self.train.loss), fix="set train.loss to dicece or dice")
-        if not 0.0 <= self.inference.overlap < 1.0:
-            raise ConfigError("inference.overlap must be in [0, 1)", path=source,
-                              found=str(self.inference.overlap), fix="use e.g. 0.5")
+        check_overlap(self.inference.overlap, source)
         if self.data.folds == 1 or self.data.folds < 0 or (self.data.folds and not 0 <= self.data.fold < self.data.folds):
             raise ConfigError("invalid cross-validation setting", path=source,
                               expected="data.folds 0 (off) or >= 2, and 0 <= data.fold < data.folds",

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from medseg.config import Config
+from medseg.config import Config, check_overlap
 from medseg.errors import ConfigError, InputNotFoundError, MedsegError, OutputError, UnknownModelError
 from medseg.inference.engine import (
     labels_on_source_grid,
@@ -97,9 +97,7 @@ class Predictor:
                                         fix="use 'medseg predict IMAGE.png --model ...' for 2D images, "
                                             "or a 3D model for volumes")
         if overlap is not None:
-            if not 0.0 <= overlap < 1.0:
-                raise ConfigError("sliding-window overlap must be in [0, 1)", path=self.model_path,
-                                  expected="0 <= --overlap < 1", found=str(overlap), fix="use e.g. --overlap 0.25")
+            check_overlap(overlap, self.model_path)
             self.cfg.inference.overlap = overlap
         if sw_batch_size is not None:
             self.cfg.inference.sw_batch_size = sw_batch_size
@@ -111,12 +109,7 @@ class Predictor:
         self.amp_dtype = amp_dtype
         self.plan_memory = plan_memory
         self.last_plan = None
-        # mirror test-time augmentation only along axes the model was trained to be mirror-invariant on;
-        # tta=None follows the model's own inference.tta
-        if tta is not None:
-            self.cfg.inference.tta = bool(tta)
-        self.tta_axes = (sorted(set(self.cfg.augment.flip_axes))
-                         if (self.cfg.inference.tta and self.cfg.augment.enabled) else [])
+        self.set_tta(self.cfg.inference.tta if tta is None else tta)  # None follows the model's inference.tta
         self.spec = get_spec(self.cfg.model.name)
         # a packed cross-validation ensemble carries one state dict per fold; probabilities are averaged
         self.nets = []
@@ -204,6 +197,12 @@ class Predictor:
             out_dtype=plan.probs_dtype, groups=self.runner.groups,
             accumulate_on=run_dev if plan.accumulate_on == "device" else torch.device("cpu"),
             image_on_device=plan.image_on_device)
+
+    def set_tta(self, on: bool) -> None:
+        """Mirror test-time augmentation on or off; only along the axes the model was trained to be
+        mirror-invariant on (``augment.flip_axes``)."""
+        self.cfg.inference.tta = bool(on)
+        self.tta_axes = sorted(set(self.cfg.augment.flip_axes)) if (on and self.cfg.augment.enabled) else []
 
     def predict_volume(self, vol: Volume) -> Volume:
         """Integer label volume with exactly ``vol``'s shape and affine."""

@@ -59,12 +59,12 @@ def predict_fold_validation(cfg: Config, fold_dir: Path, *, device: str = "auto"
     from medseg.inference.predictor import Predictor
     from medseg.progress import progress_bar
 
-    best = fold_dir / checkpoint
-    if not best.is_file():
-        raise CheckpointError(f"fold has no {checkpoint}", path=best, expected="a finished fold",
+    ck_path = fold_dir / checkpoint
+    if not ck_path.is_file():
+        raise CheckpointError(f"fold has no {checkpoint}", path=ck_path, expected="a finished fold",
                               fix="train the fold first: medseg train CONFIG --folds N --fold I")
     _, val_cases = kfold_split(training_pool(cfg.data), cfg.data.folds, cfg.data.fold, cfg.data.seed)
-    predictor = Predictor(best, device=device)
+    predictor = Predictor(ck_path, device=device)
     out_dir = fold_dir / out_name
     out_dir.mkdir(exist_ok=True)
     classes = [c for c in cfg.labels if c]
