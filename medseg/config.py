@@ -144,6 +144,9 @@ class TrainConfig:
     batch_size: int = 2
     lr: float = 1e-3
     weight_decay: float = 1e-5
+    optimizer: str = "adamw"
+    """``adamw``, or ``sgd``: nnU-Net's choice, SGD with Nesterov momentum 0.99 (use it with e.g. ``lr: 0.01``
+    and ``weight_decay: 3.0e-5``). Either way the learning rate decays polynomially to zero (power 0.9)."""
     loss: str = "dicece"
     """``dicece`` (Dice + cross-entropy) or ``dice``."""
     val_every: int = 5
@@ -161,6 +164,12 @@ class TrainConfig:
     """Exponential moving average of the weights (e.g. 0.999); validated and saved instead of the raw weights. 0 = off."""
     init_from: str | None = None
     """Start from the weights of this checkpoint (same model config); the optimizer and schedule start fresh."""
+    checkpoint_every: int = 1
+    """Write ``last.pt`` (and ``history.json``) every this many epochs and at the last one. A kill loses at
+    most this many epochs; raise it when epochs take a second or two (a GPU) and the writes start to count."""
+    deterministic: bool = True
+    """CUDA only: ``false`` lets cuDNN benchmark and pick its fastest, non-deterministic convolution
+    algorithms (faster 3D training on a GPU; runs with the same seed then differ slightly)."""
     keep: str = "best"
     """What ``best.pt`` holds: ``best``, the weights of the epoch with the highest validation Dice; ``last``,
     the final weights whatever the validation says (nnU-Net's choice for cross-validation: the held-out
@@ -263,6 +272,13 @@ class Config:
         if self.train.keep not in ("best", "last"):
             raise ConfigError("unknown train.keep", path=source, expected="'best' or 'last'",
                               found=repr(self.train.keep), fix="set train.keep to best (default) or last")
+        if self.train.optimizer not in ("adamw", "sgd"):
+            raise ConfigError("unknown train.optimizer", path=source, expected="'adamw' or 'sgd'",
+                              found=repr(self.train.optimizer), fix="set train.optimizer to adamw (default) or sgd")
+        if self.train.checkpoint_every < 1 or self.train.val_every < 1:
+            raise ConfigError("train.checkpoint_every and train.val_every must be at least 1", path=source,
+                              found=f"checkpoint_every {self.train.checkpoint_every}, val_every {self.train.val_every}",
+                              fix="use 1 (every epoch) or a larger whole number")
         if not 0.0 <= self.train.ema < 1.0:
             raise ConfigError("train.ema must be in [0, 1)", path=source, found=str(self.train.ema),
                               fix="use 0 (off) or a decay such as 0.999")

@@ -299,3 +299,35 @@ def test_packing_keeps_aliased_weights_shared(tmp_path):
             got = Predictor(path, device="cpu").net(x)
             assert (got - ref).abs().max() < tol * ref.abs().max(), path.name
     assert pack(small, tmp_path / "again.pt").stat().st_size < 0.55 * full.stat().st_size  # repacked: still once
+
+
+def test_checkpoint_every_writes_last_pt_every_n_epochs_and_at_the_end(tmp_path, hippo_data, monkeypatch):
+    import medseg.training.trainer as trainer
+
+    written = []
+    real = trainer.save_checkpoint
+    monkeypatch.setattr(trainer, "save_checkpoint",
+                        lambda path, **kw: (written.append((Path(path).name, kw["epoch"])), real(path, **kw))[1])
+    cfg = load_config(REPO / "configs" / "hippocampus.yaml",
+                      [f"data.root={hippo_data}", f"train.output_dir={tmp_path / 'run'}", *TINY,
+                       "train.epochs=5", "train.val_every=5", "train.checkpoint_every=2"])
+    res = trainer.train(cfg, progress=False)
+    assert [e for name, e in written if name == "last.pt"] == [2, 4, 5]
+    assert [h["epoch"] for h in load_checkpoint(res.last_checkpoint)["history"]] == [1, 2, 3, 4, 5]
+    with pytest.raises(ConfigError, match="checkpoint_every"):
+        load_config(REPO / "configs" / "hippocampus.yaml", ["train.checkpoint_every=0"])
+
+
+def test_sgd_optimizer_trains_and_resume_refuses_a_changed_optimizer(tmp_path, hippo_data):
+    from medseg.training.trainer import train
+
+    sets = [f"data.root={hippo_data}", f"train.output_dir={tmp_path / 'run'}", *TINY]
+    res = train(load_config(REPO / "configs" / "hippocampus.yaml", [*sets, "train.optimizer=sgd", "train.lr=0.01"]),
+                progress=False)
+    state = load_checkpoint(res.last_checkpoint)["optimizer"]["param_groups"][0]
+    assert state["momentum"] == 0.99 and state["nesterov"] is True
+    more = load_config(REPO / "configs" / "hippocampus.yaml", [*sets, "train.epochs=3"])  # adamw, the default
+    with pytest.raises(CheckpointError, match="train.optimizer changed"):
+        train(more, resume=True, progress=False)
+    with pytest.raises(ConfigError, match="train.optimizer"):
+        load_config(REPO / "configs" / "hippocampus.yaml", ["train.optimizer=adam"])

@@ -53,6 +53,14 @@ def _loss(cfg: Config):
     return DiceCELoss(to_onehot_y=True, softmax=True, include_background=False)
 
 
+def make_optimizer(model: torch.nn.Module, tc) -> torch.optim.Optimizer:
+    """``train.optimizer``: AdamW, or SGD with Nesterov momentum 0.99 (nnU-Net's)."""
+    if tc.optimizer == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=tc.lr, momentum=0.99, nesterov=True,
+                               weight_decay=tc.weight_decay)
+    return torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
+
+
 def supervised_loss(loss_fn, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Loss of one output, or of deep-supervision outputs stacked on dim 1 (weights 1, 1/2, 1/4... normalised)."""
     if out.ndim == y.ndim + 1:  # (B, heads, C, ...) from DynUNet with deep supervision
@@ -127,11 +135,15 @@ class EMA:
 
     @torch.no_grad()
     def update(self, model: torch.nn.Module) -> None:
+        avg_f, cur_f = [], []
         for avg, cur in zip(self.model.state_dict().values(), model.state_dict().values()):
             if avg.is_floating_point():
-                avg.mul_(self.decay).add_(cur.detach(), alpha=1.0 - self.decay)
+                avg_f.append(avg)
+                cur_f.append(cur.detach())
             else:
                 avg.copy_(cur)
+        if avg_f:  # avg = decay * avg + (1 - decay) * cur, one fused launch for all tensors
+            torch._foreach_lerp_(avg_f, cur_f, 1.0 - self.decay)
 
 
 def _init_weights(model: torch.nn.Module, cfg: Config, path: Path) -> None:
@@ -174,6 +186,9 @@ def train(cfg: Config, *, resume: bool = False, progress: bool = True, log=None)
         torch.set_num_threads(tc.threads)
     set_determinism(seed=tc.seed + ctx.rank)  # each process draws its own patches and augmentations
     device = dist_setup(ctx, tc.device)
+    if device.type == "cuda" and not tc.deterministic:  # set_determinism turned cuDNN's benchmark off
+        torch.backends.cudnn.deterministic = False
+        torch.backends.cudnn.benchmark = True
     spec = get_spec(cfg.model.name)
 
     cases, held_out = holdout_split(cfg.data)
@@ -189,7 +204,7 @@ def train(cfg: Config, *, resume: bool = False, progress: bool = True, log=None)
 
     model = build_model(cfg.model, 1, cfg.num_classes).to(device)
     loss_fn = _loss(cfg)
-    opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
+    opt = make_optimizer(model, tc)
     sched = torch.optim.lr_scheduler.PolynomialLR(opt, total_iters=max(1, tc.epochs), power=0.9)
     scaler = torch.amp.GradScaler("cuda", enabled=(device.type == "cuda" and tc.amp))
     start_epoch, best, best_epoch, history = 1, -1.0, 0, []
@@ -207,6 +222,11 @@ def train(cfg: Config, *, resume: bool = False, progress: bool = True, log=None)
                                   expected=str(ck["config"]["model"]), found=str(to_dict(cfg.model)),
                                   fix="resume with the same config, or train into a new train.output_dir")
         model.load_state_dict(member_states(ck)[0])
+        saved_opt = (ck["config"].get("train") or {}).get("optimizer", "adamw")
+        if saved_opt != tc.optimizer:
+            raise CheckpointError("cannot resume: train.optimizer changed", path=last_path, expected=saved_opt,
+                                  found=tc.optimizer, fix=f"resume with train.optimizer={saved_opt}, or train into "
+                                  "a new train.output_dir (train.init_from starts from its weights)")
         if "optimizer" in ck:
             opt.load_state_dict(ck["optimizer"])
         if "scheduler" in ck:
@@ -230,6 +250,7 @@ def train(cfg: Config, *, resume: bool = False, progress: bool = True, log=None)
     train_sampler = dist_sampler(train_ds, ctx, tc.seed)
     loader = DataLoader(train_ds, batch_size=tc.batch_size, shuffle=train_sampler is None, sampler=train_sampler,
                         num_workers=tc.num_workers, pin_memory=device.type == "cuda",
+                        persistent_workers=tc.num_workers > 0,  # no new loader processes every epoch
                         drop_last=len(train_ds) > tc.batch_size * ctx.world_size)
     fmt = torch.channels_last_3d if (device.type == "cuda" and tc.channels_last and spec.dims == 3) else None
     if fmt is not None:
@@ -250,11 +271,11 @@ def train(cfg: Config, *, resume: bool = False, progress: bool = True, log=None)
             if train_sampler is not None:
                 train_sampler.set_epoch(epoch)
             for batch in loader:
+                _check_labels(batch["label"], cfg, "a training batch")  # on the host: no device sync
                 x = batch["image"].to(device, non_blocking=True)
                 y = batch["label"].to(device, non_blocking=True)
                 if fmt is not None:
                     x = x.contiguous(memory_format=fmt)
-                _check_labels(y, cfg, "a training batch")
                 loss = train_step(model, opt, scaler, device, tc.amp,
                                   lambda: supervised_loss(loss_fn, net(x), y))  # noqa: B023 - called at once
                 if ema is not None:
@@ -278,11 +299,12 @@ def train(cfg: Config, *, resume: bool = False, progress: bool = True, log=None)
                     save_checkpoint(best_path, model=ema.model if ema else model, cfg=cfg, epoch=epoch, best_metric=best,
                                     best_epoch=best_epoch, split=split, val_dice=record["val_dice"])
             history.append(record)
-            save_checkpoint(last_path, model=model, cfg=cfg, epoch=epoch, best_metric=best, best_epoch=best_epoch,
-                            optimizer=opt.state_dict(), scheduler=sched.state_dict(), history=history, split=split,
-                            **({"ema_state_dict": {k: v.detach().cpu() for k, v in ema.model.state_dict().items()}}
-                               if ema else {}))
-            atomic_write(out / "history.json", lambda p: Path(p).write_text(json.dumps(history, indent=1)))
+            if epoch % tc.checkpoint_every == 0 or epoch == tc.epochs:
+                save_checkpoint(last_path, model=model, cfg=cfg, epoch=epoch, best_metric=best, best_epoch=best_epoch,
+                                optimizer=opt.state_dict(), scheduler=sched.state_dict(), history=history, split=split,
+                                **({"ema_state_dict": {k: v.detach().cpu() for k, v in ema.model.state_dict().items()}}
+                                   if ema else {}))
+                atomic_write(out / "history.json", lambda p: Path(p).write_text(json.dumps(history, indent=1)))
             desc = f"loss {record['loss']:.4f}"
             if "val_mean_dice" in record:
                 desc += f" · val Dice {record['val_mean_dice']:.4f} (best {best:.4f} @ {best_epoch})"

@@ -33,7 +33,7 @@ from medseg.inference.engine import autocast, resolve_device
 from medseg.io.volume import atomic_write
 from medseg.models.registry import build_model
 from medseg.training.checkpoint import load_checkpoint, member_states, save_checkpoint
-from medseg.training.trainer import TrainResult, train_step
+from medseg.training.trainer import TrainResult, make_optimizer, train_step
 
 
 TrainResult2D = TrainResult  # same fields as a volume training run
@@ -191,7 +191,7 @@ def train_2d(cfg: Config, *, resume: bool = False, progress: bool = True, log=No
     save_config(cfg, out / "config.yaml")
 
     model = build_model(cfg.model, 3, cfg.num_classes).to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
+    opt = make_optimizer(model, tc)
     sched = torch.optim.lr_scheduler.PolynomialLR(opt, total_iters=max(1, tc.epochs), power=0.9)
     scaler = torch.amp.GradScaler("cuda", enabled=(device.type == "cuda" and tc.amp))
     start_epoch, best, best_epoch, history = 1, -1.0, 0, []
