@@ -13,6 +13,8 @@ from conftest import REPO
 from medseg.training.checkpoint import load_checkpoint
 from medseg.training.distributed import DistContext
 
+GLOO_EXIT_RACE = "terminate called without an active exception"
+
 TINY = ["model.channels=[4,8,16]", "model.strides=[2,2]", "model.num_res_units=1", "patch.size=[16,16,16]",
         "train.epochs=2", "train.val_every=1", "train.batch_size=1", "inference.sw_batch_size=2",
         "data.cache=false", "augment.enabled=false", "train.threads=1"]
@@ -35,9 +37,14 @@ def test_torchrun_two_cpu_processes_with_gloo(tmp_path, hippo_data):
         sets += ["--set", it]
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     env.update(PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                           "--master_port", "29517", "-m", "medseg", "train", str(REPO / "configs" / "hippocampus.yaml"),
-                           *sets], capture_output=True, text=True, cwd=REPO, env=env, timeout=600)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+           "-m", "medseg", "train", str(REPO / "configs" / "hippocampus.yaml"), *sets]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env, timeout=600)
+    if proc.returncode and GLOO_EXIT_RACE in proc.stderr and "epoch 2/2" in proc.stderr:
+        # gloo can abort a process in its own teardown after the run is complete (upstream: its worker
+        # threads outliving destroy_process_group on a loaded machine); seen once in ~20 runs. One retry;
+        # any other failure, or this one twice, still fails the test.
+        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "2 processes" in proc.stderr
     assert proc.stdout.count("best mean validation Dice") == 1  # rank 0 reports once
