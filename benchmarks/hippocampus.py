@@ -10,6 +10,8 @@ checkpoint (cases it never trained on). ``--train`` retrains from the config fir
     python benchmarks/hippocampus.py --cv runs/hippocampus_cv                # cross-validation summary
     python benchmarks/hippocampus.py --model hippocampus --model runs/hippocampus_cv/fold_0/best.pt \
         --model ensemble.pt --tta      # single models and a fold ensemble on the same unseen cases
+    python benchmarks/hippocampus.py --cv-ensemble runs/cv_all --cv-ensemble runs/cv_all_aug
+                                       # two cross-validations over the same folds, ensembled fold by fold
 
 Prints a table and one JSON line; the figures go into benchmarks/RESULTS.md by hand,
 with the machine they were measured on.
@@ -71,6 +73,8 @@ def main(argv=None) -> int:
     ap.add_argument("--cv-final", action="append", default=[], help="a 'medseg train --folds' folder: predict each "
                     "fold's held-out cases again with the fold's final weights (last.pt, EMA when kept), so no "
                     "held-out case chose the epoch, and print the pooled Dice (repeatable)")
+    ap.add_argument("--cv-ensemble", action="append", default=[], help="a 'medseg train --folds' folder over the "
+                    "same folds as other --cv-ensemble folders: score the per-fold ensemble of their final weights")
     ap.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "hippocampus"), help="MSD Task04 folder")
     ap.add_argument("--train", action="store_true", help="train from --config first, then evaluate best.pt")
     ap.add_argument("--config", default=str(REPO / "configs" / "hippocampus.yaml"))
@@ -95,7 +99,7 @@ def main(argv=None) -> int:
         model = str(res.best_checkpoint)
 
     models = [model] if args.train or not args.model else args.model
-    if not (args.train or args.model) and (args.cv or args.cv_final):
+    if not (args.train or args.model) and (args.cv or args.cv_final or args.cv_ensemble):
         models = []  # only cross-validation tables asked for
     if models:
         code = compare_models(models, args, data, train_seconds)
@@ -103,6 +107,8 @@ def main(argv=None) -> int:
             return code
     for cv in args.cv_final:
         cv_final(Path(cv), data, args.device)
+    if len(args.cv_ensemble) > 1:
+        cv_ensemble([Path(cv) for cv in args.cv_ensemble], data, args.device)
     for cv in args.cv:
         print_cv(Path(cv))
     if len(args.cv) > 1:
@@ -155,16 +161,14 @@ def cv_final(cv: Path, data: Path, device: str) -> dict:
     from medseg.config import load_config
     from medseg.training.crossval import predict_fold_validation
 
-    folds = sorted(cv.glob("fold_*"), key=lambda p: int(p.name.split("_")[1]))
+    folds = sorted((p for p in cv.glob("fold_*") if p.is_dir()), key=lambda p: int(p.name.split("_")[1]))
     per_case, epochs = {}, []
     for fdir in folds:
         cfg = load_config(fdir / "config.yaml", [f"data.root={data}"])
         per_case.update(predict_fold_validation(cfg, fdir, device=device, progress=False,
                                                 checkpoint="last.pt", out_name="validation_final"))
         epochs.append(json.loads((fdir / "history.json").read_text())[-1]["epoch"])
-    labels = {str(k): v for k, v in cfg.labels.items() if k}
-    pooled = {labels[c]: float(np.nanmean([d[c] for d in per_case.values()])) for c in labels}
-    pooled["mean"] = float(np.mean(list(pooled.values())))
+    pooled = _pool(per_case, cfg)
     summary = json.loads((cv / "cv_summary.json").read_text()) if (cv / "cv_summary.json").is_file() else {}
     print(f"cross-validation {cv}: {len(folds)} folds, {len(per_case)} cases, final weights (epochs {epochs}), "
           f"TTA {'on' if cfg.inference.tta else 'off'}")
@@ -174,6 +178,42 @@ def cv_final(cv: Path, data: Path, device: str) -> dict:
         best = summary["pooled_dice"]
         print(f"{'pooled, best.pt (as trained)':<28}" + " ".join(f"{best[c]:>15.4f}" for c in pooled))
     print(json.dumps({"cv": str(cv), "final_weights_pooled_dice": {k: round(v, 4) for k, v in pooled.items()}}))
+    return pooled
+
+
+def _pool(per_case: dict, cfg) -> dict:
+    """Mean Dice per class over all out-of-fold cases, and their mean."""
+    labels = {str(k): v for k, v in cfg.labels.items() if k}
+    pooled = {labels[c]: float(np.nanmean([d[c] for d in per_case.values()])) for c in labels}
+    pooled["mean"] = float(np.mean(list(pooled.values())))
+    return pooled
+
+
+def cv_ensemble(cvs: list[Path], data: Path, device: str) -> dict:
+    """Pooled out-of-fold Dice of the per-fold ensemble of several cross-validations over the same folds:
+    fold I of every run (final weights) packed into one model that predicts fold I's held-out cases."""
+    from medseg.config import load_config
+    from medseg.training.checkpoint import pack
+    from medseg.training.crossval import predict_fold_validation
+
+    folds = sorted((p for p in cvs[0].glob("fold_*") if p.is_dir()), key=lambda p: int(p.name.split("_")[1]))
+    tag = "ensemble_" + "_".join(cv.name for cv in cvs[1:])
+    per_case = {}
+    for fdir in folds:
+        split = json.loads((fdir / "split.json").read_text())["validation"]
+        for cv in cvs[1:]:
+            if json.loads((cv / fdir.name / "split.json").read_text())["validation"] != split:
+                raise SystemExit(f"{cv / fdir.name} holds out other cases than {fdir}: not the same folds")
+        pack([cv / fdir.name / "last.pt" for cv in cvs], fdir / f"{tag}.pt")
+        cfg = load_config(fdir / "config.yaml", [f"data.root={data}"])
+        per_case.update(predict_fold_validation(cfg, fdir, device=device, progress=False,
+                                                checkpoint=f"{tag}.pt", out_name=tag))
+    pooled = _pool(per_case, cfg)
+    print(f"per-fold ensemble of {', '.join(map(str, cvs))}: {len(folds)} folds, {len(per_case)} cases, "
+          f"final weights, TTA {'on' if cfg.inference.tta else 'off'} (axes of {cvs[0]})")
+    print(f"{'':<28}" + " ".join(f"{c + ' Dice':>15}" for c in pooled if c != "mean") + f" {'mean Dice':>10}")
+    print(f"{'pooled, ensemble':<28}" + " ".join(f"{v:>15.4f}" for v in pooled.values()))
+    print(json.dumps({"cv_ensemble": [str(c) for c in cvs], "pooled_dice": {k: round(v, 4) for k, v in pooled.items()}}))
     return pooled
 
 
