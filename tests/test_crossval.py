@@ -331,3 +331,25 @@ def test_sgd_optimizer_trains_and_resume_refuses_a_changed_optimizer(tmp_path, h
         train(more, resume=True, progress=False)
     with pytest.raises(ConfigError, match="train.optimizer"):
         load_config(REPO / "configs" / "hippocampus.yaml", ["train.optimizer=adam"])
+
+
+def test_checkpoint_of_unaliased_dynunet_weights_packs_to_half_size(tmp_path):
+    # a GPU model's state_dict copied to the host (.cpu() per key) no longer shares DynUNet's aliased blocks;
+    # save_checkpoint must store them once, or the checkpoint and every file packed from it double in size
+    from medseg.models.registry import build_model
+    from medseg.training.checkpoint import host_state, pack, save_checkpoint
+
+    cfg = load_config(REPO / "configs" / "hippocampus_cv_dynunet.yaml")
+    model = build_model(cfg.model, 1, cfg.num_classes)
+    unaliased = {k: v.clone() for k, v in model.state_dict().items()}  # what per-key .cpu() of CUDA tensors gives
+    shared = host_state(unaliased)
+    assert len({t.untyped_storage().data_ptr() for t in shared.values()}) < len(unaliased)
+    for k, v in unaliased.items():
+        assert torch.equal(shared[k], v), k
+    model.load_state_dict(unaliased)
+    model.state_dict = lambda: unaliased  # noqa: E731 - the state as a CUDA model hands it over
+    ck = save_checkpoint(tmp_path / "best.pt", model=model, cfg=cfg, epoch=1)
+    packed = pack(ck, tmp_path / "packed.pt")
+    n = sum(p.numel() for p in build_model(cfg.model, 1, cfg.num_classes).parameters())
+    assert ck.stat().st_size < 4.3 * n and packed.stat().st_size < 2.3 * n  # float32 and float16, stored once
+    assert all(torch.equal(a, b) for a, b in zip(load_checkpoint(ck)["state_dict"].values(), unaliased.values()))

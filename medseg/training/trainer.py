@@ -20,6 +20,7 @@ from medseg.io.volume import atomic_write, remove_partial_files
 from medseg.models.registry import build_model, get_spec
 from medseg.training.checkpoint import (
     config_from_checkpoint,
+    host_state,
     load_checkpoint,
     member_states,
     predict_states,
@@ -302,7 +303,7 @@ def train(cfg: Config, *, resume: bool = False, progress: bool = True, log=None)
             if epoch % tc.checkpoint_every == 0 or epoch == tc.epochs:
                 save_checkpoint(last_path, model=model, cfg=cfg, epoch=epoch, best_metric=best, best_epoch=best_epoch,
                                 optimizer=opt.state_dict(), scheduler=sched.state_dict(), history=history, split=split,
-                                **({"ema_state_dict": {k: v.detach().cpu() for k, v in ema.model.state_dict().items()}}
+                                **({"ema_state_dict": host_state(ema.model.state_dict())}
                                    if ema else {}))
                 atomic_write(out / "history.json", lambda p: Path(p).write_text(json.dumps(history, indent=1)))
             desc = f"loss {record['loss']:.4f}"
