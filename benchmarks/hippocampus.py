@@ -198,8 +198,17 @@ def cv_ensemble(cvs: list[Path], data: Path, device: str) -> dict:
 
     folds = sorted((p for p in cvs[0].glob("fold_*") if p.is_dir()), key=lambda p: int(p.name.split("_")[1]))
     tag = "ensemble_" + "_".join(cv.name for cv in cvs[1:])
-    per_case = {}
+    per_case, done = {}, []
     for fdir in folds:
+        if not all((cv / fdir.name / "validation" / "dice.json").is_file() for cv in cvs):
+            print(f"{fdir.name}: not finished in every run yet, left out")
+            continue
+        done.append(fdir.name)
+        scored = fdir / tag / "dice.json"
+        if scored.is_file() and (fdir / f"{tag}.pt").is_file():  # scored by an earlier call: reused
+            per_case.update(json.loads(scored.read_text()))
+            cfg = load_config(fdir / "config.yaml", [f"data.root={data}"])
+            continue
         split = json.loads((fdir / "split.json").read_text())["validation"]
         for cv in cvs[1:]:
             if json.loads((cv / fdir.name / "split.json").read_text())["validation"] != split:
@@ -208,8 +217,11 @@ def cv_ensemble(cvs: list[Path], data: Path, device: str) -> dict:
         cfg = load_config(fdir / "config.yaml", [f"data.root={data}"])
         per_case.update(predict_fold_validation(cfg, fdir, device=device, progress=False,
                                                 checkpoint=f"{tag}.pt", out_name=tag))
+    if not done:
+        print("no fold finished in every run")
+        return {}
     pooled = _pool(per_case, cfg)
-    print(f"per-fold ensemble of {', '.join(map(str, cvs))}: {len(folds)} folds, {len(per_case)} cases, "
+    print(f"per-fold ensemble of {', '.join(map(str, cvs))}: {len(done)} of {len(folds)} folds, {len(per_case)} cases, "
           f"final weights, TTA {'on' if cfg.inference.tta else 'off'} (axes of {cvs[0]})")
     print(f"{'':<28}" + " ".join(f"{c + ' Dice':>15}" for c in pooled if c != "mean") + f" {'mean Dice':>10}")
     print(f"{'pooled, ensemble':<28}" + " ".join(f"{v:>15.4f}" for v in pooled.values()))
