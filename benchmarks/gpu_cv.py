@@ -40,21 +40,19 @@ def probe(config: str, sets: list[str], barrier: Path, world: int, steps: int) -
 
     from medseg.config import load_config
     from medseg.inference.engine import resolve_device
-    from medseg.models.registry import build_model
-    from medseg.training.trainer import EMA, _loss, supervised_loss, train_step
+    from medseg.models.registry import build_model, get_spec
+    from medseg.training.trainer import EMA, _loss, cuda_speed_settings, make_optimizer, supervised_loss, train_step
 
     cfg = load_config(config, sets)
     device = resolve_device(cfg.train.device)
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
-    if device.type == "cuda" and not cfg.train.deterministic:
-        torch.backends.cudnn.benchmark = True
+    fmt = cuda_speed_settings(device, cfg.train, get_spec(cfg.model.name).dims) or torch.contiguous_format
     model = build_model(cfg.model, 1, cfg.num_classes).to(device)
-    fmt = torch.channels_last_3d if (device.type == "cuda" and cfg.train.channels_last) else torch.contiguous_format
     model.to(memory_format=fmt)
     model.train()
     loss_fn = _loss(cfg)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    opt = make_optimizer(model, cfg.train)  # the config's optimizer: SGD and AdamW steps cost differently
     shape = (cfg.train.batch_size, 1, *cfg.patch.size)
     x = torch.randn(shape, device=device).contiguous(memory_format=fmt)
     y = torch.randint(0, cfg.num_classes, (shape[0], 1, *shape[2:]), device=device).float()

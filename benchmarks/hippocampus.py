@@ -204,17 +204,16 @@ def cv_ensemble(cvs: list[Path], data: Path, device: str) -> dict:
             print(f"{fdir.name}: not finished in every run yet, left out")
             continue
         done.append(fdir.name)
+        cfg = load_config(fdir / "config.yaml", [f"data.root={data}"])
         scored = fdir / tag / "dice.json"
         if scored.is_file() and (fdir / f"{tag}.pt").is_file():  # scored by an earlier call: reused
             per_case.update(json.loads(scored.read_text()))
-            cfg = load_config(fdir / "config.yaml", [f"data.root={data}"])
             continue
         split = json.loads((fdir / "split.json").read_text())["validation"]
         for cv in cvs[1:]:
             if json.loads((cv / fdir.name / "split.json").read_text())["validation"] != split:
                 raise SystemExit(f"{cv / fdir.name} holds out other cases than {fdir}: not the same folds")
         pack([cv / fdir.name / "last.pt" for cv in cvs], fdir / f"{tag}.pt")
-        cfg = load_config(fdir / "config.yaml", [f"data.root={data}"])
         per_case.update(predict_fold_validation(cfg, fdir, device=device, progress=False,
                                                 checkpoint=f"{tag}.pt", out_name=tag))
     if not done:

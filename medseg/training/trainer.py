@@ -62,6 +62,17 @@ def make_optimizer(model: torch.nn.Module, tc) -> torch.optim.Optimizer:
     return torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
 
 
+def cuda_speed_settings(device: torch.device, tc, dims: int):
+    """On CUDA: cuDNN benchmark when ``train.deterministic`` is off (``set_determinism`` turns it off), and
+    the memory format for 3D inputs and weights (channels-last when ``train.channels_last``), else None."""
+    if device.type != "cuda":
+        return None
+    if not tc.deterministic:
+        torch.backends.cudnn.deterministic = False
+        torch.backends.cudnn.benchmark = True
+    return torch.channels_last_3d if (tc.channels_last and dims == 3) else None
+
+
 def supervised_loss(loss_fn, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Loss of one output, or of deep-supervision outputs stacked on dim 1 (weights 1, 1/2, 1/4... normalised)."""
     if out.ndim == y.ndim + 1:  # (B, heads, C, ...) from DynUNet with deep supervision
@@ -187,9 +198,6 @@ def train(cfg: Config, *, resume: bool = False, progress: bool = True, log=None)
         torch.set_num_threads(tc.threads)
     set_determinism(seed=tc.seed + ctx.rank)  # each process draws its own patches and augmentations
     device = dist_setup(ctx, tc.device)
-    if device.type == "cuda" and not tc.deterministic:  # set_determinism turned cuDNN's benchmark off
-        torch.backends.cudnn.deterministic = False
-        torch.backends.cudnn.benchmark = True
     spec = get_spec(cfg.model.name)
 
     cases, held_out = holdout_split(cfg.data)
@@ -253,7 +261,7 @@ def train(cfg: Config, *, resume: bool = False, progress: bool = True, log=None)
                         num_workers=tc.num_workers, pin_memory=device.type == "cuda",
                         persistent_workers=tc.num_workers > 0,  # no new loader processes every epoch
                         drop_last=len(train_ds) > tc.batch_size * ctx.world_size)
-    fmt = torch.channels_last_3d if (device.type == "cuda" and tc.channels_last and spec.dims == 3) else None
+    fmt = cuda_speed_settings(device, tc, spec.dims)
     if fmt is not None:
         model.to(memory_format=fmt)
     net = dist_wrap(model, ctx, device)  # DDP averages gradients across processes; `model` stays the plain module
