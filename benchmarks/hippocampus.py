@@ -193,12 +193,12 @@ def cv_ensemble(cvs: list[Path], data: Path, device: str) -> dict:
     """Pooled out-of-fold Dice of the per-fold ensemble of several cross-validations over the same folds:
     fold I of every run (final weights) packed into one model that predicts fold I's held-out cases."""
     from medseg.config import load_config
-    from medseg.training.checkpoint import pack
-    from medseg.training.crossval import predict_fold_validation
+    from medseg.data.datasets import kfold_split, training_pool
+    from medseg.training.crossval import pool_and_choose_postprocessing, read_fold_pairs
 
     folds = sorted((p for p in cvs[0].glob("fold_*") if p.is_dir()), key=lambda p: int(p.name.split("_")[1]))
     tag = "ensemble_" + "_".join(cv.name for cv in cvs[1:])
-    per_case, done = {}, []
+    per_case, done, pairs = {}, [], []
     for fdir in folds:
         if not all((cv / fdir.name / "validation" / "dice.json").is_file() for cv in cvs):
             print(f"{fdir.name}: not finished in every run yet, left out")
@@ -208,14 +208,10 @@ def cv_ensemble(cvs: list[Path], data: Path, device: str) -> dict:
         scored = fdir / tag / "dice.json"
         if scored.is_file() and (fdir / f"{tag}.pt").is_file():  # scored by an earlier call: reused
             per_case.update(json.loads(scored.read_text()))
-            continue
-        split = json.loads((fdir / "split.json").read_text())["validation"]
-        for cv in cvs[1:]:
-            if json.loads((cv / fdir.name / "split.json").read_text())["validation"] != split:
-                raise SystemExit(f"{cv / fdir.name} holds out other cases than {fdir}: not the same folds")
-        pack([cv / fdir.name / "last.pt" for cv in cvs], fdir / f"{tag}.pt")
-        per_case.update(predict_fold_validation(cfg, fdir, device=device, progress=False,
-                                                checkpoint=f"{tag}.pt", out_name=tag))
+        else:
+            _predict_ensemble_fold(cvs, fdir, tag, cfg, device, per_case)
+        _, val_cases = kfold_split(training_pool(cfg.data), cfg.data.folds, cfg.data.fold, cfg.data.seed)
+        pairs += read_fold_pairs(fdir / tag, val_cases, fix=f"delete {fdir / tag} and run this again")
     if not done:
         print("no fold finished in every run")
         return {}
@@ -224,8 +220,28 @@ def cv_ensemble(cvs: list[Path], data: Path, device: str) -> dict:
           f"final weights, TTA {'on' if cfg.inference.tta else 'off'} (axes of {cvs[0]})")
     print(f"{'':<28}" + " ".join(f"{c + ' Dice':>15}" for c in pooled if c != "mean") + f" {'mean Dice':>10}")
     print(f"{'pooled, ensemble':<28}" + " ".join(f"{v:>15.4f}" for v in pooled.values()))
-    print(json.dumps({"cv_ensemble": [str(c) for c in cvs], "pooled_dice": {k: round(v, 4) for k, v in pooled.items()}}))
+    result = {"cv_ensemble": [str(c) for c in cvs], "pooled_dice": {k: round(v, 4) for k, v in pooled.items()}}
+    if len(done) == len(folds):  # postprocessing chosen on the ensemble's own out-of-fold predictions
+        _, chosen, post, _ = pool_and_choose_postprocessing(pairs, cfg)
+        name = f"pooled + {'+'.join(chosen) or 'no postprocessing'}"[:28]
+        print(f"{name:<28}" + " ".join(f"{post[c]:>15.4f}" for c in pooled))
+        result.update(postprocess=chosen, pooled_dice_postprocessed=post)
+    print(json.dumps(result))
     return pooled
+
+
+def _predict_ensemble_fold(cvs: list[Path], fdir: Path, tag: str, cfg, device: str, per_case: dict) -> None:
+    """Pack fold ``fdir.name`` of every run in ``cvs`` into ``fdir/tag.pt`` and predict the fold's held-out cases."""
+    from medseg.training.checkpoint import pack
+    from medseg.training.crossval import predict_fold_validation
+
+    split = json.loads((fdir / "split.json").read_text())["validation"]
+    for cv in cvs[1:]:
+        if json.loads((cv / fdir.name / "split.json").read_text())["validation"] != split:
+            raise SystemExit(f"{cv / fdir.name} holds out other cases than {fdir}: not the same folds")
+    pack([cv / fdir.name / "last.pt" for cv in cvs], fdir / f"{tag}.pt")
+    per_case.update(predict_fold_validation(cfg, fdir, device=device, progress=False,
+                                            checkpoint=f"{tag}.pt", out_name=tag))
 
 
 def print_cv(cv: Path) -> None:

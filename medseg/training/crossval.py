@@ -23,7 +23,11 @@ from medseg.config import Config
 from medseg.data.datasets import kfold_split, training_pool
 from medseg.errors import CheckpointError, DataError, InputNotFoundError
 from medseg.io.volume import atomic_write, load_volume, save_volume
-from medseg.postprocess import apply_postprocessing, choose_postprocessing, mean_dice_per_class
+from medseg.postprocess import (
+    apply_postprocessing,
+    choose_postprocessing,
+    mean_dice_per_class,
+)
 
 
 @dataclass
@@ -88,6 +92,34 @@ def _named(d: dict[int, float], cfg: Config) -> dict[str, float]:
     return out
 
 
+def read_fold_pairs(pred_dir: Path, cases: list, *, fix: str) -> list[tuple[np.ndarray, np.ndarray]]:
+    """``(prediction, reference)`` label arrays of ``cases`` from the out-of-fold predictions in ``pred_dir``."""
+    pairs = []
+    for case in cases:
+        pred_path = pred_dir / f"{case.name}.nii.gz"
+        if not pred_path.is_file():
+            raise InputNotFoundError("out-of-fold prediction missing", path=pred_path,
+                                     expected="one prediction per validation case", fix=fix)
+        pred = np.asarray(load_volume(pred_path).array).astype(np.int64)
+        ref = np.rint(load_volume(case.label).array).astype(np.int64)
+        if pred.shape != ref.shape:
+            raise DataError("prediction and label grids differ", path=pred_path, expected=str(ref.shape),
+                            found=str(pred.shape), fix="delete the fold's prediction folder and predict it again")
+        pairs.append((pred, ref))
+    return pairs
+
+
+def pool_and_choose_postprocessing(pairs: list, cfg: Config) -> tuple[dict, dict, dict, list]:
+    """Pooled Dice of all out-of-fold ``pairs``, the postprocessing that helps on them, the pooled Dice after it
+    and the trial report (as nnU-Net chooses it: on the cross-validation predictions, never on a test set)."""
+    classes = [c for c in cfg.labels if c]
+    chosen, report = choose_postprocessing(pairs, classes)
+    post_pairs = [(apply_postprocessing(p, chosen), r) for p, r in pairs]
+    trials = [{**t, "dice": {str(c): round(v, 5) for c, v in t["dice"].items()}} for t in report["trials"]]
+    return (_named(mean_dice_per_class(pairs, classes), cfg), chosen,
+            _named(mean_dice_per_class(post_pairs, classes), cfg), trials)
+
+
 def summarize(cfg: Config, folds: int) -> CVResult:
     """Pool the out-of-fold predictions of all finished folds; choose postprocessing when all are done."""
     base = Path(cfg.train.output_dir)
@@ -101,41 +133,23 @@ def summarize(cfg: Config, folds: int) -> CVResult:
         if not (vdir / "dice.json").is_file():
             continue
         _, val_cases = kfold_split(pool, folds, f, cfg.data.seed)
-        pairs = []
-        for case in val_cases:
-            pred_path = vdir / f"{case.name}.nii.gz"
-            if not pred_path.is_file():
-                raise InputNotFoundError("out-of-fold prediction missing", path=pred_path,
-                                         expected="one prediction per validation case",
-                                         fix=f"re-run: medseg train CONFIG --folds {folds} --fold {f} --resume")
-            pred = np.asarray(load_volume(pred_path).array).astype(np.int64)
-            ref = np.rint(load_volume(case.label).array).astype(np.int64)
-            if pred.shape != ref.shape:
-                raise DataError("prediction and label grids differ", path=pred_path, expected=str(ref.shape),
-                                found=str(pred.shape), fix="delete the fold's validation folder and re-run it")
-            pairs.append((pred, ref))
+        pairs = read_fold_pairs(vdir, val_cases, fix=f"re-run: medseg train CONFIG --folds {folds} --fold {f} --resume")
         pairs_by_fold[f] = pairs
         res.folds_done.append(f)
         res.fold_dice[f] = _named(mean_dice_per_class(pairs, classes), cfg)
     if len(res.folds_done) < folds:
         return res
     pooled = [p for f in range(folds) for p in pairs_by_fold[f]]
-    res.pooled = _named(mean_dice_per_class(pooled, classes), cfg)
-    chosen, report = choose_postprocessing(pooled, classes)
-    res.postprocess = chosen
-    post_pairs = [(apply_postprocessing(p, chosen), r) for p, r in pooled]
-    res.pooled_postprocessed = _named(mean_dice_per_class(post_pairs, classes), cfg)
+    res.pooled, res.postprocess, res.pooled_postprocessed, trials = pool_and_choose_postprocessing(pooled, cfg)
     summary = {
         "folds": folds, "cases": len(pooled),
         "fold_dice": {str(f): d for f, d in res.fold_dice.items()},
         "pooled_dice": res.pooled, "pooled_dice_postprocessed": res.pooled_postprocessed,
-        "postprocess": chosen,
-        "postprocess_trials": [
-            {**t, "dice": {str(c): round(v, 5) for c, v in t["dice"].items()}} for t in report["trials"]
-        ],
+        "postprocess": res.postprocess,
+        "postprocess_trials": trials,
     }
     _write_json(base / "cv_summary.json", summary)
-    _write_json(base / "postprocess.json", chosen)
+    _write_json(base / "postprocess.json", res.postprocess)
     return res
 
 
