@@ -194,29 +194,30 @@ def cv_ensemble(cvs: list[Path], data: Path, device: str) -> dict:
     fold I of every run (final weights) packed into one model that predicts fold I's held-out cases."""
     from medseg.config import load_config
     from medseg.data.datasets import kfold_split, training_pool
+    from medseg.postprocess import mean_dice_per_class
     from medseg.training.crossval import pool_and_choose_postprocessing, read_fold_pairs
 
     folds = sorted((p for p in cvs[0].glob("fold_*") if p.is_dir()), key=lambda p: int(p.name.split("_")[1]))
     tag = "ensemble_" + "_".join(cv.name for cv in cvs[1:])
-    per_case, done, pairs = {}, [], []
+    done, pairs = [], []
     for fdir in folds:
         if not all((cv / fdir.name / "validation" / "dice.json").is_file() for cv in cvs):
             print(f"{fdir.name}: not finished in every run yet, left out")
             continue
         done.append(fdir.name)
         cfg = load_config(fdir / "config.yaml", [f"data.root={data}"])
-        scored = fdir / tag / "dice.json"
-        if scored.is_file() and (fdir / f"{tag}.pt").is_file():  # scored by an earlier call: reused
-            per_case.update(json.loads(scored.read_text()))
-        else:
-            _predict_ensemble_fold(cvs, fdir, tag, cfg, device, per_case)
+        if not ((fdir / tag / "dice.json").is_file() and (fdir / f"{tag}.pt").is_file()):  # else reused
+            _predict_ensemble_fold(cvs, fdir, tag, cfg, device)
         _, val_cases = kfold_split(training_pool(cfg.data), cfg.data.folds, cfg.data.fold, cfg.data.seed)
         pairs += read_fold_pairs(fdir / tag, val_cases, fix=f"delete {fdir / tag} and run this again")
     if not done:
         print("no fold finished in every run")
         return {}
-    pooled = _pool(per_case, cfg)
-    print(f"per-fold ensemble of {', '.join(map(str, cvs))}: {len(done)} of {len(folds)} folds, {len(per_case)} cases, "
+    classes = [c for c in cfg.labels if c]
+    per_class = mean_dice_per_class(pairs, classes)
+    pooled = {cfg.labels[c]: per_class[c] for c in classes}
+    pooled["mean"] = float(np.mean(list(per_class.values())))
+    print(f"per-fold ensemble of {', '.join(map(str, cvs))}: {len(done)} of {len(folds)} folds, {len(pairs)} cases, "
           f"final weights, TTA {'on' if cfg.inference.tta else 'off'} (axes of {cvs[0]})")
     print(f"{'':<28}" + " ".join(f"{c + ' Dice':>15}" for c in pooled if c != "mean") + f" {'mean Dice':>10}")
     print(f"{'pooled, ensemble':<28}" + " ".join(f"{v:>15.4f}" for v in pooled.values()))
@@ -230,7 +231,7 @@ def cv_ensemble(cvs: list[Path], data: Path, device: str) -> dict:
     return pooled
 
 
-def _predict_ensemble_fold(cvs: list[Path], fdir: Path, tag: str, cfg, device: str, per_case: dict) -> None:
+def _predict_ensemble_fold(cvs: list[Path], fdir: Path, tag: str, cfg, device: str) -> None:
     """Pack fold ``fdir.name`` of every run in ``cvs`` into ``fdir/tag.pt`` and predict the fold's held-out cases."""
     from medseg.training.checkpoint import pack
     from medseg.training.crossval import predict_fold_validation
@@ -240,8 +241,7 @@ def _predict_ensemble_fold(cvs: list[Path], fdir: Path, tag: str, cfg, device: s
         if json.loads((cv / fdir.name / "split.json").read_text())["validation"] != split:
             raise SystemExit(f"{cv / fdir.name} holds out other cases than {fdir}: not the same folds")
     pack([cv / fdir.name / "last.pt" for cv in cvs], fdir / f"{tag}.pt")
-    per_case.update(predict_fold_validation(cfg, fdir, device=device, progress=False,
-                                            checkpoint=f"{tag}.pt", out_name=tag))
+    predict_fold_validation(cfg, fdir, device=device, progress=False, checkpoint=f"{tag}.pt", out_name=tag)
 
 
 def print_cv(cv: Path) -> None:

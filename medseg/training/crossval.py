@@ -23,11 +23,7 @@ from medseg.config import Config
 from medseg.data.datasets import kfold_split, training_pool
 from medseg.errors import CheckpointError, DataError, InputNotFoundError
 from medseg.io.volume import atomic_write, load_volume, save_volume
-from medseg.postprocess import (
-    apply_postprocessing,
-    choose_postprocessing,
-    mean_dice_per_class,
-)
+from medseg.postprocess import apply_postprocessing, choose_postprocessing, mean_dice_per_class
 
 
 @dataclass
