@@ -149,6 +149,9 @@ class TrainConfig:
     and ``weight_decay: 3.0e-5``). Either way the learning rate decays polynomially to zero (power 0.9)."""
     loss: str = "dicece"
     """``dicece`` (Dice + cross-entropy) or ``dice``."""
+    batch_dice: bool = False
+    """3D tasks: compute the Dice term over the whole batch as one volume (nnU-Net's choice for its 3D
+    configurations) instead of per patch and then averaged."""
     val_every: int = 5
     output_dir: str = "runs/default"
     device: str = "auto"

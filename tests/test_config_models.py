@@ -91,3 +91,28 @@ def test_dynunet_with_deep_supervision_trains_and_predicts():
                                                               "model.strides=[2]", "model.deep_supervision=2"])
     with pytest.raises(ConfigError, match="too many deep-supervision heads"):
         build_model(bad.model, 1, 3)
+
+
+def test_batch_dice_pools_the_batch_before_the_ratio():
+    """``train.batch_dice``: one Dice over the batch as a single volume (nnU-Net's 3D loss), not a mean of
+    per-patch Dice; checked against the ratio computed by hand on near one-hot predictions."""
+    from medseg.training.trainer import _loss
+
+    g = torch.Generator().manual_seed(0)
+    y = torch.randint(0, 3, (2, 1, 8, 8, 8), generator=g)
+    y[1][y[1] == 2] = 1  # the second patch has no class 2: per-patch Dice then scores it 0 or 1, the batch does not
+    pred = torch.randint(0, 3, (2, 1, 8, 8, 8), generator=g)
+    logits = 50.0 * torch.nn.functional.one_hot(pred[:, 0], 3).permute(0, 4, 1, 2, 3).float()
+
+    def by_hand(dims):
+        p = torch.nn.functional.one_hot(pred[:, 0], 3).float()
+        t = torch.nn.functional.one_hot(y[:, 0], 3).float()
+        inter, size = (p * t).sum(dims), p.sum(dims) + t.sum(dims)
+        d = (2 * inter + 1e-5) / (size + 1e-5)
+        return float(1 - d[..., 1:].mean())
+
+    per_patch = load_config(REPO / "configs" / "hippocampus.yaml", ["train.loss=dice"])
+    batched = load_config(REPO / "configs" / "hippocampus.yaml", ["train.loss=dice", "train.batch_dice=true"])
+    assert float(_loss(per_patch)(logits, y.float())) == pytest.approx(by_hand((1, 2, 3)), abs=1e-4)
+    assert float(_loss(batched)(logits, y.float())) == pytest.approx(by_hand((0, 1, 2, 3)), abs=1e-4)
+    assert by_hand((1, 2, 3)) != pytest.approx(by_hand((0, 1, 2, 3)), abs=1e-3)

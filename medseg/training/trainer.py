@@ -49,9 +49,10 @@ class TrainResult:
 def _loss(cfg: Config):
     from monai.losses import DiceCELoss, DiceLoss
 
+    batch = bool(cfg.train.batch_dice)
     if cfg.train.loss == "dice":
-        return DiceLoss(to_onehot_y=True, softmax=True, include_background=False)
-    return DiceCELoss(to_onehot_y=True, softmax=True, include_background=False)
+        return DiceLoss(to_onehot_y=True, softmax=True, include_background=False, batch=batch)
+    return DiceCELoss(to_onehot_y=True, softmax=True, include_background=False, batch=batch)
 
 
 def make_optimizer(model: torch.nn.Module, tc) -> torch.optim.Optimizer:
