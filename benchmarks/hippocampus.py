@@ -194,8 +194,7 @@ def cv_ensemble(cvs: list[Path], data: Path, device: str) -> dict:
     fold I of every run (final weights) packed into one model that predicts fold I's held-out cases."""
     from medseg.config import load_config
     from medseg.data.datasets import kfold_split, training_pool
-    from medseg.postprocess import mean_dice_per_class
-    from medseg.training.crossval import pool_and_choose_postprocessing, read_fold_pairs
+    from medseg.training.crossval import pool_and_choose_postprocessing, pooled_dice, read_fold_pairs
 
     folds = sorted((p for p in cvs[0].glob("fold_*") if p.is_dir()), key=lambda p: int(p.name.split("_")[1]))
     tag = "ensemble_" + "_".join(cv.name for cv in cvs[1:])
@@ -213,10 +212,7 @@ def cv_ensemble(cvs: list[Path], data: Path, device: str) -> dict:
     if not done:
         print("no fold finished in every run")
         return {}
-    classes = [c for c in cfg.labels if c]
-    per_class = mean_dice_per_class(pairs, classes)
-    pooled = {cfg.labels[c]: per_class[c] for c in classes}
-    pooled["mean"] = float(np.mean(list(per_class.values())))
+    pooled = pooled_dice(pairs, cfg)
     print(f"per-fold ensemble of {', '.join(map(str, cvs))}: {len(done)} of {len(folds)} folds, {len(pairs)} cases, "
           f"final weights, TTA {'on' if cfg.inference.tta else 'off'} (axes of {cvs[0]})")
     print(f"{'':<28}" + " ".join(f"{c + ' Dice':>15}" for c in pooled if c != "mean") + f" {'mean Dice':>10}")

@@ -82,7 +82,9 @@ def predict_fold_validation(cfg: Config, fold_dir: Path, *, device: str = "auto"
     return cases
 
 
-def _named(d: dict[int, float], cfg: Config) -> dict[str, float]:
+def pooled_dice(pairs: list, cfg: Config) -> dict[str, float]:
+    """Mean Dice per label name over ``(prediction, reference)`` pairs, and their mean (4 decimals)."""
+    d = mean_dice_per_class(pairs, [c for c in cfg.labels if c])
     out = {cfg.labels.get(c, str(c)): round(float(v), 4) for c, v in d.items()}
     out["mean"] = round(float(np.nanmean(list(d.values()))), 4)
     return out
@@ -112,14 +114,12 @@ def pool_and_choose_postprocessing(pairs: list, cfg: Config) -> tuple[dict, dict
     chosen, report = choose_postprocessing(pairs, classes)
     post_pairs = [(apply_postprocessing(p, chosen), r) for p, r in pairs]
     trials = [{**t, "dice": {str(c): round(v, 5) for c, v in t["dice"].items()}} for t in report["trials"]]
-    return (_named(mean_dice_per_class(pairs, classes), cfg), chosen,
-            _named(mean_dice_per_class(post_pairs, classes), cfg), trials)
+    return pooled_dice(pairs, cfg), chosen, pooled_dice(post_pairs, cfg), trials
 
 
 def summarize(cfg: Config, folds: int) -> CVResult:
     """Pool the out-of-fold predictions of all finished folds; choose postprocessing when all are done."""
     base = Path(cfg.train.output_dir)
-    classes = [c for c in cfg.labels if c]
     res = CVResult(base, [])
     pairs_by_fold = {}
     pool = training_pool(cfg.data)  # discovered once, not per fold
@@ -132,7 +132,7 @@ def summarize(cfg: Config, folds: int) -> CVResult:
         pairs = read_fold_pairs(vdir, val_cases, fix=f"re-run: medseg train CONFIG --folds {folds} --fold {f} --resume")
         pairs_by_fold[f] = pairs
         res.folds_done.append(f)
-        res.fold_dice[f] = _named(mean_dice_per_class(pairs, classes), cfg)
+        res.fold_dice[f] = pooled_dice(pairs, cfg)
     if len(res.folds_done) < folds:
         return res
     pooled = [p for f in range(folds) for p in pairs_by_fold[f]]
