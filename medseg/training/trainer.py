@@ -84,11 +84,11 @@ def supervised_loss(loss_fn, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor
 
 
 def train_step(model: torch.nn.Module, opt, scaler, device: torch.device, amp: bool, compute_loss,
-               clip: float = 12.0) -> float:
+               clip: float = 12.0, amp_dtype: str | None = None) -> float:
     """One optimisation step shared by the volume and image trainers: forward and loss under
     autocast, scaled backward, gradient norm clipped to ``clip``, step; returns the loss."""
     opt.zero_grad(set_to_none=True)
-    with autocast(device, amp):
+    with autocast(device, amp, amp_dtype):
         loss = compute_loss()
     scaler.scale(loss).backward()
     scaler.unscale_(opt)
@@ -96,6 +96,19 @@ def train_step(model: torch.nn.Module, opt, scaler, device: torch.device, amp: b
     scaler.step(opt)
     scaler.update()
     return float(loss.detach())
+
+
+def grad_scaler(device: torch.device, tc, say=None) -> torch.amp.GradScaler:
+    """Loss scaling for fp16 on CUDA only (bf16 keeps fp32's exponent range and needs none).
+
+    Checks ``train.amp_dtype`` and warns when bf16 is asked for on a CPU without native bf16."""
+    from medseg.inference.engine import amp_dtype, cpu_has_fast_bf16
+
+    dt = amp_dtype(tc.amp_dtype)
+    if say and device.type == "cpu" and tc.amp and dt == torch.bfloat16 and not cpu_has_fast_bf16():
+        say("warning: train.amp_dtype bf16 on a CPU without AMX or AVX-512 BF16: bf16 is emulated there and "
+                    "trains slower than fp32; set train.amp_dtype: fp16 to train in fp32 on this CPU")
+    return torch.amp.GradScaler("cuda", enabled=(device.type == "cuda" and tc.amp and dt == torch.float16))
 
 
 def dice_per_class(pred: torch.Tensor, label: torch.Tensor, num_classes: int) -> np.ndarray:
@@ -123,7 +136,8 @@ def validate(model, val_ds, cfg: Config, device, dims: int) -> np.ndarray:
     scores = []
     for i in range(len(val_ds)):
         item = val_ds[i]
-        logits = sliding_window_logits(model, item["image"], cfg, device, dims=dims, amp=cfg.train.amp)
+        logits = sliding_window_logits(model, item["image"], cfg, device, dims=dims, amp=cfg.train.amp,
+                                       amp_dtype=cfg.train.amp_dtype)
         pred = logits[0].argmax(0)
         label = torch.as_tensor(item["label"])[0].round().long()
         scores.append(dice_per_class(pred, label, cfg.num_classes))
@@ -216,7 +230,7 @@ def train(cfg: Config, *, resume: bool = False, progress: bool = True, log=None)
     loss_fn = _loss(cfg)
     opt = make_optimizer(model, tc)
     sched = torch.optim.lr_scheduler.PolynomialLR(opt, total_iters=max(1, tc.epochs), power=0.9)
-    scaler = torch.amp.GradScaler("cuda", enabled=(device.type == "cuda" and tc.amp))
+    scaler = grad_scaler(device, tc, say)
     start_epoch, best, best_epoch, history = 1, -1.0, 0, []
     if tc.init_from and not resume:
         _init_weights(model, cfg, Path(tc.init_from))
@@ -287,7 +301,8 @@ def train(cfg: Config, *, resume: bool = False, progress: bool = True, log=None)
                 if fmt is not None:
                     x = x.contiguous(memory_format=fmt)
                 loss = train_step(model, opt, scaler, device, tc.amp,
-                                  lambda: supervised_loss(loss_fn, net(x), y))  # noqa: B023 - called at once
+                                  lambda: supervised_loss(loss_fn, net(x), y),  # noqa: B023 - called at once
+                                  amp_dtype=tc.amp_dtype)
                 if ema is not None:
                     ema.update(model)
                 losses.append(loss)

@@ -33,7 +33,7 @@ from medseg.inference.engine import autocast, resolve_device
 from medseg.io.volume import atomic_write
 from medseg.models.registry import build_model
 from medseg.training.checkpoint import load_checkpoint, member_states, save_checkpoint
-from medseg.training.trainer import TrainResult, make_optimizer, train_step
+from medseg.training.trainer import TrainResult, grad_scaler, make_optimizer, train_step
 
 
 TrainResult2D = TrainResult  # same fields as a volume training run
@@ -144,10 +144,11 @@ def pad_to(x: torch.Tensor, multiple: int = 32) -> tuple[torch.Tensor, tuple[int
 
 
 @torch.no_grad()
-def logits_2d(model: torch.nn.Module, x: torch.Tensor, device: torch.device, amp: bool = True) -> torch.Tensor:
+def logits_2d(model: torch.nn.Module, x: torch.Tensor, device: torch.device, amp: bool = True,
+              amp_dtype: str | None = None) -> torch.Tensor:
     """Whole-image logits (B, C, H, W) on the CPU, for inputs of any size."""
     xp, (h, w) = pad_to(x.to(device))
-    with autocast(device, amp):
+    with autocast(device, amp, amp_dtype):
         out = model(xp)
     return out[..., :h, :w].float().cpu()
 
@@ -158,7 +159,7 @@ def validate_2d(model, ds: ImagePairs, cfg: Config, device) -> np.ndarray:
     cm = np.zeros((n, n), np.int64)
     for i in range(len(ds)):
         x, y = ds[i]
-        pred = logits_2d(model, x[None], device, cfg.train.amp)[0].argmax(0).numpy()
+        pred = logits_2d(model, x[None], device, cfg.train.amp, cfg.train.amp_dtype)[0].argmax(0).numpy()
         cm += confusion_matrix(pred, y.numpy(), n, ds.data.ignore_index)
     model.train()
     return iou_per_class(cm)
@@ -193,7 +194,7 @@ def train_2d(cfg: Config, *, resume: bool = False, progress: bool = True, log=No
     model = build_model(cfg.model, 3, cfg.num_classes).to(device)
     opt = make_optimizer(model, tc)
     sched = torch.optim.lr_scheduler.PolynomialLR(opt, total_iters=max(1, tc.epochs), power=0.9)
-    scaler = torch.amp.GradScaler("cuda", enabled=(device.type == "cuda" and tc.amp))
+    scaler = grad_scaler(device, tc, say)
     start_epoch, best, best_epoch, history = 1, -1.0, 0, []
     if resume:
         if not last_path.is_file():
@@ -234,7 +235,7 @@ def train_2d(cfg: Config, *, resume: bool = False, progress: bool = True, log=No
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
                 losses.append(train_step(model, opt, scaler, device, tc.amp,
                                          lambda: segmentation_loss(model(x), y, tc.loss,  # noqa: B023 - called at once
-                                                                   data.ignore_index)))
+                                                                   data.ignore_index), amp_dtype=tc.amp_dtype))
             sched.step()
             record = {"epoch": epoch, "loss": float(np.mean(losses)) if losses else float("nan"),
                       "lr": opt.param_groups[0]["lr"], "elapsed_s": round(time.time() - t_start, 1)}
