@@ -12,6 +12,7 @@ checkpoint (cases it never trained on). ``--train`` retrains from the config fir
         --model ensemble.pt --tta      # single models and a fold ensemble on the same unseen cases
     python benchmarks/hippocampus.py --cv-ensemble runs/cv_all --cv-ensemble runs/cv_all_aug
                                        # two cross-validations over the same folds, ensembled fold by fold
+    python benchmarks/hippocampus.py --model hippocampus --amp bf16   # bf16 autocast (also on the CPU)
 
 Prints a table and one JSON line; the figures go into benchmarks/RESULTS.md by hand,
 with the machine they were measured on.
@@ -52,6 +53,7 @@ def score(pred, names, data, tta, train_seconds, evaluate) -> dict:
     return {
         "model": str(pred.model_path.relative_to(REPO) if pred.model_path.is_relative_to(REPO) else pred.model_path),
         "tta": tta,
+        "amp": pred.amp_dtype if pred.amp else "off",
         "cases": len(names),
         "dice": {pred.labels[c]: round(ev.mean("dice", c), 4) for c in ev.classes},
         "hd95_mm": {pred.labels[c]: round(ev.mean("hd95", c), 3) for c in ev.classes},
@@ -80,6 +82,8 @@ def main(argv=None) -> int:
     ap.add_argument("--config", default=str(REPO / "configs" / "hippocampus.yaml"))
     ap.add_argument("--set", action="append", default=[], help="config override for --train")
     ap.add_argument("--device", default="auto")
+    ap.add_argument("--amp", default="fp16", help="mixed precision for --model: fp16 (CUDA only; fp32 on the CPU), "
+                    "bf16 (CUDA and CPU) or off")
     args = ap.parse_args(argv)
 
     from medseg.config import load_config
@@ -122,7 +126,8 @@ def compare_models(models: list, args, data: Path, train_seconds) -> int:
     from medseg.inference.predictor import Predictor
     from medseg.training.checkpoint import load_checkpoint
 
-    first = Predictor(models[0], device=args.device)
+    amp = {"amp": args.amp != "off", "amp_dtype": "fp16" if args.amp == "off" else args.amp}
+    first = Predictor(models[0], device=args.device, **amp)
     split = load_checkpoint(first.model_path).get("split") or {}
     names = split.get("test") or split.get("validation") or []  # unseen cases first, else the validation split
     if not names and first.cfg.data.test_fraction > 0:  # an ensemble: the cases its config set aside
@@ -135,7 +140,7 @@ def compare_models(models: list, args, data: Path, train_seconds) -> int:
         return 2
     results = []
     for ref in models:
-        pred = first if ref == models[0] else Predictor(ref, device=args.device)
+        pred = first if ref == models[0] else Predictor(ref, device=args.device, **amp)
         trained_on = set((load_checkpoint(pred.model_path).get("split") or {}).get("train") or [])
         if trained_on & set(names):
             print(f"{ref} was trained on {len(trained_on & set(names))} of the held-out cases; "

@@ -102,7 +102,7 @@ FORMAT_HELP = ("Output format: nifti | nrrd | seg.nrrd (3D Slicer) | dicom-seg (
 BACKEND_HELP = ("Inference backend: auto (from the model file: .pt torch, .onnx onnxruntime, .ts torchscript) | torch | "
                 "onnxruntime | torchscript (a .pt model is exported once and cached).")
 AMP_HELP = ("Mixed precision: fp16 | bf16 | off. fp16 is CUDA only (the CPU then runs fp32); bf16 also runs on "
-            "the CPU, several times faster on CPUs with AMX (Intel Xeon 4th generation and newer).")
+            "the CPU, about twice as fast on CPUs with AMX (Intel Xeon 4th generation and newer).")
 
 
 def _dicom_options(uneven: str, tilt: str) -> dict:

@@ -47,7 +47,7 @@ def autocast(device: torch.device, enabled: bool = True, dtype: str | torch.dtyp
     """Mixed precision: on CUDA fp16 (the default) or bf16; on the CPU bf16 only.
 
     fp16 asked for on the CPU is a no-op (fp32): CPU kernels gain nothing from it. bf16 on the
-    CPU runs convolutions through oneDNN in bfloat16, several times faster on CPUs with AMX
+    CPU runs convolutions through oneDNN in bfloat16, about twice as fast on CPUs with AMX
     (Intel Xeon 4th generation and newer), slower on CPUs without native bf16 (see
     :func:`cpu_has_fast_bf16`).
     """
