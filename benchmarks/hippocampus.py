@@ -123,10 +123,11 @@ def main(argv=None) -> int:
 def compare_models(models: list, args, data: Path, train_seconds) -> int:
     """Score every model on the first one's held-out cases (never trained on by any of them) in one table."""
     from medseg.evaluation import evaluate
+    from medseg.inference.engine import amp_options
     from medseg.inference.predictor import Predictor
     from medseg.training.checkpoint import load_checkpoint
 
-    amp = {"amp": args.amp != "off", "amp_dtype": "fp16" if args.amp == "off" else args.amp}
+    amp = amp_options(args.amp)
     first = Predictor(models[0], device=args.device, **amp)
     split = load_checkpoint(first.model_path).get("split") or {}
     names = split.get("test") or split.get("validation") or []  # unseen cases first, else the validation split

@@ -111,9 +111,9 @@ def _dicom_options(uneven: str, tilt: str) -> dict:
 
 def _runtime(backend: str, amp: str, compile_: bool, threads: Optional[int]) -> dict:
     """Predictor options for --backend, --amp, --compile and --threads."""
-    off = amp.lower() in ("off", "none", "fp32", "no")
-    return {"backend": backend, "amp": not off, "amp_dtype": "fp16" if off else amp, "compile": compile_,
-            "threads": threads}
+    from medseg.inference.engine import amp_options
+
+    return {"backend": backend, **amp_options(amp), "compile": compile_, "threads": threads}
 
 
 @app.command()

@@ -43,6 +43,13 @@ def amp_dtype(name: str | torch.dtype | None) -> torch.dtype:
     return AMP_DTYPES[key]
 
 
+def amp_options(text: str) -> dict:
+    """An ``--amp`` value (``fp16``, ``bf16`` or ``off``/``none``/``fp32``/``no``) -> the Predictor's
+    ``amp`` and ``amp_dtype`` options."""
+    off = text.lower() in ("off", "none", "fp32", "no")
+    return {"amp": not off, "amp_dtype": "fp16" if off else text}
+
+
 def autocast(device: torch.device, enabled: bool = True, dtype: str | torch.dtype | None = None):
     """Mixed precision: on CUDA fp16 (the default) or bf16; on the CPU bf16 only.
 
@@ -54,10 +61,8 @@ def autocast(device: torch.device, enabled: bool = True, dtype: str | torch.dtyp
     if not enabled:
         return contextlib.nullcontext()
     dt = amp_dtype(dtype)
-    if device.type == "cuda":
-        return torch.autocast(device_type="cuda", dtype=dt)
-    if device.type == "cpu" and dt == torch.bfloat16:
-        return torch.autocast(device_type="cpu", dtype=torch.bfloat16)
+    if device.type == "cuda" or (device.type == "cpu" and dt == torch.bfloat16):
+        return torch.autocast(device_type=device.type, dtype=dt)
     return contextlib.nullcontext()
 
 
@@ -69,7 +74,7 @@ def cpu_has_fast_bf16() -> bool:
     except OSError:
         flags = ""
     if flags:
-        return any(f in flags.split() for f in ("amx_bf16", "avx512_bf16"))
+        return not {"amx_bf16", "avx512_bf16"}.isdisjoint(flags.split())
     try:  # other systems: ask oneDNN
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):

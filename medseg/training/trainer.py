@@ -107,7 +107,7 @@ def grad_scaler(device: torch.device, tc, say=None) -> torch.amp.GradScaler:
     dt = amp_dtype(tc.amp_dtype)
     if say and device.type == "cpu" and tc.amp and dt == torch.bfloat16 and not cpu_has_fast_bf16():
         say("warning: train.amp_dtype bf16 on a CPU without AMX or AVX-512 BF16: bf16 is emulated there and "
-                    "trains slower than fp32; set train.amp_dtype: fp16 to train in fp32 on this CPU")
+            "trains slower than fp32; set train.amp_dtype: fp16 to train in fp32 on this CPU")
     return torch.amp.GradScaler("cuda", enabled=(device.type == "cuda" and tc.amp and dt == torch.float16))
 
 
