@@ -158,7 +158,7 @@ class TrainConfig:
     amp: bool = True
     """Mixed precision: on CUDA always (``amp_dtype``); on the CPU only when ``amp_dtype`` is ``bf16``."""
     amp_dtype: str = "fp16"
-    """``fp16`` (CUDA; the CPU then trains in fp32) or ``bf16`` (CUDA, and the CPU: 2-2.5x faster
+    """``fp16`` (CUDA; the CPU then trains in fp32) or ``bf16`` (CUDA, and the CPU: 1.4-2.5x faster
     3D training steps on CPUs with AMX, e.g. Intel Xeon 4th generation and newer; slower without it)."""
     num_workers: int = 0
     threads: int | None = None
