@@ -41,13 +41,13 @@ def probe(config: str, sets: list[str], barrier: Path, world: int, steps: int) -
     from medseg.config import load_config
     from medseg.inference.engine import resolve_device
     from medseg.models.registry import build_model, get_spec
-    from medseg.training.trainer import EMA, _loss, cuda_speed_settings, make_optimizer, supervised_loss, train_step
+    from medseg.training.trainer import EMA, _loss, make_optimizer, speed_settings, supervised_loss, train_step
 
     cfg = load_config(config, sets)
     device = resolve_device(cfg.train.device)
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
-    fmt = cuda_speed_settings(device, cfg.train, get_spec(cfg.model.name).dims) or torch.contiguous_format
+    fmt = speed_settings(device, cfg.train, get_spec(cfg.model.name).dims) or torch.contiguous_format
     model = build_model(cfg.model, 1, cfg.num_classes).to(device)
     model.to(memory_format=fmt)
     model.train()

@@ -165,7 +165,8 @@ class TrainConfig:
     """CPU threads for torch; ``null`` leaves torch's default."""
     seed: int = 0
     channels_last: bool = True
-    """CUDA only: channels-last (NDHWC) memory layout for 3D models, faster convolutions with mixed precision."""
+    """Channels-last (NDHWC) memory layout for 3D models: on CUDA, and on the CPU under bf16 (``amp_dtype: bf16``),
+    where oneDNN's bf16 convolutions run faster in it; fp32 CPU training keeps the default layout."""
     ema: float = 0.0
     """Exponential moving average of the weights (e.g. 0.999); validated and saved instead of the raw weights. 0 = off."""
     init_from: str | None = None

@@ -60,6 +60,35 @@ def test_bf16_training_step_on_cpu_keeps_fp32_weights(monkeypatch):
     assert len(said) == 1
 
 
+def test_channels_last_for_cpu_bf16_training_only():
+    from medseg.models import build_model
+    from medseg.training.trainer import speed_settings
+
+    base = load_config(REPO / "configs" / "hippocampus.yaml").train  # fp16 asked for: the CPU trains in fp32
+    bf16 = load_config(REPO / "configs" / "hippocampus.yaml", ["train.amp_dtype=bf16"]).train
+    off = load_config(REPO / "configs" / "hippocampus.yaml", ["train.amp_dtype=bf16", "train.channels_last=false"]).train
+    assert speed_settings(CPU, bf16, 3) == torch.channels_last_3d
+    assert speed_settings(CPU, bf16, 2) is None
+    assert speed_settings(CPU, base, 3) is None
+    assert speed_settings(CPU, off, 3) is None
+    # the same network, channels-last or not, computes the same bf16 outputs; its weights load into a plain model
+    torch.manual_seed(0)
+    cfg = load_config(REPO / "configs" / "hippocampus.yaml",
+                      ["model.name=dynunet3d", "model.channels=[4, 8, 16]", "model.strides=[2, 2]",
+                       "model.num_res_units=0"])
+    net = build_model(cfg.model, 1, 3).eval()
+    x = torch.randn(1, 1, 16, 24, 16)
+    with torch.no_grad(), autocast(CPU, True, "bf16"):
+        ref = net(x).float()
+        net.to(memory_format=torch.channels_last_3d)
+        assert net.input_block.conv1.conv.weight.is_contiguous(memory_format=torch.channels_last_3d)
+        out = net(x.contiguous(memory_format=torch.channels_last_3d)).float()
+    assert torch.allclose(ref, out, atol=0.05 * float(ref.abs().max()))
+    plain = build_model(cfg.model, 1, 3)
+    plain.load_state_dict(net.state_dict())
+    assert all(torch.equal(a, b) for a, b in zip(plain.state_dict().values(), net.state_dict().values()))
+
+
 def test_cpu_bf16_check_answers():
     assert isinstance(cpu_has_fast_bf16(), bool)
 
