@@ -292,13 +292,15 @@ def plan(
     memory_gb: Optional[float] = typer.Option(None, "--memory-gb", help="Memory budget for training (default 4 CPU / 8 GPU)."),
     model: Optional[str] = typer.Option(None, "--model", help="Network to plan: dynunet3d (deep supervision; the "
                                         "default on CPU and GPU) or unet3d."),
+    precision: str = typer.Option("auto", "--precision", help="CPU training precision to plan for: auto (bf16 where "
+                                  "the CPU has AMX or AVX-512 BF16, else fp32), fp32 or bf16."),
 ) -> None:
     """Fingerprint a dataset and write a training plan; use it with 'plan: FILE' (or 'plan: auto') in a config."""
     from medseg.data.datasets import discover_msd
     from medseg.planning import fingerprint, make_plan
 
     fp = fingerprint(discover_msd(dataset), modality=modality.upper())
-    result = make_plan(fp, device=device, memory_gb=memory_gb, network=model)
+    result = make_plan(fp, device=device, memory_gb=memory_gb, network=model, precision=precision)
     out = result.save(output)
     con = _console(stderr=False)
     for key, why in result.reasons.items():

@@ -38,6 +38,11 @@ COSTS = {  # (device, network): (step s at 0 units, step s per unit, bytes per u
     ("cpu", "dynunet3d"): (0.005, 74e-9, 58.6, 0.18),
     ("gpu", "dynunet3d"): (0.012, 0.3e-9, 29.0, 1.0),
 }
+# bf16 autocast on a CPU with AMX (train.amp_dtype: bf16): training steps of the DynUNet 16-128 took 0.50x (32^3 b2
+# 0.71x, 40x56x40 b2 0.39x, b4 0.50x, 48x64x48 b2 0.44x, 64^3 b2 0.48x) of their fp32 time on a 2-core Xeon, 2026-11
+# (benchmarks/cpu_step.py --bf16); the UNet gains less and is costed as fp32. Memory is costed as fp32 (bf16 used less).
+CPU_BF16_STEP = {"dynunet3d": 0.5, "unet3d": 1.0}
+PRECISIONS = ("fp32", "bf16", "auto")
 CPU_MODEL = "dynunet3d"  # the network planned for CPUs (see the README's cross-validation table)
 PLANNED_NETWORKS = ("dynunet3d", "unet3d")  # on a GPU both are costed as the DynUNet (the UNet is lighter)
 TIME_BUDGETS = {"cpu": 0.5, "fast": 0.2, "none": math.inf}
@@ -143,6 +148,7 @@ class Plan:
     foreground_ratio: float = 0.33
     samples_per_volume: int = 1
     device: str = "cpu"
+    amp_dtype: str | None = None  # "bf16": planned for bf16 training on the CPU
     kernel_sizes: list[list[int]] | None = None  # dynunet3d: per level, per axis
     estimates: dict = field(default_factory=dict)
     reasons: dict[str, str] = field(default_factory=dict)
@@ -159,7 +165,7 @@ class Plan:
                       "strides": [s[0] for s in self.strides] if iso else self.strides,
                       "num_res_units": self.num_res_units, "deep_supervision": self.deep_supervision,
                       **({"kernel_sizes": self.kernel_sizes} if self.kernel_sizes else {})},
-            "train": {"batch_size": self.batch_size}})
+            "train": {"batch_size": self.batch_size, **({"amp_dtype": self.amp_dtype} if self.amp_dtype else {})}})
 
     def save(self, path: str | Path) -> Path:
         """Readable YAML: fingerprint summary, plan values, one reason per choice."""
@@ -229,16 +235,26 @@ def estimate_cost(device: str, network: str, units: float) -> tuple[float, float
 
 
 def make_plan(fp: Fingerprint, *, device: str = "cpu", memory_gb: float | None = None,
-              time_budget: str = "cpu", network: str | None = None) -> Plan:
+              time_budget: str = "cpu", network: str | None = None, precision: str = "fp32") -> Plan:
     """Spacing, patch, network, batch and normalisation for ``fp`` on ``device`` (``cpu``, or ``cuda``/``gpu``).
     ``memory_gb``: estimated training memory allowed (default 4 on CPU, 8 on GPU as nnU-Net); ``time_budget``:
     the estimated CPU step limit, ``cpu`` (0.5 s), ``fast`` (0.2 s), ``none`` or seconds (ignored on GPU);
-    ``network``: ``dynunet3d`` (the default) or ``unet3d``, planned with its own cost model."""
+    ``network``: ``dynunet3d`` (the default) or ``unet3d``, planned with its own cost model; ``precision`` (CPU):
+    ``fp32``, ``bf16`` (steps costed at the measured bf16 speed, and the plan sets ``train.amp_dtype: bf16``) or
+    ``auto`` (bf16 where this CPU has AMX or AVX-512 BF16)."""
     gpu = not device.startswith("cpu")
     network = network or ("dynunet3d" if gpu else CPU_MODEL)
     if network not in PLANNED_NETWORKS:
         raise ConfigError("cannot plan for this network", expected=" | ".join(PLANNED_NETWORKS), found=repr(network),
                           fix="plan with one of those, or drop 'plan:' and set patch, batch and channels yourself")
+    if precision not in PRECISIONS:
+        raise ConfigError("unknown training precision for the plan", expected=" | ".join(PRECISIONS),
+                          found=repr(precision), fix="plan with fp32, bf16 or auto")
+    if precision == "auto":
+        from medseg.inference.engine import cpu_has_fast_bf16
+
+        precision = "bf16" if (not gpu and cpu_has_fast_bf16()) else "fp32"
+    bf16 = precision == "bf16" and not gpu  # on a GPU, train.amp already runs mixed precision
     dyn = network == "dynunet3d"
     cost_key = ("gpu", "dynunet3d") if gpu else ("cpu", network)
     memory_gb = float(memory_gb if memory_gb is not None else (8.0 if gpu else 4.0))
@@ -262,6 +278,7 @@ def make_plan(fp: Fingerprint, *, device: str = "cpu", memory_gb: float | None =
     def estimate(patch, strides, batch):  # -> channels, memory (GB), step (s), whether both fit the budget
         channels = [min(ch0 * 2 ** i, cap) for i in range(len(strides) + 1)]
         step, mem = estimate_cost(*cost_key, units_for(patch, strides, channels, batch))
+        step *= CPU_BF16_STEP[network] if bf16 else 1.0
         return channels, mem, step, mem <= memory_gb and step <= seconds
 
     patch = np.maximum(np.ceil(median_shape).astype(int), 1)
@@ -277,7 +294,7 @@ def make_plan(fp: Fingerprint, *, device: str = "cpu", memory_gb: float | None =
         patch[axes[0]] -= div[axes[0]]  # then round down to what the new strides need
         strides = _strides_for(patch, target, max_pools)
         patch = np.maximum(patch // _divisor(strides), 1) * _divisor(strides)
-    limit = f"{memory_gb:g} GB" + ("" if gpu else f" and {seconds:g} s/step on 2 CPU cores")
+    limit = f"{memory_gb:g} GB" + ("" if gpu else f" and {seconds:g} s/step on 2 CPU cores" + (" in bf16" if bf16 else ""))
     reasons["patch_size"] = (f"median shape at target spacing {_fmt(median_shape, 0)} rounded up to {_fmt(start, 0)}"
                              + ("" if (patch == start).all() else f", largest axis shrunk to fit {limit}")
                              + ("" if estimate(patch, strides, 2)[3] else f" (still over {limit}: cannot shrink)"))
@@ -311,10 +328,15 @@ def make_plan(fp: Fingerprint, *, device: str = "cpu", memory_gb: float | None =
                        f"{where}: MONAI residual UNet (2 residual units), no deep supervision"),
                    foreground_ratio="a third of the patches centred on foreground (nnU-Net)",
                    samples_per_volume=f"patch covers {coverage:.0%} of the median image")
+    if not gpu:
+        reasons["precision"] = ("bf16 autocast (train.amp_dtype: bf16): steps costed at "
+                                f"{CPU_BF16_STEP[network]:g}x their fp32 time, as measured on a CPU with AMX" if bf16 else
+                                "fp32 (plan with precision bf16 or auto on a CPU with AMX or AVX-512 BF16)")
     return Plan(spacing=_py(target), patch_size=_py(patch), batch_size=batch, model=network,
                 channels=channels, strides=_py(strides), num_res_units=0 if dyn else 2,
                 deep_supervision=max(0, min(2, len(strides) - 1)) if dyn else 0, intensity=_py(intensity),
                 samples_per_volume=1 if coverage >= 0.5 else 2, device="cuda" if gpu else "cpu",
+                amp_dtype="bf16" if bf16 else None,
                 kernel_sizes=kernels,
                 estimates={"memory_gb": round(mem, 3), "step_s": round(step, 3)},  # GPU: step on an H200
                 reasons=reasons, fingerprint=fp.summary())
@@ -364,4 +386,6 @@ def plan_for_config(cfg, *, device: str | None = None, memory_gb: float | None =
 
         device = "cuda" if cfg.train.device.startswith("cuda") or (
             cfg.train.device == "auto" and torch.cuda.is_available()) else "cpu"
-    return make_plan(fp, device=device, memory_gb=memory_gb, network=network)
+    # the config's precision: a config training in bf16 on the CPU is planned with bf16 step costs
+    return make_plan(fp, device=device, memory_gb=memory_gb, network=network,
+                     precision="bf16" if (cfg.train.amp and cfg.train.amp_dtype == "bf16") else "fp32")

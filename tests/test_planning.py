@@ -229,6 +229,27 @@ def test_patch_shrinks_to_the_budget(hippo_fp):
         assert all(p % d == 0 and p // d >= 4 for p, d in zip(plan.patch_size, div))
 
 
+def test_cpu_plan_for_bf16_training(monkeypatch, tmp_path):
+    """bf16 plans cost DynUNet steps at the measured bf16 speed, so the same budget buys a larger patch or
+    batch, and the plan trains in bf16; ``auto`` follows the CPU's bf16 support."""
+    fp = big_ct_fingerprint()
+    fp32, bf16 = make_plan(fp), make_plan(fp, precision="bf16")
+    assert fp32.amp_dtype is None and "amp_dtype" not in fp32.to_overrides()["train"]
+    assert bf16.amp_dtype == "bf16" and bf16.to_overrides()["train"]["amp_dtype"] == "bf16"
+    assert np.prod(bf16.patch_size) * bf16.batch_size > np.prod(fp32.patch_size) * fp32.batch_size
+    assert fp32.estimates["step_s"] <= 0.5 and bf16.estimates["step_s"] <= 0.5
+    assert "bf16" in bf16.reasons["precision"] and "in bf16" in bf16.reasons["patch_size"]
+    assert bf16.reasons["precision"] != fp32.reasons["precision"]
+    assert load_plan(bf16.save(tmp_path / "plan.yaml")).to_overrides() == bf16.to_overrides()
+    monkeypatch.setattr("medseg.inference.engine.cpu_has_fast_bf16", lambda: True)
+    assert make_plan(fp, precision="auto").to_overrides() == bf16.to_overrides()
+    assert make_plan(fp, device="cuda", precision="auto").amp_dtype is None  # GPUs: train.amp decides
+    monkeypatch.setattr("medseg.inference.engine.cpu_has_fast_bf16", lambda: False)
+    assert make_plan(fp, precision="auto").to_overrides() == fp32.to_overrides()
+    with pytest.raises(ConfigError, match="unknown training precision"):
+        make_plan(fp, precision="fp8")
+
+
 def test_apply_plan_keeps_explicit_keys(hippo_fp):
     plan = make_plan(hippo_fp)
     data = yaml.safe_load((REPO / "configs" / "hippocampus.yaml").read_text())
