@@ -12,6 +12,8 @@ checkpoint (cases it never trained on). ``--train`` retrains from the config fir
         --model ensemble.pt --tta      # single models and a fold ensemble on the same unseen cases
     python benchmarks/hippocampus.py --cv-ensemble runs/cv_all --cv-ensemble runs/cv_all_aug
                                        # two cross-validations over the same folds, ensembled fold by fold
+                                       # (from their stored probabilities when both ran 'train --folds 5
+                                       # --save-probabilities', so records without weights do; else their weights)
     python benchmarks/hippocampus.py --model hippocampus --amp bf16   # bf16 autocast (also on the CPU)
 
 Prints a table and one JSON line; the figures go into benchmarks/RESULTS.md by hand,
@@ -197,30 +199,38 @@ def _pool(per_case: dict, cfg) -> dict:
 
 def cv_ensemble(cvs: list[Path], data: Path, device: str) -> dict:
     """Pooled out-of-fold Dice of the per-fold ensemble of several cross-validations over the same folds:
-    fold I of every run (final weights) packed into one model that predicts fold I's held-out cases."""
+    the mean of the probabilities every run stored for fold I's held-out cases ('train --save-probabilities'),
+    or else fold I of every run (final weights) packed into one model that predicts those cases."""
     from medseg.config import load_config
     from medseg.data.datasets import kfold_split, training_pool
+    from medseg.inference.probabilities import SUFFIX
     from medseg.training.crossval import pool_and_choose_postprocessing, pooled_dice, read_fold_pairs
 
     folds = sorted((p for p in cvs[0].glob("fold_*") if p.is_dir()), key=lambda p: int(p.name.split("_")[1]))
     tag = "ensemble_" + "_".join(cv.name for cv in cvs[1:])
-    done, pairs = [], []
+    done, pairs, how = [], [], set()
     for fdir in folds:
         if not all((cv / fdir.name / "validation" / "dice.json").is_file() for cv in cvs):
             print(f"{fdir.name}: not finished in every run yet, left out")
             continue
         done.append(fdir.name)
         cfg = load_config(fdir / "config.yaml", [f"data.root={data}"])
+        _, val_cases = kfold_split(training_pool(cfg.data), cfg.data.folds, cfg.data.fold, cfg.data.seed)
+        stored = [[cv / fdir.name / "validation" / f"{c.name}{SUFFIX}" for cv in cvs] for c in val_cases]
+        if all(p.is_file() for paths in stored for p in paths):  # kept by 'train --save-probabilities'
+            pairs += _ensemble_stored_fold(val_cases, stored)
+            how.add("stored out-of-fold probabilities averaged")
+            continue
         if not ((fdir / tag / "dice.json").is_file() and (fdir / f"{tag}.pt").is_file()):  # else reused
             _predict_ensemble_fold(cvs, fdir, tag, cfg, device)
-        _, val_cases = kfold_split(training_pool(cfg.data), cfg.data.folds, cfg.data.fold, cfg.data.seed)
         pairs += read_fold_pairs(fdir / tag, val_cases, fix=f"delete {fdir / tag} and run this again")
+        how.add("fold models packed into one ensemble, final weights")
     if not done:
         print("no fold finished in every run")
         return {}
     pooled = pooled_dice(pairs, cfg)
     print(f"per-fold ensemble of {', '.join(map(str, cvs))}: {len(done)} of {len(folds)} folds, {len(pairs)} cases, "
-          f"final weights, TTA {'on' if cfg.inference.tta else 'off'} (axes of {cvs[0]})")
+          f"{' / '.join(sorted(how))}, TTA {'on' if cfg.inference.tta else 'off'} (as {cvs[0]} predicted)")
     print(f"{'':<28}" + " ".join(f"{c + ' Dice':>15}" for c in pooled if c != "mean") + f" {'mean Dice':>10}")
     print(f"{'pooled, ensemble':<28}" + " ".join(f"{v:>15.4f}" for v in pooled.values()))
     result = {"cv_ensemble": [str(c) for c in cvs], "pooled_dice": {k: round(v, 4) for k, v in pooled.items()}}
@@ -231,6 +241,19 @@ def cv_ensemble(cvs: list[Path], data: Path, device: str) -> dict:
         result.update(postprocess=chosen, pooled_dice_postprocessed=post)
     print(json.dumps(result))
     return pooled
+
+
+def _ensemble_stored_fold(cases: list, stored: list[list[Path]]) -> list:
+    """``(prediction, reference)`` pairs from the mean of each case's stored probabilities, on the case's grid."""
+    from medseg.inference.probabilities import ensemble_labels
+    from medseg.io import load_volume
+
+    pairs = []
+    for case, paths in zip(cases, stored):
+        vol = load_volume(case.image)
+        pred = ensemble_labels(paths, vol.affine, vol.shape)
+        pairs.append((pred, np.rint(load_volume(case.label).array).astype(np.int64)))
+    return pairs
 
 
 def _predict_ensemble_fold(cvs: list[Path], fdir: Path, tag: str, cfg, device: str) -> None:

@@ -40,6 +40,9 @@ def train(
     folds: int = typer.Option(0, "--folds", help="K-fold cross-validation: train K models into "
                               "train.output_dir/fold_I, pool their out-of-fold Dice, choose postprocessing."),
     fold: Optional[int] = typer.Option(None, "--fold", help="With --folds: train only this fold (for job arrays)."),
+    save_probabilities: bool = typer.Option(False, "--save-probabilities", help="With --folds: also keep each "
+                                            "held-out case's class probabilities (fold_I/validation/CASE.probs.npz), "
+                                            "so the run can be ensembled with another later without its weights."),
 ) -> None:
     """Train a model; writes best.pt and last.pt (weights + resolved config) to train.output_dir."""
     from medseg.config import load_config
@@ -50,11 +53,11 @@ def train(
     if cfg.task == "image2d":
         from medseg.training.trainer2d import train_2d
 
-        if folds or fold is not None:
+        if folds or fold is not None or save_probabilities:
             from medseg.errors import ConfigError
 
-            raise ConfigError("--folds is for volume tasks", path=config, found="task: image2d",
-                              fix="train 2D image models without --folds")
+            raise ConfigError("--folds and --save-probabilities are for volume tasks", path=config,
+                              found="task: image2d", fix="train 2D image models without them")
         res2d = train_2d(cfg, resume=resume)
         con.print(f"best mean validation IoU {res2d.best_metric:.4f} at epoch {res2d.best_epoch}; "
                   f"{res2d.epochs_run} epoch(s) in {res2d.seconds:.0f} s")
@@ -63,7 +66,8 @@ def train(
     if folds or fold is not None:
         from medseg.training.crossval import train_folds
 
-        cv = train_folds(cfg, folds, only=fold, resume=resume, log=lambda m: _console().print(m, highlight=False))
+        cv = train_folds(cfg, folds, only=fold, resume=resume, log=lambda m: _console().print(m, highlight=False),
+                         save_probabilities=save_probabilities)
         for f, d in cv.fold_dice.items():
             con.print(f"fold {f}: " + ", ".join(f"{k} {v:.4f}" for k, v in d.items()))
         if cv.complete:
@@ -74,6 +78,11 @@ def train(
         else:
             con.print(f"{len(cv.folds_done)} of {folds} folds done; the summary is written when all are")
         return
+    if save_probabilities:
+        from medseg.errors import ConfigError
+
+        raise ConfigError("--save-probabilities keeps out-of-fold probabilities", path=config,
+                          expected="--folds K", found="no --folds", fix="add --folds 5, or drop --save-probabilities")
     res = run_train(cfg, resume=resume)
     from medseg.training.distributed import DistContext
 
@@ -546,7 +555,8 @@ def export_cmd(
 @app.command("pack-model")
 def pack_model(
     paths: List[Path] = typer.Argument(..., help="SOURCE... OUTPUT: a best.pt/last.pt written by 'medseg train', "
-                                       "several to ensemble, or a 'train --folds' folder (all folds and its chosen "
+                                       "several to ensemble (networks may differ if labels, preprocessing and patch "
+                                       "size match), or a 'train --folds' folder (all folds and its chosen "
                                        "postprocessing); the last path is the model file to write."),
     int8: bool = typer.Option(False, "--int8", help="Store convolution weights as int8 with one scale per output "
                               "channel: about half the size of float16, labels nearly unchanged (check with "

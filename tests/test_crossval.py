@@ -131,9 +131,9 @@ def test_config_checks_for_new_keys(tmp_path):
 @pytest.mark.slow
 def test_folds_train_pool_pack_and_predict_ensemble(tmp_path, hippo_data):
     out = tmp_path / "cv"
-    args = ["train", REPO / "configs" / "hippocampus.yaml", "--folds", "2",
+    args = ["train", REPO / "configs" / "hippocampus.yaml", "--folds", "2", "--save-probabilities",
             *_sets(f"data.root={hippo_data}", f"train.output_dir={out}", "train.ema=0.9", *TINY)]
-    proc = run_cli(*args[:4], "--fold", "1", *args[4:])
+    proc = run_cli(*args[:5], "--fold", "1", *args[5:])
     assert proc.returncode == 0, proc.stderr
     assert "1 of 2 folds done" in proc.stdout and not (out / "cv_summary.json").exists()
     proc = run_cli(*args)  # fold 1 is skipped as done, fold 0 trains, then the summary
@@ -144,6 +144,7 @@ def test_folds_train_pool_pack_and_predict_ensemble(tmp_path, hippo_data):
     assert set(summary["pooled_dice"]) == {"anterior", "posterior", "mean"}
     names = {p.name for f in (0, 1) for p in (out / f"fold_{f}" / "validation").glob("*.nii.gz")}
     assert names == {p.name for p in (hippo_data / "labelsTr").glob("*.nii.gz")}
+    _check_stored_probabilities(out, tmp_path, summary)
     # pack both folds into one ensemble file carrying the chosen postprocessing
     model = tmp_path / "ensemble.pt"
     proc = run_cli("pack-model", out, model)
@@ -168,6 +169,41 @@ def test_folds_train_pool_pack_and_predict_ensemble(tmp_path, hippo_data):
     torch.save(payload, tmp_path / "tampered.pt")
     with pytest.raises(CheckpointError, match="ensemble weights"):
         load_checkpoint(tmp_path / "tampered.pt")
+
+
+def _check_stored_probabilities(out: Path, tmp_path: Path, summary: dict) -> None:
+    """--save-probabilities kept each held-out case's probabilities: their argmax is the written prediction,
+    and a copy of the run without any weights (as benchmarks/records keeps runs) still ensembles."""
+    import importlib.util
+    import shutil
+
+    from medseg.inference.probabilities import ensemble_labels, load_probabilities
+    from medseg.io import load_volume
+
+    for pred in sorted(out.glob("fold_*/validation/*.nii.gz")):
+        stored = pred.with_name(pred.name.replace(".nii.gz", ".probs.npz"))
+        probs, _ = load_probabilities(stored)
+        assert probs.shape[0] == 3 and torch.allclose(probs.sum(0), torch.ones(()), atol=0.02)
+        written = load_volume(pred)
+        again = ensemble_labels([stored, stored], written.affine, written.shape)
+        assert (again == np.asarray(written.array)).mean() > 0.999, pred.name
+    weightless = tmp_path / "records"
+    shutil.copytree(out, weightless, ignore=shutil.ignore_patterns("*.pt"))
+    spec = importlib.util.spec_from_file_location("hippo_bench", REPO / "benchmarks" / "hippocampus.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    config = (weightless / "fold_0" / "config.yaml").read_text()
+    pooled = bench.cv_ensemble([weightless, out], Path(load_config(weightless / "fold_0" / "config.yaml").data.root),
+                               "cpu")
+    assert (weightless / "fold_0" / "config.yaml").read_text() == config and not list(weightless.rglob("*.pt"))
+    assert abs(pooled["mean"] - summary["pooled_dice"]["mean"]) < 2e-3, (pooled, summary["pooled_dice"])
+
+
+def test_save_probabilities_needs_folds(tmp_path):
+    proc = run_cli("train", REPO / "configs" / "hippocampus.yaml", "--save-probabilities",
+                   "--set", f"train.output_dir={tmp_path / 'run'}")
+    assert_clean_error(proc, "--save-probabilities", "--folds")
+    assert not (tmp_path / "run").exists()
 
 
 @pytest.mark.slow
@@ -353,3 +389,59 @@ def test_checkpoint_of_unaliased_dynunet_weights_packs_to_half_size(tmp_path):
     n = sum(p.numel() for p in build_model(cfg.model, 1, cfg.num_classes).parameters())
     assert ck.stat().st_size < 4.3 * n and packed.stat().st_size < 2.3 * n  # float32 and float16, stored once
     assert all(torch.equal(a, b) for a, b in zip(load_checkpoint(ck)["state_dict"].values(), unaliased.values()))
+
+
+def test_networks_of_different_widths_pack_into_one_ensemble(tmp_path):
+    """Members of one ensemble may be different networks, if they share labels, preprocessing and windows:
+    the packed file predicts the average of what each member predicts alone."""
+    from medseg.config import from_dict, to_dict
+    from medseg.inference.predictor import Predictor
+    from medseg.io.volume import Volume
+    from medseg.models.registry import build_model
+    from medseg.training.checkpoint import pack, save_checkpoint
+
+    base = {"labels": {0: "background", 1: "a", 2: "b"}, "patch": {"size": [32, 32, 32]},
+            "preprocess": {"spacing": None}, "inference": {"sw_batch_size": 1}}
+    paths, models = [], []
+    for width, name in ((4, "narrow"), (6, "wide")):
+        cfg = from_dict({**base, "model": {"name": "dynunet3d", "channels": [width, 2 * width, 4 * width],
+                                           "strides": [2, 2], "deep_supervision": 1}})
+        torch.manual_seed(width)
+        model = build_model(cfg.model, 1, 3).eval()
+        models.append(model)
+        paths.append(save_checkpoint(tmp_path / f"{name}.pt", model=model, cfg=cfg, epoch=1))
+    packed = pack(paths, tmp_path / "mixed.pt")
+    ck = load_checkpoint(packed)
+    assert ck["config"]["model"]["channels"] == [4, 8, 16] and ck["ensemble_models"][0]["channels"] == [6, 12, 24]
+    pred = Predictor(packed, device="cpu", amp=False)
+    assert [sum(p.numel() for p in n.parameters()) for n in pred.nets] \
+        == [sum(p.numel() for p in m.parameters()) for m in models]
+    x = torch.randn(1, 1, 32, 32, 32)
+    with torch.no_grad():
+        for net, model in zip(pred.nets, models):
+            ref = model(x)
+            assert (net(x) - ref).abs().max() < 0.02 * ref.abs().max()  # float16 storage
+    # the ensemble's labels are the argmax of the averaged member probabilities, on the input's grid
+    rng = np.random.default_rng(0)
+    affine = np.array([[0.0, 0, -1.2, 30], [0.9, 0, 0, -5], [0, 1.1, 0, 7], [0, 0, 0, 1]])
+    vol = Volume(rng.normal(size=(20, 24, 18)).astype(np.float32), affine)
+    alone = [Predictor(p, device="cpu", amp=False).processed_probabilities(vol)[0] for p in paths]
+    mixed, _ = pred.processed_probabilities(vol)
+    assert torch.allclose(torch.as_tensor(mixed), (torch.as_tensor(alone[0]) + torch.as_tensor(alone[1])) / 2,
+                          atol=0.02)
+    out = pred.predict_volume(vol)
+    assert out.shape == vol.shape and np.allclose(out.affine, vol.affine)
+    # a packed mixed ensemble packs again with its members' configs
+    assert load_checkpoint(pack([packed], tmp_path / "again.pt"))["ensemble_models"] == ck["ensemble_models"]
+    # members must see the same windows: a different patch size is refused, naming the setting
+    other = from_dict({**base, "patch": {"size": [48, 48, 48]}, "model": to_dict(from_dict(ck["config"]))["model"]})
+    odd = save_checkpoint(tmp_path / "odd.pt", model=models[0], cfg=other, epoch=1)
+    with pytest.raises(CheckpointError, match="differ in patch.size") as err:
+        pack([paths[0], odd], tmp_path / "bad.pt")
+    assert "odd.pt" in str(err.value)
+    # a member config that does not fit its weights is a clear error, not a traceback
+    payload = torch.load(packed, weights_only=True)
+    payload["ensemble_models"][0]["channels"] = [8, 16, 32]
+    torch.save(payload, tmp_path / "tampered.pt")
+    with pytest.raises(CheckpointError, match="do not fit"):
+        Predictor(tmp_path / "tampered.pt", device="cpu")

@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from medseg.config import Config, check_overlap
-from medseg.errors import ConfigError, InputNotFoundError, MedsegError, OutputError, UnknownModelError
+from medseg.config import Config, check_overlap, from_dict
+from medseg.errors import CheckpointError, ConfigError, InputNotFoundError, MedsegError, OutputError, UnknownModelError
 from medseg.inference.engine import (
     labels_on_source_grid,
     resolve_device,
@@ -21,7 +21,7 @@ from medseg.inference.engine import (
 from medseg.io.volume import Volume, check_writable_folder, load_volume, save_volume
 from medseg.models.registry import build_model, get_spec
 from medseg.postprocess import apply_postprocessing
-from medseg.training.checkpoint import config_from_checkpoint, load_checkpoint, predict_states
+from medseg.training.checkpoint import config_from_checkpoint, load_checkpoint, predict_models, predict_states
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 BUNDLED_MODELS = ASSETS / "models"
@@ -111,16 +111,30 @@ class Predictor:
         self.last_plan = None
         self.set_tta(self.cfg.inference.tta if tta is None else tta)  # None follows the model's inference.tta
         self.spec = get_spec(self.cfg.model.name)
-        # a packed cross-validation ensemble carries one state dict per fold; probabilities are averaged
+        # a packed ensemble carries one state dict per member (the folds of a cross-validation, or networks
+        # of different widths with their own model configs); their probabilities are averaged
         self.nets = []
-        for state in (predict_states(ck) if not exported else []):
-            net = build_model(self.cfg.model, 1, self.cfg.num_classes)
-            net.load_state_dict(state)
-            self.nets.append(net.to(self.device).eval())
+        if not exported:
+            for state, model_cfg in zip(predict_states(ck), predict_models(ck)):
+                self.nets.append(self._member(state, model_cfg, ck).to(self.device).eval())
         self.net = self.nets[0] if self.nets else None
         self.runner = self._make_runner(compile, threads)
         self.transforms = bounded_memory_transforms(inference_transforms(self.cfg))
         self.meta = {k: ck.get(k) for k in ("epoch", "best_metric", "val_dice")}
+
+    def _member(self, state: dict, model_cfg: dict, ck: dict) -> torch.nn.Module:
+        model = self.cfg.model if model_cfg == ck["config"]["model"] else \
+            from_dict({**ck["config"], "model": model_cfg}, source=str(self.model_path)).model
+        net = build_model(model, 1, self.cfg.num_classes)
+        try:
+            net.load_state_dict(state)
+        except RuntimeError as exc:
+            raise CheckpointError("model weights do not fit the network the file describes", path=self.model_path,
+                                  expected=f"weights of a {model.name} with channels {model.channels}",
+                                  found=(str(exc).strip().splitlines() or [""])[0][:160],
+                                  fix="the file is damaged or was altered; pack it again with 'medseg pack-model'") \
+                from None
+        return net
 
     def _make_runner(self, compile: bool, threads: int | None):
         from medseg.inference import backends
@@ -204,9 +218,14 @@ class Predictor:
         self.cfg.inference.tta = bool(on)
         self.tta_axes = sorted(set(self.cfg.augment.flip_axes)) if (on and self.cfg.augment.enabled) else []
 
-    def predict_volume(self, vol: Volume) -> Volume:
-        """Integer label volume with exactly ``vol``'s shape and affine."""
+    def predict_volume(self, vol: Volume, probabilities_to: str | Path | None = None) -> Volume:
+        """Integer label volume with exactly ``vol``'s shape and affine. ``probabilities_to``: also write the
+        class probabilities it is the argmax of (processed grid, see :mod:`medseg.inference.probabilities`)."""
         probs, image = self.processed_probabilities(vol)
+        if probabilities_to is not None:
+            from medseg.inference.probabilities import save_probabilities
+
+            save_probabilities(probabilities_to, probs, image.affine)
         dtype = np.uint8 if self.cfg.num_classes <= 256 else np.uint16
         labels = labels_on_source_grid(probs, image.affine, vol.affine, vol.shape, dtype=dtype)
         del probs, image

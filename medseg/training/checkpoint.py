@@ -123,6 +123,10 @@ def _check_schema(payload: dict, path: Path) -> None:
     if "ensemble_sha256" in payload and not (isinstance(payload["ensemble_sha256"], list)
                                              and all(isinstance(d, str) for d in payload["ensemble_sha256"])):
         problems.append("ensemble_sha256 is not a list of strings")
+    models = payload.get("ensemble_models")
+    if models is not None and not (isinstance(models, list) and all(isinstance(m, dict) for m in models)
+                                   and isinstance(members, list) and len(models) == len(members)):
+        problems.append("ensemble_models is not one model config per ensemble member")
     states = [payload.get("state_dict"), *(members if isinstance(members, list) else [])]
     member_scales = payload.get("ensemble_quant_scales") or []
     if not isinstance(member_scales, list):
@@ -228,6 +232,44 @@ def predict_states(payload: dict) -> list[dict]:
     return member_states(payload)
 
 
+def predict_models(payload: dict) -> list[dict]:
+    """The model config (``config['model']`` as a dict) of each state dict :func:`predict_states` returns."""
+    if "ema_state_dict" in payload:
+        return [payload["config"]["model"]]
+    return member_models(payload)
+
+
+def member_models(payload: dict) -> list[dict]:
+    """The model config of each member of :func:`member_states`: a packed ensemble of different networks
+    (``ensemble_models``) gives each member its own; otherwise every member is ``config['model']``."""
+    first = payload["config"]["model"]
+    return [first, *(payload.get("ensemble_models") or [first] * len(payload.get("ensemble", [])))]
+
+
+# what every member of an ensemble must share: they see the same preprocessed windows, predict the same
+# labels, and test-time augmentation mirrors them all along the same axes
+ENSEMBLE_SHARED = (("labels",), ("task",), ("modality",), ("preprocess",), ("patch", "size"),
+                   ("inference", "roi_size"), ("augment", "enabled"), ("augment", "flip_axes"))
+
+
+def _ensemble_mismatch(a: dict, b: dict) -> tuple[str, Any, Any] | None:
+    """The first setting of :data:`ENSEMBLE_SHARED` (or the model's dimensionality) two configs differ in."""
+    from medseg.models.registry import get_spec
+
+    def get(cfg: dict, keys: tuple) -> Any:
+        for k in keys:
+            cfg = cfg.get(k) if isinstance(cfg, dict) else None
+        return cfg
+
+    for keys in ENSEMBLE_SHARED:
+        if get(a, keys) != get(b, keys):
+            return ".".join(keys), get(a, keys), get(b, keys)
+    dims = [get_spec(c["model"]["name"]).dims for c in (a, b)]
+    if dims[0] != dims[1]:
+        return "model dimensions", f"{dims[0]}D", f"{dims[1]}D"
+    return None
+
+
 def member_states(payload: dict) -> list[dict]:
     """Float32 state dicts of a checkpoint: one, or one per member of a packed ensemble."""
     members = [payload["state_dict"], *payload.get("ensemble", [])]
@@ -239,8 +281,10 @@ def pack(checkpoint: str | Path | list, output: str | Path, *, postprocess: dict
          int8: bool = False, inference: list[str] | None = None) -> Path:
     """Compact predict-only copy of a checkpoint: float16 weights, config, labels, metrics.
 
-    Given several checkpoints of the same model config (the folds of ``medseg train --folds``),
-    writes one ensemble file whose predictions average the folds' probabilities.
+    Given several checkpoints (the folds of ``medseg train --folds``, or networks of different
+    widths or depths trained on the same preprocessing and labels), writes one ensemble file whose
+    predictions average the members' probabilities; members whose network differs from the first
+    carry their own model config (``ensemble_models``).
     ``postprocess`` replaces ``inference.postprocess`` in the packed config. ``int8`` stores
     convolution weights as int8 with a float scale per output channel (half the size again).
     ``inference``: ``inference.KEY=VALUE`` overrides of the packed config's prediction settings
@@ -253,10 +297,13 @@ def pack(checkpoint: str | Path | list, output: str | Path, *, postprocess: dict
     cks = [load_checkpoint(p) for p in paths]
     first = cks[0]
     for p, ck in zip(paths[1:], cks[1:]):
-        if ck["config"]["model"] != first["config"]["model"] or ck["config"]["labels"] != first["config"]["labels"]:
-            raise CheckpointError("cannot ensemble checkpoints of different models or labels", path=p,
-                                  expected=str(first["config"]["model"]), found=str(ck["config"]["model"]),
-                                  fix="pack only the folds of one 'medseg train --folds' run")
+        mismatch = _ensemble_mismatch(first["config"], ck["config"])
+        if mismatch:
+            key, want, got = mismatch
+            raise CheckpointError(f"cannot ensemble models that differ in {key}", path=p,
+                                  expected=f"{key}: {want} (as in {paths[0].name})", found=f"{key}: {got}",
+                                  fix="ensemble models trained with the same labels, preprocessing, patch size "
+                                      "and mirror axes (the network itself may differ)")
     config = copy.deepcopy(first["config"])  # the overrides below change nested sections in place
     if postprocess is not None:
         config["inference"] = {**config.get("inference", {}), "postprocess": postprocess}
@@ -272,6 +319,7 @@ def pack(checkpoint: str | Path | list, output: str | Path, *, postprocess: dict
         from_dict(config, source=f"{paths[0]} with --set")  # validates the new values
     store = quantize_int8 if int8 else (lambda st: (_half(st), None))
     stored = [store(st) for ck in cks for st in predict_states(ck)]  # packed ensembles contribute all members
+    models = [m for ck in cks for m in predict_models(ck)]
     state, scales = stored[0]
     keep = {k: first[k] for k in ("epoch", "best_metric", "best_epoch", "val_dice", "split") if k in first}
     if len(cks) > 1:  # an ensemble has seen every case any member trained or chose its epoch on
@@ -287,6 +335,8 @@ def pack(checkpoint: str | Path | list, output: str | Path, *, postprocess: dict
         payload["ensemble_sha256"] = [state_digest(_digest_view(m, q)) for m, q in stored[1:]]
         if int8:
             payload["ensemble_quant_scales"] = [q for _, q in stored[1:]]
+        if any(m != models[0] for m in models[1:]):
+            payload["ensemble_models"] = copy.deepcopy(models[1:])
     if len(cks) > 1:
         payload["folds"] = [{"best_metric": ck.get("best_metric"), "val_dice": ck.get("val_dice")} for ck in cks]
     buf = io.BytesIO()

@@ -22,6 +22,7 @@ import numpy as np
 from medseg.config import Config
 from medseg.data.datasets import kfold_split, training_pool
 from medseg.errors import CheckpointError, DataError, InputNotFoundError
+from medseg.inference.probabilities import SUFFIX as PROBS_SUFFIX
 from medseg.io.volume import atomic_write, load_volume, save_volume
 from medseg.postprocess import apply_postprocessing, choose_postprocessing, mean_dice_per_class
 
@@ -53,9 +54,11 @@ def _write_json(path: Path, data) -> None:
 
 
 def predict_fold_validation(cfg: Config, fold_dir: Path, *, device: str = "auto", progress: bool = True,
-                            checkpoint: str = "best.pt", out_name: str = "validation") -> dict:
+                            checkpoint: str = "best.pt", out_name: str = "validation",
+                            save_probabilities: bool = False) -> dict:
     """Predict every validation case of a fold with its ``checkpoint`` (``best.pt``; ``last.pt`` = the final
-    weights, EMA when kept) into ``fold_dir/out_name``, on the case's own grid; Dice per case."""
+    weights, EMA when kept) into ``fold_dir/out_name``, on the case's own grid; Dice per case.
+    ``save_probabilities``: also keep each case's probabilities (``CASE.probs.npz``), to ensemble later."""
     from medseg.inference.predictor import Predictor
     from medseg.progress import progress_bar
 
@@ -72,7 +75,8 @@ def predict_fold_validation(cfg: Config, fold_dir: Path, *, device: str = "auto"
     with progress_bar(f"validate fold {cfg.data.fold}", total=len(val_cases), enabled=progress) as advance:
         for case in val_cases:
             vol = load_volume(case.image)
-            pred = predictor.predict_volume(vol)
+            pred = predictor.predict_volume(vol, probabilities_to=out_dir / f"{case.name}{PROBS_SUFFIX}"
+                                            if save_probabilities else None)
             save_volume(pred, out_dir / f"{case.name}.nii.gz", reference=vol)
             ref = load_volume(case.label).array
             d = mean_dice_per_class([(np.asarray(pred.array), np.rint(ref).astype(np.int64))], classes)
@@ -150,8 +154,10 @@ def summarize(cfg: Config, folds: int) -> CVResult:
 
 
 def train_folds(cfg: Config, folds: int, *, only: int | None = None, resume: bool = False,
-                progress: bool = True, log=None) -> CVResult:
-    """Train folds ``0..folds-1`` (or only ``only``), predict their validation cases, then summarize."""
+                progress: bool = True, log=None, save_probabilities: bool = False) -> CVResult:
+    """Train folds ``0..folds-1`` (or only ``only``), predict their validation cases, then summarize.
+    ``save_probabilities``: keep the held-out cases' probabilities too, so that this run can be ensembled
+    with another over the same folds without their weights (``benchmarks/hippocampus.py --cv-ensemble``)."""
     from medseg.training.trainer import train
 
     if folds < 2:
@@ -175,5 +181,6 @@ def train_folds(cfg: Config, folds: int, *, only: int | None = None, resume: boo
         say(f"fold {f} of {folds}")
         train(fcfg, resume=resume and last.is_file(), progress=progress, log=log)
         if ctx.is_main:  # rank 0 predicts the fold's held-out cases
-            predict_fold_validation(fcfg, fdir, device=fcfg.train.device, progress=progress)
+            predict_fold_validation(fcfg, fdir, device=fcfg.train.device, progress=progress,
+                                    save_probabilities=save_probabilities)
     return summarize(cfg, folds) if ctx.is_main else CVResult(Path(cfg.train.output_dir), [])
