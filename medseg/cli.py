@@ -513,7 +513,7 @@ def models() -> None:
     """List registry architectures and bundled trained models."""
     from rich.table import Table
 
-    from medseg.inference.predictor import bundled_models
+    from medseg.inference.predictor import DEFAULT_MODEL, bundled_models
     from medseg.models.registry import MODELS
 
     con = _console(stderr=False)
@@ -525,9 +525,11 @@ def models() -> None:
     con.print(t)
     b = Table(title="bundled trained models (--model NAME)")
     b.add_column("name")
-    b.add_column("file")
+    b.add_column("size")
+    b.add_column("file (model card: same name, .md)")
     for name, path in bundled_models().items():
-        b.add_row(name, str(path))
+        b.add_row(name + (" (default)" if name == DEFAULT_MODEL else ""), f"{path.stat().st_size / 1e6:.1f} MB",
+                  str(path))
     con.print(b)
 
 

@@ -13,6 +13,9 @@ import torch
 
 REPO = Path(__file__).resolve().parent.parent
 TEST_DATA = Path(__file__).resolve().parent / "data"
+# the bundled single-network model: batch bookkeeping tests over many or whole-head volumes use it, since the
+# default model (an ensemble with mirror TTA) costs several times more per volume and the labels are not under test
+FAST_MODEL = ["--model", "hippocampus-fast"]
 SHARED = REPO.parent / "shared" / "data"
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
-from conftest import REPO, TEST_DATA, assert_clean_error, run_cli
+from conftest import FAST_MODEL, REPO, TEST_DATA, assert_clean_error, run_cli
 from dicom_helpers import BASIC_TEXT_SR, dataset
 from pydicom.uid import generate_uid
 
@@ -127,14 +127,14 @@ def test_batch_killed_midway_resumes_to_the_same_result(tmp_path):
             shutil.copy(f, root / f"k{k}_{f.name}")
     n = len(list(root.iterdir()))
     reference = tmp_path / "reference"
-    ref = run_cli("batch", root, "-o", reference, "--device", "cpu")
+    ref = run_cli("batch", root, "-o", reference, "--device", "cpu", *FAST_MODEL)
     assert ref.returncode == 0, ref.stderr[-3000:]
 
     out = tmp_path / "out"
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     for kill_after_rows in (3, 20):
-        proc = subprocess.Popen([sys.executable, "-m", "medseg", "batch", str(root), "-o", str(out), "--device", "cpu"],
-                                cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        proc = subprocess.Popen([sys.executable, "-m", "medseg", "batch", str(root), "-o", str(out), "--device", "cpu",
+                                 *FAST_MODEL], cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.time() + 120
         while time.time() < deadline:
             m = out / "manifest.jsonl"
@@ -145,7 +145,7 @@ def test_batch_killed_midway_resumes_to_the_same_result(tmp_path):
         proc.wait()
         rows = manifest_rows(out / "manifest.jsonl")  # always valid JSON, never a torn line
         assert kill_after_rows <= len(rows) < n, "the run must have been killed part-way"
-    final = run_cli("batch", root, "-o", out, "--device", "cpu")
+    final = run_cli("batch", root, "-o", out, "--device", "cpu", *FAST_MODEL)
     assert final.returncode == 0, final.stderr[-3000:]
     rows = manifest_rows(out / "manifest.jsonl")
     assert len(rows) == n and {r["status"] for r in rows} == {"done"}
@@ -177,7 +177,7 @@ def test_batch_on_the_shared_dicom_archive_with_kill(shared_data, tmp_path):
     out = tmp_path / "out"
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     proc = subprocess.Popen([sys.executable, "-m", "medseg", "batch", str(root), "-o", str(out), "--device", "cpu",
-                             "--overlap", "0"], cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                             "--overlap", "0", *FAST_MODEL], cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
         m = out / "manifest.jsonl"
@@ -187,7 +187,7 @@ def test_batch_on_the_shared_dicom_archive_with_kill(shared_data, tmp_path):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert len(manifest_rows(out / "manifest.jsonl")) < 11
-    final = run_cli("batch", root, "-o", out, "--device", "cpu", "--record-paths", "--overlap", "0")
+    final = run_cli("batch", root, "-o", out, "--device", "cpu", "--record-paths", "--overlap", "0", *FAST_MODEL)
     assert final.returncode == 0, final.stderr[-3000:]
     rows = manifest_rows(out / "manifest.jsonl")
     status = by_status(rows)

@@ -34,6 +34,7 @@ def test_help_does_not_import_torch():
 def test_models_lists_registry():
     out = run_cli("models")
     assert out.returncode == 0 and "unet3d" in out.stdout and "unet2d" in out.stdout
+    assert "hippocampus (default)" in out.stdout and "hippocampus-fast" in out.stdout
 
 
 def test_predict_missing_input(tmp_path):

@@ -25,12 +25,12 @@ import numpy as np
 import pydicom
 import pytest
 from bad_inputs import good_nifti
-from conftest import REPO, TEST_DATA, run_cli
+from conftest import FAST_MODEL, REPO, TEST_DATA, run_cli
 from pydicom.uid import generate_uid
 
 VOLATILE = {"load_s", "predict_s", "write_s", "finished_at"}
 FORMATS = ["--format", "nifti", "--format", "seg.nrrd", "--format", "dicom-seg"]
-FAST = ["--overlap", "0"]  # one window per tile: the bookkeeping is under test, not the labels' edges
+FAST = ["--overlap", "0", *FAST_MODEL]  # one window per tile, one network: the bookkeeping is under test
 
 
 def _copy_series(src: Path, dst: Path, k: int) -> None:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from conftest import TEST_DATA, run_cli
+from conftest import FAST_MODEL, TEST_DATA, run_cli
 from pydicom.uid import generate_uid
 
 from medseg.privacy import anonymize_dataset, path_token, pseudonym, redact
@@ -82,9 +82,9 @@ def _run_and_check(tmp_path: Path, shared: Path | None) -> Path:
     os.environ.update(env_key)
     try:
         proc = run_cli("batch", root, "-o", out, "--device", "cpu", "--format", "nifti", "--format", "seg.nrrd",
-                       "--format", "dicom-seg", "--anonymize")
+                       "--format", "dicom-seg", "--anonymize", *FAST_MODEL)
         rerun = run_cli("batch", root, "-o", out, "--device", "cpu", "--format", "nifti", "--format", "seg.nrrd",
-                        "--format", "dicom-seg", "--anonymize")  # retries the failed series: more log lines
+                        "--format", "dicom-seg", "--anonymize", *FAST_MODEL)  # retries the failed series: more log lines
         inspect = run_cli("inspect", root)
     finally:
         for k, v in old.items():

@@ -29,7 +29,7 @@ DEFAULT_MODEL = "hippocampus"
 
 
 def bundled_models() -> dict[str, Path]:
-    return {p.stem: p for p in sorted(BUNDLED_MODELS.glob("*.pt"))}
+    return {p.stem: p for p in sorted(BUNDLED_MODELS.glob("*.pt"), key=lambda p: p.stem)}
 
 
 def resolve_model(ref: str | Path | None) -> Path:
