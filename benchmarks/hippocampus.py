@@ -71,7 +71,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", action="append", default=[], help="checkpoint or bundled name (default: bundled "
                     "hippocampus); repeat to compare models in one table on the first one's held-out cases")
-    ap.add_argument("--tta", action="store_true", help="also score each model with mirror test-time augmentation")
+    ap.add_argument("--tta", action="store_true", help="score each model without and with mirror test-time "
+                    "augmentation (default: each model's own inference.tta only)")
     ap.add_argument("--cv", action="append", default=[], help="a 'medseg train --folds' folder: print its pooled "
                     "cross-validation Dice (repeatable)")
     ap.add_argument("--cv-final", action="append", default=[], help="a 'medseg train --folds' folder: predict each "
@@ -149,7 +150,7 @@ def compare_models(models: list, args, data: Path, train_seconds) -> int:
             print(f"{ref} was trained on {len(trained_on & set(names))} of the held-out cases; "
                   "compare models trained on the same split", file=sys.stderr)
             return 2
-        for tta in ([False, True] if args.tta else [False]):
+        for tta in ([False, True] if args.tta else [bool(pred.cfg.inference.tta)]):  # else the model's own setting
             pred.set_tta(tta)
             results.append(score(pred, names, data, tta, train_seconds if ref == models[0] else None, evaluate))
     print(f"held-out cases: {len(names)} (never trained on by any model below; from {first.model_path.name})")
