@@ -58,7 +58,7 @@ def main() -> int:
     ct = Volume(rng.normal(0, 1, (512, 512, 300)).astype(np.float32), np.diag([0.8, 0.8, 1.0, 1.0]))
     for amp in (False, True):
         key = "amp_fp16" if amp else "fp32"
-        pred = Predictor(device="cuda", amp=amp)
+        pred = Predictor("hippocampus-fast", device="cuda", amp=amp)
         pred.predict_volume(hippo)  # warm-up
         t = timed(lambda: pred.predict_volume(hippo), 20)
         res[f"hippocampus_predict_s_{key}"] = round(t, 4)
@@ -79,7 +79,7 @@ def main() -> int:
     # memory planner's choice for the CT volume; a failure is recorded, the other checks still run
     for key, kw in (("amp_bf16", {"amp": True, "amp_dtype": "bf16"}), ("compile_fp16", {"amp": True, "compile": True})):
         try:
-            pred = Predictor(device="cuda", **kw)
+            pred = Predictor("hippocampus-fast", device="cuda", **kw)
             t0 = time.perf_counter()
             pred.predict_volume(hippo)  # warm-up (compilation happens here)
             res[f"hippocampus_first_call_s_{key}"] = round(time.perf_counter() - t0, 2)

@@ -1,6 +1,6 @@
 """Peak resident memory of ``medseg predict`` on a CT-size volume with a 3D model.
 
-    python benchmarks/memory_ct.py                          # 512x512x600, bundled 3D model, torch backend
+    python benchmarks/memory_ct.py                          # 512x512x600, bundled hippocampus-fast, torch backend
     python benchmarks/memory_ct.py --backend onnxruntime --overlap 0.25
 
 Writes a synthetic int16 CT volume (HU-like noise with a few bright blobs, 0.8x0.8x1.0 mm, so
@@ -49,7 +49,7 @@ def write_ct(path: Path, shape) -> None:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shape", default="512,512,600")
-    ap.add_argument("--model", default="hippocampus")
+    ap.add_argument("--model", default="hippocampus-fast")
     ap.add_argument("--backend", default="torch")
     ap.add_argument("--overlap", type=float, default=0.0)
     ap.add_argument("--json", default=None, help="also write the figures here")

@@ -88,7 +88,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("input")
     ap.add_argument("output")
-    ap.add_argument("--model", default=str(REPO / "medseg" / "assets" / "models" / "hippocampus.pt"))
+    ap.add_argument("--model", default=str(REPO / "medseg" / "assets" / "models" / "hippocampus-fast.pt"))
     ap.add_argument("--overlap", type=float, default=0.5)
     args = ap.parse_args(argv)
     src = Path(args.input)

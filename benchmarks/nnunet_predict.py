@@ -97,7 +97,7 @@ def compare(work: Path, venv: Path, n: int, repeats: int, tta_repeats: int, out_
         py = sys.executable
         from medseg.inference.export import export_model
 
-        onnx_path = export_model("hippocampus", tmp / "hippocampus.onnx", "onnx")
+        onnx_path = export_model("hippocampus-fast", tmp / "hippocampus.onnx", "onnx")
         nn = [str(venv / "bin" / "nnUNetv2_predict"), "-i", str(nn_in), "-d", "4", "-c", "3d_fullres", "-f", "0",
               "-device", "cpu", "-npp", "1", "-nps", "1", "-o"]
         cmds = {

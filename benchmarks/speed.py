@@ -3,7 +3,7 @@
     python benchmarks/speed.py                      # all three cases, 2 repeats, JSON to speed.json
     python benchmarks/speed.py --cases hippo,batch --hippo 20
 
-Both tools run the same network with the same weights (the bundled hippocampus model) and the
+Both tools run the same network with the same weights (the bundled hippocampus-fast model) and the
 same preprocessing; every timing is load + preprocess + infer + map back + write. Runs of the
 tools alternate (A B B A …) so that a busy machine slows both alike; medians are reported.
 
@@ -110,7 +110,7 @@ def main(argv=None) -> int:
     from medseg.inference.export import export_model
     from medseg.inference.predictor import Predictor
 
-    model_pt = REPO / "medseg" / "assets" / "models" / "hippocampus.pt"
+    model_pt = REPO / "medseg" / "assets" / "models" / "hippocampus-fast.pt"  # one network, as plain MONAI runs it
     res: dict = {"machine": machine(), "date": time.strftime("%Y-%m-%d"), "cases": {}}
     print(res["machine"], flush=True)
     with tempfile.TemporaryDirectory() as tmp:
