@@ -280,7 +280,7 @@ def test_int8_pack_is_smaller_and_predicts_the_same_labels(tmp_path, hippo_data)
     from medseg.io import load_volume
     from medseg.training.checkpoint import pack
 
-    bundled = resolve_model("hippocampus")
+    bundled = resolve_model("hippocampus-fast")  # one network: packed twice, a two-member ensemble
     half = pack([bundled, bundled], tmp_path / "half.pt")
     small = pack([bundled, bundled], tmp_path / "int8.pt", int8=True)
     assert small.stat().st_size < 0.6 * half.stat().st_size
