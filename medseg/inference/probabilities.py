@@ -3,11 +3,13 @@
 ``medseg train --folds K --save-probabilities`` writes, next to each out-of-fold prediction,
 the probabilities it was the argmax of: on the processed grid (after reorientation and
 resampling, where a packed ensemble averages its members), foreground classes only, as
-16-bit fractions of one (8 bits flipped the argmax of near-ties), cropped to the box where
-any foreground class reaches 1/65535. Averaging the stored probabilities of several runs
-over the same folds, then mapping the argmax back to each case's grid, is what packing
-those runs' fold models into one ensemble would predict, to within that rounding and the
-float16 weights a packed file keeps.
+8-bit fractions of one, cropped to the box where any foreground class reaches 1/255: about
+5 KB per hippocampus case. Averaging the stored probabilities of several runs over the same
+folds, then mapping the argmax back to each case's grid, is what packing those runs' fold
+models into one ensemble would predict, to within that rounding and the float16 weights a
+packed file keeps. The rounding moved the argmax of 17 of 2.3 million voxels on the 39
+held-out cases of a trained hippocampus fold (16-bit storage took 18 times the space); an
+untrained network, whose classes are near-ties everywhere, loses more.
 """
 
 from __future__ import annotations
@@ -21,13 +23,13 @@ from medseg.errors import InputNotFoundError
 from medseg.io.volume import atomic_write
 
 SUFFIX = ".probs.npz"
-SCALE = 65535  # stored value of probability one
+SCALE = 255  # stored value of probability one (the file records the scale it was written with)
 
 
 def save_probabilities(path: str | Path, probs, affine) -> Path:
     """Write channel-first probabilities ``(C, X, Y, Z)`` on the grid ``affine`` (channel 0 background)."""
     p = np.asarray(probs.as_tensor() if hasattr(probs, "as_tensor") else probs, dtype=np.float32)
-    fg = np.rint(np.clip(p[1:], 0.0, 1.0) * SCALE).astype(np.uint16)
+    fg = np.rint(np.clip(p[1:], 0.0, 1.0) * SCALE).astype(np.uint8)
     hit = np.argwhere(fg.max(axis=0) > 0)
     lo = hit.min(axis=0) if len(hit) else np.zeros(3, dtype=np.int64)
     hi = hit.max(axis=0) + 1 if len(hit) else np.zeros(3, dtype=np.int64)
@@ -36,7 +38,7 @@ def save_probabilities(path: str | Path, probs, affine) -> Path:
     def write(tmp):
         with open(tmp, "wb") as fh:
             np.savez_compressed(fh, foreground=box, offset=lo.astype(np.int64), shape=np.asarray(p.shape[1:]),
-                                affine=np.asarray(affine, dtype=np.float64))
+                                affine=np.asarray(affine, dtype=np.float64), scale=np.asarray(SCALE))
 
     return atomic_write(path, write)
 
@@ -50,8 +52,9 @@ def load_probabilities(path: str | Path) -> tuple[torch.Tensor, np.ndarray]:
                                  fix="train the folds with --save-probabilities, or ensemble their weights instead")
     with np.load(path) as z:
         box, lo, shape, affine = z["foreground"], z["offset"], tuple(int(s) for s in z["shape"]), z["affine"]
+        scale = np.float32(z["scale"]) if "scale" in z.files else np.float32(65535)
     fg = np.zeros((box.shape[0], *shape), dtype=np.float32)
-    fg[(slice(None), *(slice(int(a), int(a) + n) for a, n in zip(lo, box.shape[1:])))] = box / np.float32(SCALE)
+    fg[(slice(None), *(slice(int(a), int(a) + n) for a, n in zip(lo, box.shape[1:])))] = box / scale
     bg = np.clip(1.0 - fg.sum(axis=0, keepdims=True), 0.0, 1.0)
     return torch.from_numpy(np.concatenate([bg, fg])), affine
 
