@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from medseg.errors import InputNotFoundError
+from medseg.errors import DataError, InputNotFoundError
 from medseg.io.volume import atomic_write
 
 SUFFIX = ".probs.npz"
@@ -52,7 +52,7 @@ def load_probabilities(path: str | Path) -> tuple[torch.Tensor, np.ndarray]:
                                  fix="train the folds with --save-probabilities, or ensemble their weights instead")
     with np.load(path) as z:
         box, lo, shape, affine = z["foreground"], z["offset"], tuple(int(s) for s in z["shape"]), z["affine"]
-        scale = np.float32(z["scale"]) if "scale" in z.files else np.float32(65535)
+        scale = np.float32(z["scale"])
     fg = np.zeros((box.shape[0], *shape), dtype=np.float32)
     fg[(slice(None), *(slice(int(a), int(a) + n) for a, n in zip(lo, box.shape[1:])))] = box / scale
     bg = np.clip(1.0 - fg.sum(axis=0, keepdims=True), 0.0, 1.0)
@@ -61,7 +61,6 @@ def load_probabilities(path: str | Path) -> tuple[torch.Tensor, np.ndarray]:
 
 def ensemble_labels(paths: list[str | Path], source_affine, source_shape, dtype=np.uint8) -> np.ndarray:
     """Labels on a case's own grid from the mean of several stored probabilities of it (same processed grid)."""
-    from medseg.errors import DataError
     from medseg.inference.engine import labels_on_source_grid
 
     total, affine = None, None
