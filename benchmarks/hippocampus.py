@@ -114,12 +114,14 @@ def main(argv=None) -> int:
             return code
     for cv in args.cv_final:
         cv_final(Path(cv), data, args.device)
+    ensemble = {}
     if len(args.cv_ensemble) > 1:
-        cv_ensemble([Path(cv) for cv in args.cv_ensemble], data, args.device)
+        ensemble = cv_ensemble([Path(cv) for cv in args.cv_ensemble], data, args.device)
     for cv in args.cv:
         print_cv(Path(cv))
-    if len(args.cv) > 1:
-        compare_cv([Path(cv) for cv in args.cv])
+    extra = [ensemble] if ensemble.get("complete") else []  # a finished ensemble joins the recipes' table
+    if args.cv and len(args.cv) + len(extra) > 1:
+        compare_cv([Path(cv) for cv in args.cv], extra)
     return 0
 
 
@@ -230,18 +232,22 @@ def cv_ensemble(cvs: list[Path], data: Path, device: str) -> dict:
         print("no fold finished in every run")
         return {}
     pooled = pooled_dice(pairs, cfg)
-    print(f"per-fold ensemble of {', '.join(map(str, cvs))}: {len(done)} of {len(folds)} folds, {len(pairs)} cases, "
+    row = {"name": "ensemble of " + " + ".join(cv.name for cv in cvs), "recipe": " + ".join(map(_recipe, cvs)),
+           "cases": len(pairs), "folds": _folds_key(cvs[0]), "pooled": pooled, "post": pooled,
+           "complete": len(done) == cfg.data.folds}  # every fold the config splits into, not only those on disk
+    print(f"per-fold ensemble of {', '.join(map(str, cvs))}: {len(done)} of {cfg.data.folds} folds, {len(pairs)} cases, "
           f"{' / '.join(sorted(how))}, TTA {'on' if cfg.inference.tta else 'off'} (as {cvs[0]} predicted)")
     print(f"{'':<28}" + " ".join(f"{c + ' Dice':>15}" for c in pooled if c != "mean") + f" {'mean Dice':>10}")
     print(f"{'pooled, ensemble':<28}" + " ".join(f"{v:>15.4f}" for v in pooled.values()))
     result = {"cv_ensemble": [str(c) for c in cvs], "pooled_dice": {k: round(v, 4) for k, v in pooled.items()}}
-    if len(done) == len(folds):  # postprocessing chosen on the ensemble's own out-of-fold predictions
+    if row["complete"]:  # postprocessing chosen on the ensemble's own out-of-fold predictions
         _, chosen, post, _ = pool_and_choose_postprocessing(pairs, cfg)
         name = f"pooled + {'+'.join(chosen) or 'no postprocessing'}"[:28]
         print(f"{name:<28}" + " ".join(f"{post[c]:>15.4f}" for c in pooled))
         result.update(postprocess=chosen, pooled_dice_postprocessed=post)
+        row["post"] = post
     print(json.dumps(result))
-    return pooled
+    return row
 
 
 def _ensemble_stored_fold(cases: list, stored: list[list[Path]]) -> list:
@@ -283,27 +289,48 @@ def print_cv(cv: Path) -> None:
         print(f"{name:<28}" + " ".join(f"{d[c]:>15.4f}" for c in classes) + f" {d['mean']:>10.4f}")
 
 
-def compare_cv(cvs: list[Path]) -> None:
-    """Pooled out-of-fold Dice of several cross-validations in one table, each against the first one."""
+def _recipe(cv: Path) -> str:
     import yaml
 
+    cfg = yaml.safe_load((cv / "fold_0" / "config.yaml").read_text())
+    m = cfg["model"]
+    width = f" {m['channels'][0]}-{m['channels'][-1]}" if m.get("channels") else ""
+    recipe = f"{m['name']}{width} {cfg['train']['epochs']} ep"
+    if (cfg["train"].get("amp_dtype") or "") == "bf16":
+        recipe += " bf16"
+    if (cfg.get("inference") or {}).get("tta"):
+        recipe += ", TTA"
+    return recipe
+
+
+def _folds_key(cv: Path) -> tuple:
+    """What decides a cross-validation's folds: data folder, seed, set-aside share and fold count."""
+    import yaml
+
+    d = yaml.safe_load((cv / "fold_0" / "config.yaml").read_text())["data"]
+    return Path(d["root"]).name, d.get("seed"), d.get("test_fraction"), d.get("folds")
+
+
+def compare_cv(cvs: list[Path], extra: list[dict] = ()) -> None:
+    """Pooled out-of-fold Dice of several cross-validations (and finished --cv-ensemble rows) in one table, each
+    against the first one; a gain is printed only over the same folds (same data, seed, set-aside share, K)."""
     print(f"cross-validated recipes, pooled out-of-fold Dice (gain against {cvs[0]})")
     rows = []
     for cv in cvs:
         summary = json.loads((cv / "cv_summary.json").read_text())
-        cfg = yaml.safe_load((cv / "fold_0" / "config.yaml").read_text())
-        recipe = f"{cfg['model']['name']} {cfg['train']['epochs']} ep, patch {'x'.join(map(str, cfg['patch']['size']))}"
-        if (cfg.get("inference") or {}).get("tta"):
-            recipe += ", TTA"
-        rows.append((cv.name, recipe, summary["cases"], summary["pooled_dice"], summary["pooled_dice_postprocessed"]))
-    classes = [k for k in rows[0][3] if k != "mean"]
-    print(f"{'folder':<20} {'recipe':<40} {'cases':>5} " + " ".join(f"{c + ' Dice':>15}" for c in classes)
+        rows.append({"name": cv.name, "recipe": _recipe(cv), "cases": summary["cases"], "folds": _folds_key(cv),
+                     "pooled": summary["pooled_dice"], "post": summary["pooled_dice_postprocessed"]})
+    rows += list(extra)
+    base = rows[0]
+    classes = [k for k in base["pooled"] if k != "mean"]
+    print(f"{'folder':<32} {'recipe':<44} {'cases':>5} " + " ".join(f"{c + ' Dice':>15}" for c in classes)
           + f" {'mean Dice':>10} {'+postproc':>10} {'gain':>7}")
-    for name, recipe, cases, pooled, post in rows:
-        # a gain only means something over the same cases (same data, seed and set-aside share: same folds)
-        gain = f"{pooled['mean'] - rows[0][3]['mean']:>+7.4f}" if cases == rows[0][2] else f"{'n/a':>7}"
-        print(f"{name[:20]:<20} {recipe[:40]:<40} {cases:>5} " + " ".join(f"{pooled[c]:>15.4f}" for c in classes)
-              + f" {pooled['mean']:>10.4f} {post['mean']:>10.4f} {gain}")
+    for r in rows:
+        same = r["cases"] == base["cases"] and r["folds"] == base["folds"]
+        gain = f"{r['pooled']['mean'] - base['pooled']['mean']:>+7.4f}" if same else f"{'n/a':>7}"
+        print(f"{r['name'][:32]:<32} {r['recipe'][:44]:<44} {r['cases']:>5} "
+              + " ".join(f"{r['pooled'][c]:>15.4f}" for c in classes)
+              + f" {r['pooled']['mean']:>10.4f} {r['post']['mean']:>10.4f} {gain}")
 
 
 if __name__ == "__main__":

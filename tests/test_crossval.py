@@ -195,10 +195,12 @@ def _check_stored_probabilities(out: Path, tmp_path: Path, summary: dict) -> Non
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     config = (weightless / "fold_0" / "config.yaml").read_text()
-    pooled = bench.cv_ensemble([weightless, out], Path(load_config(weightless / "fold_0" / "config.yaml").data.root),
-                               "cpu")
+    row = bench.cv_ensemble([weightless, out], Path(load_config(weightless / "fold_0" / "config.yaml").data.root),
+                            "cpu")
     assert (weightless / "fold_0" / "config.yaml").read_text() == config and not list(weightless.rglob("*.pt"))
-    assert abs(pooled["mean"] - summary["pooled_dice"]["mean"]) < 2e-3, (pooled, summary["pooled_dice"])
+    assert row["complete"] and row["cases"] == summary["cases"]
+    assert abs(row["pooled"]["mean"] - summary["pooled_dice"]["mean"]) < 2e-3, (row, summary["pooled_dice"])
+    bench.compare_cv([out], [row])  # a finished ensemble is a row of the recipes' table, its gain over the same folds
 
 
 def test_save_probabilities_needs_folds(tmp_path):
