@@ -53,6 +53,38 @@ def test_chunked_labels_equal_resampled_argmax(name):
     assert (got == ref).mean() > 0.999
 
 
+@pytest.mark.parametrize("name", ["oblique", "flipped", "anisotropic"])
+@pytest.mark.parametrize("dtype", [torch.int16, torch.float32])
+def test_slab_resampling_equals_one_spacingd(name, dtype, monkeypatch):
+    """ChunkedSpacingd, forced into many slabs, gives MONAI's whole-volume Spacingd grid and values."""
+    from monai.data import MetaTensor
+    from monai.transforms import Spacingd
+
+    from medseg.inference import memory
+
+    shape, affine = GEOMETRIES[name]
+    monkeypatch.setattr(memory, "CHUNKED_RESAMPLE_VOXELS", 100)
+    monkeypatch.setattr(memory, "SLAB_VOXELS", 300)
+    img = MetaTensor((torch.randn(1, *shape) * 100).to(dtype), affine=torch.as_tensor(affine))
+    whole = Spacingd(["image"], pixdim=(0.8, 1.0, 1.2), mode="bilinear")
+    ref = whole({"image": img})["image"]
+    got = memory.ChunkedSpacingd(whole)({"image": img})["image"]
+    assert got.shape == ref.shape and ref.shape[3] > 3  # several slabs along the last axis
+    assert torch.allclose(got.affine.double(), ref.affine.double(), atol=1e-6)
+    assert torch.allclose(got.as_tensor().float(), ref.as_tensor().float(), atol=1e-3, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_channel_argmax_equals_argmax_with_ties(dtype):
+    from medseg.inference.engine import channel_argmax
+
+    v = (torch.rand(4, 30, 20, 10) * 4).round().to(dtype)  # many ties: the lower channel wins, as argmax's
+    assert torch.equal(channel_argmax(v).long(), v.argmax(0))
+    s = v.permute(0, 3, 1, 2)[:, :, 5:]  # a strided view
+    assert torch.equal(channel_argmax(s).long(), s.argmax(0))
+    assert channel_argmax(v[:1]).eq(0).all()
+
+
 def test_plan_small_and_ct_volumes():
     cfg = Config(name="t", labels={0: "bg", 1: "a", 2: "b"})
     cfg.preprocess.spacing = [1.0, 1.0, 1.0]
