@@ -172,7 +172,7 @@ def cv_final(cv: Path, data: Path, device: str) -> dict:
     from medseg.config import load_config
     from medseg.training.crossval import predict_fold_validation
 
-    folds = sorted((p for p in cv.glob("fold_*") if p.is_dir()), key=lambda p: int(p.name.split("_")[1]))
+    folds = _fold_dirs(cv)
     per_case, epochs = {}, []
     for fdir in folds:
         cfg = load_config(fdir / "config.yaml", [f"data.root={data}"])
@@ -209,7 +209,7 @@ def cv_ensemble(cvs: list[Path], data: Path, device: str) -> dict:
     from medseg.inference.probabilities import SUFFIX
     from medseg.training.crossval import pool_and_choose_postprocessing, pooled_dice, read_fold_pairs
 
-    folds = sorted((p for p in cvs[0].glob("fold_*") if p.is_dir()), key=lambda p: int(p.name.split("_")[1]))
+    folds = _fold_dirs(cvs[0])
     tag = "ensemble_" + "_".join(cv.name for cv in cvs[1:])
     done, pairs, how = [], [], set()
     for fdir in folds:
@@ -232,8 +232,9 @@ def cv_ensemble(cvs: list[Path], data: Path, device: str) -> dict:
         print("no fold finished in every run")
         return {}
     pooled = pooled_dice(pairs, cfg)
-    row = {"name": "ensemble of " + " + ".join(cv.name for cv in cvs), "recipe": " + ".join(map(_recipe, cvs)),
-           "cases": len(pairs), "folds": _folds_key(cvs[0]), "pooled": pooled, "post": pooled,
+    first = [_first_fold_config(cv) for cv in cvs]
+    row = {"name": "ensemble of " + " + ".join(cv.name for cv in cvs), "recipe": " + ".join(map(_recipe, first)),
+           "cases": len(pairs), "folds": _folds_key(first[0]), "pooled": pooled, "post": pooled,
            "complete": len(done) == cfg.data.folds}  # every fold the config splits into, not only those on disk
     print(f"per-fold ensemble of {', '.join(map(str, cvs))}: {len(done)} of {cfg.data.folds} folds, {len(pairs)} cases, "
           f"{' / '.join(sorted(how))}, TTA {'on' if cfg.inference.tta else 'off'} (as {cvs[0]} predicted)")
@@ -289,10 +290,19 @@ def print_cv(cv: Path) -> None:
         print(f"{name:<28}" + " ".join(f"{d[c]:>15.4f}" for c in classes) + f" {d['mean']:>10.4f}")
 
 
-def _recipe(cv: Path) -> str:
+def _fold_dirs(cv: Path) -> list[Path]:
+    """The ``fold_I`` folders of a 'medseg train --folds' run, in fold order."""
+    return sorted((p for p in cv.glob("fold_*") if p.is_dir()), key=lambda p: int(p.name.split("_")[1]))
+
+
+def _first_fold_config(cv: Path) -> dict:
+    """The resolved config of a run's first fold on disk (every fold shares it but for ``data.fold``)."""
     import yaml
 
-    cfg = yaml.safe_load((cv / "fold_0" / "config.yaml").read_text())
+    return yaml.safe_load((_fold_dirs(cv)[0] / "config.yaml").read_text())
+
+
+def _recipe(cfg: dict) -> str:
     m = cfg["model"]
     width = f" {m['channels'][0]}-{m['channels'][-1]}" if m.get("channels") else ""
     recipe = f"{m['name']}{width} {cfg['train']['epochs']} ep"
@@ -303,11 +313,9 @@ def _recipe(cv: Path) -> str:
     return recipe
 
 
-def _folds_key(cv: Path) -> tuple:
+def _folds_key(cfg: dict) -> tuple:
     """What decides a cross-validation's folds: data folder, seed, set-aside share and fold count."""
-    import yaml
-
-    d = yaml.safe_load((cv / "fold_0" / "config.yaml").read_text())["data"]
+    d = cfg["data"]
     return Path(d["root"]).name, d.get("seed"), d.get("test_fraction"), d.get("folds")
 
 
@@ -317,8 +325,8 @@ def compare_cv(cvs: list[Path], extra: list[dict] = ()) -> None:
     print(f"cross-validated recipes, pooled out-of-fold Dice (gain against {cvs[0]})")
     rows = []
     for cv in cvs:
-        summary = json.loads((cv / "cv_summary.json").read_text())
-        rows.append({"name": cv.name, "recipe": _recipe(cv), "cases": summary["cases"], "folds": _folds_key(cv),
+        summary, cfg = json.loads((cv / "cv_summary.json").read_text()), _first_fold_config(cv)
+        rows.append({"name": cv.name, "recipe": _recipe(cfg), "cases": summary["cases"], "folds": _folds_key(cfg),
                      "pooled": summary["pooled_dice"], "post": summary["pooled_dice_postprocessed"]})
     rows += list(extra)
     base = rows[0]
