@@ -44,6 +44,23 @@ def test_zscore_nonzero_keeps_background():
     assert abs(float(t.mean())) < 1e-5
 
 
+@pytest.mark.parametrize("nonzero", [True, False])
+def test_zscore_slab_statistics_equal_float64_reference(nonzero):
+    """Volumes too large for one pass get slab-wise statistics; they must match a float64 reference."""
+    rng = np.random.default_rng(2)
+    img = rng.normal(-600, 400, (1, 30, 31, 37)).astype(np.float32)  # CT-like: far from zero mean
+    img[..., :9] = 0  # whole slabs without foreground, and a partial one
+    img[0, :5, :, 9] = 0
+    z = ZScore(nonzero=nonzero)
+    z.one_pass_voxels, z.slab_voxels = 1000, 4 * 30 * 31  # force slabs of 4 slices on a small volume
+    out = z(torch.as_tensor(img)).numpy()
+    sel = img != 0 if nonzero else np.ones(img.shape, bool)
+    ref = img.astype(np.float64)
+    mean, std = ref[sel].mean(), ref[sel].std()
+    expected = np.where(sel, (ref - mean) / std, 0.0)
+    np.testing.assert_allclose(out, expected, rtol=0, atol=1e-5)
+
+
 def test_percentile_norm_clips_outliers():
     img = np.random.default_rng(1).normal(0, 1, (20, 20, 20)).astype(np.float32)
     img[0, 0, 0] = 1e6

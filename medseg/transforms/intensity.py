@@ -63,8 +63,39 @@ class CTWindow(Transform):
         return out.clamp(0.0, 1.0) if isinstance(out, torch.Tensor) else np.clip(out, 0.0, 1.0)
 
 
+def _slab_mean_std(plain: torch.Tensor, mask: torch.Tensor | None, slab_voxels: int) -> tuple[float, float]:
+    """Mean and population std over ``mask`` (or all voxels) in one pass of last-axis slabs.
+
+    Each slab gives its count, mean and sum of squared deviations, summed in float64; slabs are
+    merged with Chan's pairwise update, so no float64 copy of the volume and no boolean-indexed
+    copies are made (the two-pass version indexed every slab twice, about 3x slower on a CT).
+    """
+    step = max(1, slab_voxels // max(1, int(np.prod(plain.shape[:-1]))))
+    n, mean, m2 = 0, 0.0, 0.0
+    for a in range(0, plain.shape[-1], step):
+        x = plain[..., a:a + step]
+        m = mask[..., a:a + step] if mask is not None else None
+        k = int(m.sum()) if m is not None else x.numel()
+        if k == 0:
+            continue
+        xm = torch.where(m, x, 0.0) if m is not None else x.clone()
+        mu = float(xm.sum(dtype=torch.float64)) / k
+        d = xm.sub_(mu)
+        if m is not None:
+            d.mul_(m)
+        q = float(d.square_().sum(dtype=torch.float64))
+        delta, total = mu - mean, n + k
+        mean += delta * k / total
+        m2 += q + delta * delta * n * k / total
+        n = total
+    return mean, float(np.sqrt(m2 / n))
+
+
 class ZScore(Transform):
     """Zero mean, unit variance; over non-zero voxels only when ``nonzero`` (zeros stay zero)."""
+
+    one_pass_voxels = 1 << 24  # above this, statistics are gathered slab by slab ...
+    slab_voxels = 1 << 22  # ... of about this many voxels
 
     def __init__(self, nonzero: bool = True, eps: float = 1e-8) -> None:
         self.nonzero = nonzero
@@ -96,20 +127,11 @@ class ZScore(Transform):
         count = int(mask.sum()) if mask is not None else plain.numel()
         if count == 0:
             return img * 0
-        if plain.numel() <= 1 << 24:  # small: one pass, as the numpy path computes it
+        if plain.numel() <= self.one_pass_voxels:  # small: one pass, as the numpy path computes it
             vals = plain[mask] if mask is not None else plain.reshape(-1)
             mean, std = float(vals.mean()), float(vals.std(unbiased=False))
         else:
-            step = max(1, (1 << 22) // max(1, int(np.prod(plain.shape[:-1]))))
-            slabs = [(a, min(a + step, plain.shape[-1])) for a in range(0, plain.shape[-1], step)]
-
-            def values(a: int, b: int) -> torch.Tensor:
-                x = plain[..., a:b]
-                return (x[mask[..., a:b]] if mask is not None else x.reshape(-1)).double()
-
-            mean = sum(float(values(a, b).sum()) for a, b in slabs) / count
-            var = sum(float(((values(a, b) - mean) ** 2).sum()) for a, b in slabs) / count
-            std = float(np.sqrt(var))
+            mean, std = _slab_mean_std(plain, mask, self.slab_voxels)
         std = std if std > self.eps else 1.0
         out = plain - mean
         out.div_(std)
