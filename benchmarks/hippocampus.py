@@ -211,12 +211,13 @@ def cv_ensemble(cvs: list[Path], data: Path, device: str) -> dict:
 
     folds = _fold_dirs(cvs[0])
     tag = "ensemble_" + "_".join(cv.name for cv in cvs[1:])
-    done, pairs, how = [], [], set()
+    done, pairs, how, starts = [], [], set(), []
     for fdir in folds:
         if not all((cv / fdir.name / "validation" / "dice.json").is_file() for cv in cvs):
             print(f"{fdir.name}: not finished in every run yet, left out")
             continue
         done.append(fdir.name)
+        starts.append(len(pairs))  # this fold's pairs start here
         cfg = load_config(fdir / "config.yaml", [f"data.root={data}"])
         _, val_cases = kfold_split(training_pool(cfg.data), cfg.data.folds, cfg.data.fold, cfg.data.seed)
         stored = [[cv / fdir.name / "validation" / f"{c.name}{SUFFIX}" for cv in cvs] for c in val_cases]
@@ -235,12 +236,18 @@ def cv_ensemble(cvs: list[Path], data: Path, device: str) -> dict:
     first = [_first_fold_config(cv) for cv in cvs]
     row = {"name": "ensemble of " + " + ".join(cv.name for cv in cvs), "recipe": " + ".join(map(_recipe, first)),
            "cases": len(pairs), "folds": _folds_key(first[0]), "pooled": pooled, "post": pooled,
-           "complete": len(done) == cfg.data.folds}  # every fold the config splits into, not only those on disk
+           "complete": len(done) == cfg.data.folds,  # every fold the config splits into, not only those on disk
+           "per_fold": {}}
     print(f"per-fold ensemble of {', '.join(map(str, cvs))}: {len(done)} of {cfg.data.folds} folds, {len(pairs)} cases, "
           f"{' / '.join(sorted(how))}, TTA {'on' if cfg.inference.tta else 'off'} (as {cvs[0]} predicted)")
     print(f"{'':<28}" + " ".join(f"{c + ' Dice':>15}" for c in pooled if c != "mean") + f" {'mean Dice':>10}")
+    per_fold = row["per_fold"] = {name: pooled_dice(pairs[a:b], cfg)
+                                  for name, a, b in zip(done, starts, starts[1:] + [len(pairs)])}
+    for name, dice in per_fold.items():
+        print(f"{name + ', ensemble':<28}" + " ".join(f"{v:>15.4f}" for v in dice.values()))
     print(f"{'pooled, ensemble':<28}" + " ".join(f"{v:>15.4f}" for v in pooled.values()))
-    result = {"cv_ensemble": [str(c) for c in cvs], "pooled_dice": {k: round(v, 4) for k, v in pooled.items()}}
+    result = {"cv_ensemble": [str(c) for c in cvs], "pooled_dice": {k: round(v, 4) for k, v in pooled.items()},
+              "fold_mean_dice": {name: round(dice["mean"], 4) for name, dice in per_fold.items()}}
     if row["complete"]:  # postprocessing chosen on the ensemble's own out-of-fold predictions
         _, chosen, post, _ = pool_and_choose_postprocessing(pairs, cfg)
         name = f"pooled + {'+'.join(chosen) or 'no postprocessing'}"[:28]

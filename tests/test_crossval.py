@@ -200,6 +200,9 @@ def _check_stored_probabilities(out: Path, tmp_path: Path, summary: dict) -> Non
     assert (weightless / "fold_0" / "config.yaml").read_text() == config and not list(weightless.rglob("*.pt"))
     assert row["complete"] and row["cases"] == summary["cases"]
     assert abs(row["pooled"]["mean"] - summary["pooled_dice"]["mean"]) < 2e-3, (row, summary["pooled_dice"])
+    assert sorted(row["per_fold"]) == [f"fold_{f}" for f in range(len(summary["fold_dice"]))]
+    for f, dice in summary["fold_dice"].items():  # a run ensembled with itself scores each fold as the run did
+        assert abs(row["per_fold"][f"fold_{f}"]["mean"] - dice["mean"]) < 2e-3, (f, row["per_fold"], dice)
     bench.compare_cv([out], [row])  # a finished ensemble is a row of the recipes' table, its gain over the same folds
 
 
