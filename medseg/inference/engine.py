@@ -12,6 +12,7 @@ from monai.inferers import sliding_window_inference
 from monai.transforms import SpatialResample
 
 from medseg.errors import ConfigError
+from medseg.inference.memory import last_axis_slabs
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -311,9 +312,8 @@ def argmax_labels(probs: torch.Tensor, dtype=np.uint8, chunk_voxels: int = 1 << 
     """Argmax over channels of ``(C, X, Y, Z)``, slab by slab (no full-volume int64 index array)."""
     spatial = probs.shape[1:]
     out = np.empty(tuple(spatial), dtype=dtype)
-    step = max(1, chunk_voxels // max(1, int(spatial[0]) * int(spatial[1])))
-    for z0 in range(0, int(spatial[2]), step):
-        out[..., z0:z0 + step] = channel_argmax(probs[..., z0:z0 + step]).numpy().astype(dtype, copy=False)
+    for z0, z1 in last_axis_slabs(spatial, chunk_voxels):
+        out[..., z0:z1] = channel_argmax(probs[..., z0:z1]).numpy().astype(dtype, copy=False)
     return out
 
 
@@ -340,11 +340,10 @@ def labels_on_source_grid(probs: torch.Tensor, processed_affine, source_affine, 
     m = torch.linalg.inv(proc) @ src  # source index -> processed index
     psize = [int(s) for s in plain.shape[1:]]
     out = np.empty(shape, dtype=dtype)
-    step = max(1, chunk_voxels // max(1, shape[0] * shape[1]))
     ii = torch.arange(shape[0], dtype=torch.float64).view(-1, 1, 1)
     jj = torch.arange(shape[1], dtype=torch.float64).view(1, -1, 1)
-    for k0 in range(0, shape[2], step):
-        kk = torch.arange(k0, min(k0 + step, shape[2]), dtype=torch.float64).view(1, 1, -1)
+    for k0, k1 in last_axis_slabs(shape, chunk_voxels):
+        kk = torch.arange(k0, k1, dtype=torch.float64).view(1, 1, -1)
         coords, box = [], []
         for a in range(3):
             p = (m[a, 0] * ii + m[a, 1] * jj + m[a, 2] * kk + m[a, 3]).clamp_(0, psize[a] - 1)

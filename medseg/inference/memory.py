@@ -33,6 +33,14 @@ COMPACT_PROBS_BYTES = 256 * 1024 ** 2
 DEVICE_FRACTION = 0.8
 
 
+def last_axis_slabs(shape, voxels: int) -> list[tuple[int, int]]:
+    """``(start, stop)`` ranges that cut the last axis of ``shape`` into slabs of about ``voxels`` voxels
+    (at least one plane each): how every bounded-memory pass over a whole volume walks it."""
+    step = max(1, voxels // max(1, math.prod(int(s) for s in shape[:-1])))
+    n = int(shape[-1])
+    return [(a, min(a + step, n)) for a in range(0, n, step)]
+
+
 def _fmt(n: float) -> str:
     return f"{n / GB:.2f} GB"
 
@@ -272,11 +280,9 @@ class ChunkedSpacingd:
                 continue
             src = img if isinstance(img, MetaTensor) else MetaTensor(img)
             out = torch.empty((src.shape[0], *shape), dtype=torch.float32)
-            step = max(1, SLAB_VOXELS // max(1, shape[0] * shape[1]))
             resample = SpatialResample(mode="bilinear", padding_mode="border", align_corners=False,
                                        dtype=torch.float64)
-            for k0 in range(0, shape[2], step):
-                k1 = min(shape[2], k0 + step)
+            for k0, k1 in last_axis_slabs(shape, SLAB_VOXELS):
                 dst = affine.clone()
                 dst[:3, 3] = affine[:3, :3] @ torch.tensor([0.0, 0.0, float(k0)], dtype=torch.float64) + affine[:3, 3]
                 size = (shape[0], shape[1], k1 - k0)

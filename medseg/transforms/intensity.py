@@ -70,11 +70,12 @@ def _slab_mean_std(plain: torch.Tensor, mask: torch.Tensor | None, slab_voxels: 
     merged with Chan's pairwise update, so no float64 copy of the volume and no boolean-indexed
     copies are made (the two-pass version indexed every slab twice, about 3x slower on a CT).
     """
-    step = max(1, slab_voxels // max(1, int(np.prod(plain.shape[:-1]))))
+    from medseg.inference.memory import last_axis_slabs
+
     n, mean, m2 = 0, 0.0, 0.0
-    for a in range(0, plain.shape[-1], step):
-        x = plain[..., a:a + step]
-        m = mask[..., a:a + step] if mask is not None else None
+    for a, b in last_axis_slabs(plain.shape, slab_voxels):
+        x = plain[..., a:b]
+        m = mask[..., a:b] if mask is not None else None
         k = int(m.sum()) if m is not None else x.numel()
         if k == 0:
             continue
