@@ -104,16 +104,15 @@ class ZScore(Transform):
 
     def __call__(self, img):
         img = _as_float(img)
-        is_t = isinstance(img, torch.Tensor)
-        if is_t:
+        if isinstance(img, torch.Tensor):
             return self._torch(img)
-        mask = (img != 0) if self.nonzero else (torch.ones_like(img, dtype=torch.bool) if is_t else np.ones(img.shape, bool))
+        mask = (img != 0) if self.nonzero else np.ones(img.shape, bool)
         if int(mask.sum()) == 0:
             return img * 0
         vals = img[mask]
         mean = vals.mean()
-        std = vals.std() if not is_t else vals.std(unbiased=False)
-        std = float(std) if float(std) > self.eps else 1.0
+        std = float(vals.std())
+        std = std if std > self.eps else 1.0
         out = (img - mean) / std
         if self.nonzero:
             out = out * mask
