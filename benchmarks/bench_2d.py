@@ -17,7 +17,7 @@ import time
 
 import torch
 
-from medseg.config import ModelConfig
+from medseg.core.config import ModelConfig
 from medseg.models.registry import build_model
 
 MODELS = [

@@ -43,7 +43,7 @@ def main(argv=None) -> int:
                              dtype)))
         return 0
 
-    from medseg.inference.engine import cpu_has_fast_bf16
+    from medseg.core.runtime import cpu_has_fast_bf16
     from medseg.planning import estimate_cost, units_for
 
     if args.bf16:
@@ -75,8 +75,8 @@ def one(name: str, patch: tuple, batch: int, steps: int, threads: int, dtype: st
 
     from monai.losses import DiceCELoss
 
-    from medseg.config import ModelConfig
-    from medseg.inference.engine import autocast
+    from medseg.core.config import ModelConfig
+    from medseg.core.runtime import autocast
     from medseg.models.registry import build_model
     from medseg.training.trainer import supervised_loss
 

@@ -96,7 +96,7 @@ def main() -> int:
         print(key, {k: v for k, v in res.items() if key in k}, flush=True)
 
     # training throughput on real hippocampus patches (cached, AMP on/off)
-    from medseg.config import load_config
+    from medseg.core.config import load_config
     from medseg.models.registry import build_model
     from medseg.training.trainer import _loss
 

@@ -38,8 +38,8 @@ def probe(config: str, sets: list[str], barrier: Path, world: int, steps: int) -
     """Seconds per training step, fp32 and AMP, once ``world`` probes are all warmed up."""
     import torch
 
-    from medseg.config import load_config
-    from medseg.inference.engine import resolve_device
+    from medseg.core.config import load_config
+    from medseg.core.runtime import resolve_device
     from medseg.models.registry import build_model, get_spec
     from medseg.training.trainer import EMA, _loss, make_optimizer, speed_settings, supervised_loss, train_step
 
@@ -97,8 +97,8 @@ def main(argv=None) -> int:
         return 0
 
     t_start = time.time()
-    from medseg.config import load_config
-    from medseg.data.datasets import kfold_split, training_pool
+    from medseg.core.config import load_config
+    from medseg.preprocessing.datasets import kfold_split, training_pool
 
     cfg = load_config(args.config, args.sets)
     base = Path(cfg.train.output_dir)

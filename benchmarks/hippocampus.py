@@ -89,7 +89,7 @@ def main(argv=None) -> int:
                     "bf16 (CUDA and CPU) or off")
     args = ap.parse_args(argv)
 
-    from medseg.config import load_config
+    from medseg.core.config import load_config
 
     data = Path(args.data)
     if not data.is_dir():
@@ -127,17 +127,17 @@ def main(argv=None) -> int:
 
 def compare_models(models: list, args, data: Path, train_seconds) -> int:
     """Score every model on the first one's held-out cases (never trained on by any of them) in one table."""
-    from medseg.evaluation import evaluate
-    from medseg.inference.engine import amp_options
+    from medseg.evaluation.metrics import evaluate
+    from medseg.core.runtime import amp_options
     from medseg.inference.predictor import Predictor
-    from medseg.training.checkpoint import load_checkpoint
+    from medseg.models.checkpoint import load_checkpoint
 
     amp = amp_options(args.amp)
     first = Predictor(models[0], device=args.device, **amp)
     split = load_checkpoint(first.model_path).get("split") or {}
     names = split.get("test") or split.get("validation") or []  # unseen cases first, else the validation split
     if not names and first.cfg.data.test_fraction > 0:  # an ensemble: the cases its config set aside
-        from medseg.data.datasets import holdout_cases
+        from medseg.preprocessing.datasets import holdout_cases
 
         first.cfg.data.root = str(data)
         names = [c.name for c in holdout_cases(first.cfg.data)]
@@ -169,7 +169,7 @@ def compare_models(models: list, args, data: Path, train_seconds) -> int:
 
 def cv_final(cv: Path, data: Path, device: str) -> dict:
     """Pooled out-of-fold Dice of the folds' final weights (what ``train.keep: last`` keeps), against best.pt's."""
-    from medseg.config import load_config
+    from medseg.core.config import load_config
     from medseg.training.crossval import predict_fold_validation
 
     folds = _fold_dirs(cv)
@@ -204,8 +204,8 @@ def cv_ensemble(cvs: list[Path], data: Path, device: str) -> dict:
     """Pooled out-of-fold Dice of the per-fold ensemble of several cross-validations over the same folds:
     the mean of the probabilities every run stored for fold I's held-out cases ('train --save-probabilities'),
     or else fold I of every run (final weights) packed into one model that predicts those cases."""
-    from medseg.config import load_config
-    from medseg.data.datasets import kfold_split, training_pool
+    from medseg.core.config import load_config
+    from medseg.preprocessing.datasets import kfold_split, training_pool
     from medseg.inference.probabilities import SUFFIX
     from medseg.training.crossval import pool_and_choose_postprocessing, pooled_dice, read_fold_pairs
 
@@ -273,7 +273,7 @@ def _ensemble_stored_fold(cases: list, stored: list[list[Path]]) -> list:
 
 def _predict_ensemble_fold(cvs: list[Path], fdir: Path, tag: str, cfg, device: str) -> None:
     """Pack fold ``fdir.name`` of every run in ``cvs`` into ``fdir/tag.pt`` and predict the fold's held-out cases."""
-    from medseg.training.checkpoint import pack
+    from medseg.models.checkpoint import pack
     from medseg.training.crossval import predict_fold_validation
 
     split = json.loads((fdir / "split.json").read_text())["validation"]

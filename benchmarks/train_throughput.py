@@ -43,11 +43,11 @@ def main(argv=None) -> int:
 
     from monai.data import CacheDataset, DataLoader, Dataset
 
-    from medseg.config import load_config
-    from medseg.data.datasets import discover_msd
+    from medseg.core.config import load_config
+    from medseg.preprocessing.datasets import discover_msd
     from medseg.models.registry import build_model
     from medseg.training.trainer import _loss, supervised_loss
-    from medseg.transforms.pipeline import train_transforms
+    from medseg.preprocessing.pipeline import train_transforms
 
     data = Path(args.data)
     if not data.is_dir():

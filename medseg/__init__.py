@@ -12,16 +12,16 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 _LAZY = {
-    "MedsegError": "medseg.errors",
+    "MedsegError": "medseg.core.errors",
     "Volume": "medseg.io.volume",
     "load_volume": "medseg.io.volume",
     "save_volume": "medseg.io.volume",
-    "load_config": "medseg.config",
-    "Config": "medseg.config",
+    "load_config": "medseg.core.config",
+    "Config": "medseg.core.config",
     "Predictor": "medseg.inference.predictor",
     "predict": "medseg.inference.predictor",
     "train": "medseg.training",
-    "evaluate": "medseg.evaluation",
+    "evaluate": "medseg.evaluation.metrics",
 }
 
 

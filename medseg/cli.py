@@ -1,7 +1,7 @@
 """The ``medseg`` command line: a thin layer over the Python API.
 
 Heavy modules (torch, MONAI) are imported inside the commands, so ``--help`` is fast.
-Every :class:`~medseg.errors.MedsegError` is printed as one line, without a
+Every :class:`~medseg.core.errors.MedsegError` is printed as one line, without a
 traceback, and the process exits with status 2.
 """
 
@@ -45,16 +45,16 @@ def train(
                                             "so the run can be ensembled with another later without its weights."),
 ) -> None:
     """Train a model; writes best.pt and last.pt (weights + resolved config) to train.output_dir."""
-    from medseg.config import load_config
+    from medseg.planning import load_planned_config
     from medseg.training.trainer import train as run_train
 
-    cfg = load_config(config, set_)
+    cfg = load_planned_config(config, set_)  # plan: auto / plan: FILE is filled in here, not when loading
     con = _console(stderr=False)
     if cfg.task == "image2d":
-        from medseg.training.trainer2d import train_2d
+        from medseg.seg2d.train import train_2d
 
         if folds or fold is not None or save_probabilities:
-            from medseg.errors import ConfigError
+            from medseg.core.errors import ConfigError
 
             raise ConfigError("--folds and --save-probabilities are for volume tasks", path=config,
                               found="task: image2d", fix="train 2D image models without them")
@@ -79,7 +79,7 @@ def train(
             con.print(f"{len(cv.folds_done)} of {folds} folds done; the summary is written when all are")
         return
     if save_probabilities:
-        from medseg.errors import ConfigError
+        from medseg.core.errors import ConfigError
 
         raise ConfigError("--save-probabilities keeps out-of-fold probabilities", path=config,
                           expected="--folds K", found="no --folds", fix="add --folds 5, or drop --save-probabilities")
@@ -120,7 +120,7 @@ def _dicom_options(uneven: str, tilt: str) -> dict:
 
 def _runtime(backend: str, amp: str, compile_: bool, threads: Optional[int]) -> dict:
     """Predictor options for --backend, --amp, --compile and --threads."""
-    from medseg.inference.engine import amp_options
+    from medseg.core.runtime import amp_options
 
     return {"backend": backend, **amp_options(amp), "compile": compile_, "threads": threads}
 
@@ -151,30 +151,32 @@ def predict(
     NIfTI/NRRD inputs keep their name (case.nii.gz -> OUTDIR/case.nii.gz); a DICOM series
     becomes OUTDIR/series-<number>-<hash>.nii.gz (no patient data in file names).
     """
-    from medseg.inference.predict2d import is_image_file, is_image_model
+    from medseg.models.loading import load_model
+    from medseg.seg2d.predict import is_image_file
 
-    if is_image_model(model):  # PNG/JPEG in: OUTDIR/<stem>.png index masks, OUTDIR/overlays/<stem>.png
-        from medseg.inference.predict2d import predict_images
+    loaded = load_model(model)  # read once: it says whether the model segments images or volumes
+    if loaded.cfg.task == "image2d":  # PNG/JPEG in: OUTDIR/<stem>.png index masks, OUTDIR/overlays/<stem>.png
+        from medseg.seg2d.predict import predict_images
 
         if formats or tta or stats or rules:
-            from medseg.errors import ConfigError
+            from medseg.core.errors import ConfigError
 
             raise ConfigError("--format, --tta, --stats and --rules are for volume models", path=model,
                               found="a 2D image model", fix="drop those options for PNG/JPEG images")
         con = _console(stderr=False)
-        for res in predict_images(inputs, output, model=model, device=device):
+        for res in predict_images(inputs, output, model=loaded, device=device):
             con.print(f"{res.input} -> {', '.join(map(str, res.outputs))} ({res.seconds:.2f} s)")
         return
     if inputs and all(is_image_file(p) for p in inputs):
-        from medseg.errors import UnsupportedInputError
+        from medseg.core.errors import UnsupportedInputError
 
         raise UnsupportedInputError("PNG/JPEG images need a 2D image model", path=inputs[0],
                                     expected="--model a .pt trained with task: image2d",
                                     found=f"model {model or 'hippocampus'} (volumes)",
                                     fix="train one with a task: image2d config (see configs/shapes_2d.yaml)")
-    from medseg.inference.predictor import predict as run_predict
+    from medseg.apps.run import predict as run_predict
 
-    results = run_predict(inputs, output, model=model, device=device, overlap=overlap, rules=rules,
+    results = run_predict(inputs, output, model=loaded, device=device, overlap=overlap, rules=rules,
                           dicom_options=_dicom_options(uneven, tilt), formats=formats, tta=tta, stats=stats,
                           anonymize=anonymize, runtime=_runtime(backend, amp, compile_, threads))
     con = _console(stderr=False)
@@ -193,11 +195,11 @@ def evaluate(
     """Per class: Dice, HD95, surface Dice, ASSD, volume difference and lesion detection, per case and mean."""
     from rich.table import Table
 
-    from medseg.evaluation import evaluate as run_evaluate
-    from medseg.evaluation2d import is_mask_folder
+    from medseg.evaluation.metrics import evaluate as run_evaluate
+    from medseg.seg2d.evaluation import is_mask_folder
 
     if is_mask_folder(ref_dir):  # PNG masks: per-class IoU and mean IoU
-        from medseg.evaluation2d import evaluate_masks, settings_from
+        from medseg.seg2d.evaluation import evaluate_masks, settings_from
 
         names2d, ignore = settings_from(config)
         ev = evaluate_masks(pred_dir, ref_dir, names=names2d, ignore_index=ignore, json_path=json_out)
@@ -241,10 +243,10 @@ def evaluate(
 
 def _label_names(path: Path) -> dict[int, str]:
     if path.suffix == ".pt":
-        from medseg.training.checkpoint import load_checkpoint
+        from medseg.models.checkpoint import load_checkpoint
 
         return {int(k): v for k, v in load_checkpoint(path)["config"]["labels"].items()}
-    from medseg.config import load_config
+    from medseg.core.config import load_config
 
     return dict(load_config(path).labels)
 
@@ -258,7 +260,7 @@ def demo(
     """Segment the bundled real hippocampus MRI with the bundled model: labels, overlay PNG, volumes in mL."""
     from rich.table import Table
 
-    from medseg.demo import run_demo
+    from medseg.apps.demo import run_demo
 
     res = run_demo(output, device=device, model=model)
     con = _console(stderr=False)
@@ -279,7 +281,7 @@ def verify_data(
     config: Optional[Path] = typer.Option(None, "--config", help="Config whose labels are the allowed label values."),
 ) -> None:
     """Check every image/label pair (geometry, label values, NaNs, empty labels); report all problems."""
-    from medseg.data.verify import verify_dataset
+    from medseg.preprocessing.verify import verify_dataset
 
     labels = _label_names(config) if config else None
     n, problems = verify_dataset(dataset, labels)
@@ -305,7 +307,7 @@ def plan(
                                   "the CPU has AMX or AVX-512 BF16, else fp32), fp32 or bf16."),
 ) -> None:
     """Fingerprint a dataset and write a training plan; use it with 'plan: FILE' (or 'plan: auto') in a config."""
-    from medseg.data.datasets import discover_msd
+    from medseg.preprocessing.datasets import discover_msd
     from medseg.planning import fingerprint, make_plan
 
     fp = fingerprint(discover_msd(dataset), modality=modality.upper())
@@ -399,13 +401,13 @@ def batch(
     gpus_per_worker: float = typer.Option(0.0, "--gpus-per-worker", help="With --engine ray: GPUs per actor (e.g. 1 or 0.5)."),
 ) -> None:
     """Segment every series under ROOT (or pulled from a PACS); resumable, failures recorded, never fatal."""
-    from medseg.batch import run_batch
+    from medseg.apps.batch import run_batch
 
     con = _console()
     say = lambda msg: con.print(msg, markup=False)  # noqa: E731
     on_done = None
     if from_dicomweb:
-        from medseg.pacs import DicomWeb, download_studies, load_credentials, parse_query
+        from medseg.apps.pacs import DicomWeb, download_studies, load_credentials, parse_query
 
         root = output / ".dicomweb"
         download_studies(from_dicomweb, parse_query(query), root, credentials=credentials, log=say)
@@ -417,7 +419,7 @@ def batch(
                 web.store([p for p in written if p.suffix == ".dcm"])
                 return {"stored": True}
     elif root is None:
-        from medseg.errors import ConfigError
+        from medseg.core.errors import ConfigError
 
         raise ConfigError("no input given", expected="ROOT or --from-dicomweb URL", fix="see medseg batch --help")
     res = run_batch(root, output, model=model, device=device, rules_path=rules, shard=shard,
@@ -450,7 +452,7 @@ def pacs_predict_cmd(
     store: bool = typer.Option(True, "--store/--no-store", help="Store the DICOM SEG back in the PACS."),
 ) -> None:
     """Pull a series, segment it and store the DICOM SEG back."""
-    from medseg.pacs import pacs_predict
+    from medseg.apps.pacs import pacs_predict
 
     con = _console()
     results = pacs_predict(url, study, series_uid=series, model=model, rules=rules, credentials=credentials,
@@ -470,7 +472,7 @@ def pacs_list_cmd(
     """List studies (UID, date, modalities; no patient names or IDs)."""
     from rich.table import Table
 
-    from medseg.pacs import DicomWeb, load_credentials, parse_query
+    from medseg.apps.pacs import DicomWeb, load_credentials, parse_query
 
     web = DicomWeb(url, load_credentials(credentials))
     studies = web.studies(parse_query(query))
@@ -497,7 +499,7 @@ def import_annotations_cmd(
                                            "or a classes.json) fixing the class indices."),
 ) -> None:
     """Turn polygon/mask annotations into index mask PNGs and a class list (a 2D training set)."""
-    from medseg.io.annotations import import_annotations, read_class_list
+    from medseg.seg2d.annotations import import_annotations, read_class_list
 
     res = import_annotations(source, output, fmt=fmt, classes=read_class_list(classes) if classes else None)
     con = _console(stderr=False)
@@ -513,7 +515,7 @@ def models() -> None:
     """List registry architectures and bundled trained models."""
     from rich.table import Table
 
-    from medseg.inference.predictor import DEFAULT_MODEL, bundled_models
+    from medseg.models.loading import DEFAULT_MODEL, bundled_models
     from medseg.models.registry import MODELS
 
     con = _console(stderr=False)
@@ -545,7 +547,7 @@ def export_cmd(
     medseg predict scans/ -o out/ --model MODEL.onnx runs it with ONNX Runtime (often much faster on CPUs).
     """
     from medseg.inference.export import FORMATS, export_model
-    from medseg.inference.predictor import resolve_model
+    from medseg.models.loading import resolve_model
 
     fmt = fmt.lower()
     if output is None:
@@ -567,8 +569,8 @@ def pack_model(
                                    "--set inference.overlap=0.25 (repeatable; inference.* keys only)."),
 ) -> None:
     """Write a compact predict-only model: float16 (or int8) weights and config, no optimizer state."""
-    from medseg.errors import MedsegError
-    from medseg.training.checkpoint import pack, pack_sources
+    from medseg.core.errors import MedsegError
+    from medseg.models.checkpoint import pack, pack_sources
 
     if len(paths) < 2:
         raise MedsegError("pack-model needs sources and an output", expected="SOURCE... OUTPUT.pt",
@@ -580,7 +582,7 @@ def pack_model(
 
 
 def main() -> None:
-    from medseg.errors import MedsegError
+    from medseg.core.errors import MedsegError
 
     import os
 

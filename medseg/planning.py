@@ -14,9 +14,10 @@ import numpy as np
 import yaml
 from nibabel.orientations import axcodes2ornt, io_orientation, ornt_transform
 
-from medseg.errors import ConfigError, DataError, InputNotFoundError
+from medseg.core.config import Config, dataclass_from_dict, explicit_keys, from_dict, read_config
+from medseg.core.errors import ConfigError, DataError, InputNotFoundError
 from medseg.io.volume import load_volume
-from medseg.progress import progress_bar
+from medseg.core.progress import progress_bar
 
 # Cost model; "units" = batch * sum over levels of (voxels at the level * channels); per (device, network): step
 # seconds = a + b * M units, training memory GB = base + bytes per unit * units. CPU: this project's 2-core machine,
@@ -93,7 +94,7 @@ def _oriented(affine: np.ndarray, shape, orientation: str) -> tuple[list[float],
 
 def fingerprint(cases, *, modality: str, progress: bool = True, max_voxels_per_case: int = 10_000,
                 orientation: str = "RAS", seed: int = 0) -> Fingerprint:
-    """Fingerprint a list of :class:`~medseg.data.datasets.Case`, reading each volume once."""
+    """Fingerprint a list of :class:`~medseg.preprocessing.datasets.Case`, reading each volume once."""
     if not cases:
         raise DataError("no cases to fingerprint", fix="check data.root or data.datalist")
     rng = np.random.default_rng(seed)
@@ -251,7 +252,7 @@ def make_plan(fp: Fingerprint, *, device: str = "cpu", memory_gb: float | None =
         raise ConfigError("unknown training precision for the plan", expected=" | ".join(PRECISIONS),
                           found=repr(precision), fix="plan with fp32, bf16 or auto")
     if precision == "auto":
-        from medseg.inference.engine import cpu_has_fast_bf16
+        from medseg.core.runtime import cpu_has_fast_bf16
 
         precision = "bf16" if (not gpu and cpu_has_fast_bf16()) else "fp32"
     bf16 = precision == "bf16" and not gpu  # on a GPU, train.amp already runs mixed precision
@@ -377,7 +378,7 @@ def plan_for_config(cfg, *, device: str | None = None, memory_gb: float | None =
                     progress: bool = True, network: str | None = None) -> Plan:
     """Fingerprint the config's dataset and plan for its training device (``train.device``) and ``network``
     (default: the device's planned network)."""
-    from medseg.data.datasets import dataset_cases
+    from medseg.preprocessing.datasets import dataset_cases
 
     cases = dataset_cases(cfg.data)
     fp = fingerprint(cases, modality=cfg.modality, progress=progress)
@@ -389,3 +390,28 @@ def plan_for_config(cfg, *, device: str | None = None, memory_gb: float | None =
     # the config's precision: a config training in bf16 on the CPU is planned with bf16 step costs
     return make_plan(fp, device=device, memory_gb=memory_gb, network=network,
                      precision="bf16" if (cfg.train.amp and cfg.train.amp_dtype == "bf16") else "fp32")
+
+
+def resolve_plan(data: dict, source: str = "config") -> dict:
+    """Fill in a ``plan: auto`` (or ``plan: FILE``) config; keys the user set stay as they are."""
+    ref = str(data["plan"])
+    keep = explicit_keys({k: v for k, v in data.items() if k != "plan"})
+    if ref == "auto":
+        cfg = dataclass_from_dict(Config, {k: v for k, v in data.items() if k != "plan"}, source)
+        plan = plan_for_config(cfg, network=cfg.model.name if "model.name" in keep else None)
+    else:
+        plan_path = Path(ref)
+        if not plan_path.is_file():
+            raise InputNotFoundError("plan file not found", path=plan_path, expected="a YAML file from 'medseg plan'",
+                                     fix="run 'medseg plan DATASET -o plan.yaml' or use 'plan: auto'")
+        plan = load_plan(plan_path)
+    return apply_plan(data, plan, keep=keep)
+
+
+def load_planned_config(path: str | Path, overrides: list[str] | None = None) -> Config:
+    """A config file as training uses it: loaded (:func:`medseg.core.config.read_config`), then, when it says
+    ``plan: auto`` or ``plan: FILE``, filled in by the planner (keys the user set stay as they are)."""
+    data = read_config(path, overrides)
+    if data.get("plan"):
+        data = resolve_plan(data, source=str(path))
+    return from_dict(data, source=str(path))

@@ -120,9 +120,9 @@ def threshold_model():
 
 def write_checkpoint(path: Path, *, model_name: str = "unet3d", spacing=None, patch=(16, 16, 16),
                      intensity: str = "zscore", channels=(4, 8), strides=(2,), num_classes: int = 3) -> Path:
-    from medseg.config import Config
+    from medseg.core.config import Config
     from medseg.models.registry import build_model
-    from medseg.training.checkpoint import save_checkpoint
+    from medseg.models.checkpoint import save_checkpoint
 
     cfg = Config(name="tiny", labels={i: f"class{i}" for i in range(num_classes)})
     cfg.model.name = model_name

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from hypothesis import strategies as st
 
-from medseg.errors import MedsegError
+from medseg.core.errors import MedsegError
 
 # ---------------------------------------------------------------------------
 # what a successful read must look like

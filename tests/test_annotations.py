@@ -16,8 +16,8 @@ import pytest
 from conftest import TEST_DATA, assert_clean_error, run_cli
 from PIL import Image, ImageDraw
 
-from medseg.data.images2d import read_mask
-from medseg.errors import DataError, OutputError
+from medseg.seg2d.images import read_mask
+from medseg.core.errors import DataError, OutputError
 from medseg.io import annotations as ann
 
 SAMPLES = TEST_DATA / "annotations"
@@ -111,8 +111,8 @@ def test_cli_import_then_train_on_it(tmp_path):
     proc = run_cli("import-annotations", SAMPLES / "coco.json", "-o", tmp_path / "ds")
     assert proc.returncode == 0, proc.stderr
     assert "1 mask(s), 1 image(s)" in proc.stdout and "4 puddle" in proc.stdout
-    from medseg.config import from_dict
-    from medseg.data.images2d import discover_images2d
+    from medseg.core.config import from_dict
+    from medseg.seg2d.images import discover_images2d
 
     cfg = from_dict({"task": "image2d", "model": {"name": "segnet"}, "patch": {"size": [64, 64]},
                      "data": {"root": str(tmp_path / "ds"), "val_fraction": 0.0}})

@@ -18,8 +18,8 @@ from conftest import FAST_MODEL, REPO, TEST_DATA, assert_clean_error, run_cli, w
 from dicom_helpers import BASIC_TEXT_SR, dataset
 from pydicom.uid import generate_uid
 
-from medseg.batch import parse_shard
-from medseg.errors import ConfigError
+from medseg.apps.batch import parse_shard
+from medseg.core.errors import ConfigError
 from medseg.io import load_volume
 
 HIPPO = TEST_DATA / "hippocampus" / "imagesTr"

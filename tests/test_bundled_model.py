@@ -9,10 +9,11 @@ import pytest
 from conftest import TEST_DATA, run_cli
 from PIL import Image
 
-from medseg.evaluation import dice
-from medseg.inference.predictor import Predictor, bundled_models
+from medseg.evaluation.metrics import dice
+from medseg.inference.predictor import Predictor
+from medseg.models.loading import bundled_models
 from medseg.io import load_volume
-from medseg.training.checkpoint import load_checkpoint
+from medseg.models.checkpoint import load_checkpoint
 
 REFERENCES = TEST_DATA / "reference"
 # the default model (an ensemble of two networks, mirror TTA on) and the single-network one; the mean Dice each
@@ -93,7 +94,7 @@ def test_demo_command(tmp_path):
     proc = run_cli("demo", "-o", out, "--device", "cpu")
     assert proc.returncode == 0, proc.stderr[-2000:]
     labels = load_volume(out / "hippocampus_001_labels.nii.gz")
-    image = load_volume(__import__("medseg.demo", fromlist=["SAMPLE"]).SAMPLE)
+    image = load_volume(__import__("medseg.apps.demo", fromlist=["SAMPLE"]).SAMPLE)
     assert labels.shape == image.shape and np.allclose(labels.affine, image.affine)
     png = Image.open(out / "hippocampus_001_overlay.png")
     assert png.format == "PNG" and png.width > 300 and png.height > 300

@@ -10,10 +10,10 @@ import pytest
 import torch
 from conftest import run_cli, write_checkpoint
 
-from medseg.data.verify import verify_dataset
-from medseg.errors import CheckpointError
-from medseg.evaluation import dice, hd95
-from medseg.training.checkpoint import load_checkpoint, pack
+from medseg.preprocessing.verify import verify_dataset
+from medseg.core.errors import CheckpointError
+from medseg.evaluation.metrics import dice, hd95
+from medseg.models.checkpoint import load_checkpoint, pack
 
 
 class Evil:
@@ -100,7 +100,7 @@ def test_verify_data_reports_every_problem(tmp_path):
 
 
 def test_pack_set_changes_prediction_settings_only(tmp_path):
-    from medseg.errors import ConfigError
+    from medseg.core.errors import ConfigError
 
     ck = write_checkpoint(tmp_path / "a.pt")
     packed = pack(ck, tmp_path / "p.pt", inference=["inference.overlap=0.6", "inference.sw_batch_size=2"])

@@ -6,8 +6,8 @@ import pytest
 import torch
 from conftest import REPO
 
-from medseg.config import from_dict, load_config, to_dict
-from medseg.errors import ConfigError, InputNotFoundError, UnknownModelError
+from medseg.core.config import from_dict, load_config, to_dict
+from medseg.core.errors import ConfigError, InputNotFoundError, UnknownModelError
 from medseg.models import MODELS, SliceWise, build_model, get_spec
 
 

@@ -9,8 +9,8 @@ import pytest
 import torch
 from conftest import REPO
 
-from medseg.config import load_config
-from medseg.inference.engine import autocast, cpu_has_fast_bf16
+from medseg.core.config import load_config
+from medseg.core.runtime import autocast, cpu_has_fast_bf16
 
 CPU = torch.device("cpu")
 
@@ -53,7 +53,7 @@ def test_bf16_training_step_on_cpu_keeps_fp32_weights(monkeypatch):
     assert all(p.dtype == torch.float32 for p in net.parameters())
     assert any(not torch.equal(a, b) for a, b in zip(before, net.parameters()))
     # the warning for CPUs that only emulate bf16 (slower than fp32 there)
-    monkeypatch.setattr("medseg.inference.engine.cpu_has_fast_bf16", lambda: False)
+    monkeypatch.setattr("medseg.core.runtime.cpu_has_fast_bf16", lambda: False)
     grad_scaler(CPU, cfg.train, said.append)
     assert len(said) == 1 and "slower than fp32" in said[0] and "train.amp_dtype: fp16" in said[0]
     grad_scaler(CPU, load_config(REPO / "configs" / "hippocampus.yaml").train, said.append)  # fp16: no warning

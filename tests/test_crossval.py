@@ -10,16 +10,12 @@ import pytest
 import torch
 from conftest import REPO, assert_clean_error, run_cli
 
-from medseg.config import ConfigError, load_config
-from medseg.data.datasets import Case, kfold_split, split_cases, holdout_cases, training_pool
-from medseg.errors import CheckpointError
-from medseg.postprocess import (
-    apply_postprocessing,
-    choose_postprocessing,
-    keep_largest,
-    keep_largest_foreground,
-)
-from medseg.training.checkpoint import load_checkpoint
+from medseg.core.config import ConfigError, load_config
+from medseg.preprocessing.datasets import Case, kfold_split, split_cases, holdout_cases, training_pool
+from medseg.core.errors import CheckpointError
+from medseg.inference.postprocess import apply_postprocessing, keep_largest, keep_largest_foreground
+from medseg.evaluation.choose import choose_postprocessing
+from medseg.models.checkpoint import load_checkpoint
 from medseg.training.trainer import EMA
 
 TINY = ["model.channels=[4,8,16]", "model.strides=[2,2]", "model.num_res_units=1", "patch.size=[16,16,16]",
@@ -251,7 +247,7 @@ def test_keep_last_saves_the_final_ema_weights_as_best(tmp_path, hippo_data):
     # predicting with (or packing) last.pt uses its EMA weights too, as validation did
     from medseg.inference.predictor import Predictor
     from medseg.io import load_volume
-    from medseg.training.checkpoint import pack
+    from medseg.models.checkpoint import pack
 
     vol = load_volume(hippo_data / "imagesTr" / "hippocampus_003.nii.gz")
     ref = Predictor(res.best_checkpoint, device="cpu").probabilities(vol)
@@ -268,7 +264,7 @@ def test_pack_model_needs_an_output(tmp_path):
 
 
 def test_elastic_augmentation_keeps_labels_integral(hippo_data):
-    from medseg.transforms.pipeline import train_transforms
+    from medseg.preprocessing.pipeline import train_transforms
 
     cfg = load_config(REPO / "configs" / "hippocampus.yaml",
                       ["augment.elastic_prob=1.0", "augment.affine_prob=0", "patch.size=[24,24,24]",
@@ -282,10 +278,11 @@ def test_elastic_augmentation_keeps_labels_integral(hippo_data):
 
 
 def test_int8_pack_is_smaller_and_predicts_the_same_labels(tmp_path, hippo_data):
-    from medseg.evaluation import dice
-    from medseg.inference.predictor import Predictor, resolve_model
+    from medseg.evaluation.metrics import dice
+    from medseg.inference.predictor import Predictor
+    from medseg.models.loading import resolve_model
     from medseg.io import load_volume
-    from medseg.training.checkpoint import pack
+    from medseg.models.checkpoint import pack
 
     bundled = resolve_model("hippocampus-fast")  # one network: packed twice, a two-member ensemble
     half = pack([bundled, bundled], tmp_path / "half.pt")
@@ -319,10 +316,10 @@ def test_int8_pack_is_smaller_and_predicts_the_same_labels(tmp_path, hippo_data)
 
 def test_packing_keeps_aliased_weights_shared(tmp_path):
     """MONAI's DynUNet lists its blocks twice in its state dict; packing must not store them twice."""
-    from medseg.config import from_dict
+    from medseg.core.config import from_dict
     from medseg.inference.predictor import Predictor
     from medseg.models.registry import build_model
-    from medseg.training.checkpoint import pack, save_checkpoint
+    from medseg.models.checkpoint import pack, save_checkpoint
 
     cfg = from_dict({"labels": {0: "background", 1: "a", 2: "b"}, "model": {
         "name": "dynunet3d", "channels": [8, 16, 32, 64], "strides": [2, 2, 2], "deep_supervision": 2}})
@@ -380,7 +377,7 @@ def test_checkpoint_of_unaliased_dynunet_weights_packs_to_half_size(tmp_path):
     # a GPU model's state_dict copied to the host (.cpu() per key) no longer shares DynUNet's aliased blocks;
     # save_checkpoint must store them once, or the checkpoint and every file packed from it double in size
     from medseg.models.registry import build_model
-    from medseg.training.checkpoint import host_state, pack, save_checkpoint
+    from medseg.models.checkpoint import host_state, pack, save_checkpoint
 
     cfg = load_config(REPO / "configs" / "hippocampus_cv_dynunet.yaml")
     model = build_model(cfg.model, 1, cfg.num_classes)
@@ -401,11 +398,11 @@ def test_checkpoint_of_unaliased_dynunet_weights_packs_to_half_size(tmp_path):
 def test_networks_of_different_widths_pack_into_one_ensemble(tmp_path):
     """Members of one ensemble may be different networks, if they share labels, preprocessing and windows:
     the packed file predicts the average of what each member predicts alone."""
-    from medseg.config import from_dict, to_dict
+    from medseg.core.config import from_dict, to_dict
     from medseg.inference.predictor import Predictor
     from medseg.io.volume import Volume
     from medseg.models.registry import build_model
-    from medseg.training.checkpoint import pack, save_checkpoint
+    from medseg.models.checkpoint import pack, save_checkpoint
 
     base = {"labels": {0: "background", 1: "a", 2: "b"}, "patch": {"size": [32, 32, 32]},
             "preprocess": {"spacing": None}, "inference": {"sw_batch_size": 1}}

@@ -6,7 +6,7 @@ import pytest
 import torch
 from conftest import REPO, run_cli
 
-from medseg.inference.engine import resolve_device
+from medseg.core.runtime import resolve_device
 from medseg.inference.predictor import Predictor
 from medseg.io import load_volume
 

@@ -7,10 +7,10 @@ import pytest
 import torch
 from PIL import Image
 
-from medseg.config import DataConfig, from_dict
-from medseg.data import images2d as d2
-from medseg.errors import DataError, GeometryError, InputNotFoundError
-from medseg.overlay2d import save_index_png
+from medseg.core.config import DataConfig, from_dict
+from medseg.preprocessing import images2d as d2
+from medseg.core.errors import DataError, GeometryError, InputNotFoundError
+from medseg.seg2d.overlay import save_index_png
 
 
 def _rgb(path, h=20, w=30, seed=0):
@@ -128,7 +128,7 @@ def test_missing_masks_and_folders_are_clear_errors(tmp_path):
 
 
 def test_mask_size_and_values_are_checked_when_loading(tmp_path):
-    from medseg.training.trainer2d import ImagePairs
+    from medseg.seg2d.train import ImagePairs
 
     _rgb(tmp_path / "images" / "a.png")
     _index(tmp_path / "masks" / "a.png", np.zeros((10, 30)))
@@ -151,7 +151,7 @@ def test_exif_orientation_is_applied(tmp_path):
 
 
 def test_augment_crops_to_patch_and_pads_with_ignore():
-    from medseg.training.trainer2d import augment
+    from medseg.seg2d.train import augment
 
     cfg = from_dict({"task": "image2d", "model": {"name": "segnet"}, "patch": {"size": [64, 96]},
                      "augment": {"flip_axes": [0, 1], "scale": 0.0}})

@@ -41,7 +41,7 @@ from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 from pydicom.uid import generate_uid
 
-from medseg.errors import (
+from medseg.core.errors import (
     ConfigError,
     InputNotFoundError,
     UnreadableFileError,

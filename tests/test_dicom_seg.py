@@ -8,7 +8,7 @@ import numpy as np
 import pydicom
 import pytest
 
-from medseg.errors import GeometryError, MedsegError, OutputError
+from medseg.core.errors import GeometryError, MedsegError, OutputError
 from medseg.io.dicom import load_dicom_series, scan_dicom
 from medseg.io.dicom_seg import (
     SEG_SOP_CLASS,
@@ -16,7 +16,7 @@ from medseg.io.dicom_seg import (
     source_grid,
     write_dicom_seg,
 )
-from medseg.labels import Code, label_infos
+from medseg.core.labels import Code, label_infos
 from tests.conftest import TEST_DATA, rotation
 from tests.dicom_helpers import AXIAL, SECRETS, no_secrets, plain_slices, write_series
 
@@ -96,7 +96,7 @@ def test_hcrop_round_trip_codes_and_references(tmp_path):
 
 def test_hcrop_bundled_model_prediction(tmp_path):
     from medseg.inference.predictor import Predictor
-    from medseg.labels import infos_from_config
+    from medseg.core.labels import infos_from_config
 
     info, files = _series(HCROP)
     vol = load_dicom_series(info)

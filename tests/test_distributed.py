@@ -10,7 +10,7 @@ import pytest
 import torch
 from conftest import REPO
 
-from medseg.training.checkpoint import load_checkpoint
+from medseg.models.checkpoint import load_checkpoint
 from medseg.training.distributed import DistContext
 
 GLOO_EXIT_RACE = "terminate called without an active exception"

@@ -10,8 +10,8 @@ import pytest
 import torch
 from conftest import TEST_DATA, assert_clean_error, run_cli, write_checkpoint
 
-from medseg.errors import CheckpointError, ConfigError
-from medseg.inference.backends import read_export_metadata
+from medseg.core.errors import CheckpointError, ConfigError
+from medseg.models.loading import read_export_metadata
 from medseg.inference.export import export_model
 from medseg.inference.predictor import Predictor
 from medseg.io import Volume, load_volume
@@ -112,7 +112,7 @@ def test_backend_mismatch_and_foreign_files_are_refused(exported, tmp_path):
 
 
 def test_ensemble_exports_every_member(tmp_path):
-    from medseg.training.checkpoint import pack, state_digest
+    from medseg.models.checkpoint import pack, state_digest
 
     cks = []
     for seed in (0, 1):
@@ -136,7 +136,7 @@ def test_ensemble_exports_every_member(tmp_path):
 
 
 def test_batch_runs_with_the_onnx_backend(tmp_path, exported):
-    from medseg.batch import run_batch
+    from medseg.apps.batch import run_batch
 
     root = tmp_path / "in"
     root.mkdir()

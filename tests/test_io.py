@@ -10,7 +10,7 @@ import pytest
 import SimpleITK as sitk
 from conftest import blob_label, image_from_label
 
-from medseg.errors import (
+from medseg.core.errors import (
     GeometryError,
     InputNotFoundError,
     OutputError,

@@ -157,7 +157,7 @@ def _tiny_dataset(root: Path) -> Path:
 
 @pytest.mark.slow
 def test_train_killed_after_a_checkpoint_resumes_at_the_next_epoch(tmp_path):
-    from medseg.training.checkpoint import load_checkpoint
+    from medseg.models.checkpoint import load_checkpoint
 
     epochs = 20
     data, run = _tiny_dataset(tmp_path / "ds"), tmp_path / "run"

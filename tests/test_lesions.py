@@ -14,10 +14,10 @@ from conftest import GEOMETRIES, make_affine, rotation
 from scipy import ndimage
 from scipy.spatial.distance import pdist
 
-from medseg.errors import OutputError
-from medseg.evaluation import assd, evaluate, hd95, score_case, surface_dice
+from medseg.core.errors import OutputError
+from medseg.evaluation.metrics import assd, evaluate, hd95, score_case, surface_dice
 from medseg.io.volume import Volume, load_volume, save_volume
-from medseg.lesions import (
+from medseg.evaluation.lesions import (
     label_components,
     lesion_table,
     longest_diameter_mm,

@@ -7,10 +7,11 @@ import pytest
 import torch
 from conftest import GEOMETRIES, assert_clean_error, blob_label, image_from_label, run_cli, write_checkpoint
 
-from medseg.config import Config
-from medseg.errors import ResourceError
+from medseg.core.config import Config
+from medseg.core.errors import ResourceError
 from medseg.inference.engine import labels_on_source_grid, sliding_window_probs, to_source_grid
-from medseg.inference.memory import current_rss_bytes, plan_memory, processed_shape
+from medseg.inference.memory import plan_memory, processed_shape
+from medseg.core.runtime import current_rss_bytes
 from medseg.inference.predictor import Predictor
 from medseg.io import Volume
 
@@ -60,7 +61,7 @@ def test_slab_resampling_equals_one_spacingd(name, dtype, monkeypatch):
     from monai.data import MetaTensor
     from monai.transforms import Spacingd
 
-    from medseg.inference import memory
+    from medseg.preprocessing import resample as memory
 
     shape, affine = GEOMETRIES[name]
     monkeypatch.setattr(memory, "CHUNKED_RESAMPLE_VOXELS", 100)

@@ -6,8 +6,8 @@ import pytest
 import torch
 from conftest import run_cli
 
-from medseg.config import ModelConfig, from_dict
-from medseg.errors import CheckpointError, ConfigError
+from medseg.core.config import ModelConfig, from_dict
+from medseg.core.errors import CheckpointError, ConfigError
 from medseg.models import nets2d
 from medseg.models.registry import MODELS, build_model
 
@@ -153,7 +153,7 @@ def test_weights_file_with_code_is_refused(tmp_path):
 
 
 def test_weights_error_through_the_cli(tmp_path):
-    from medseg.data.images2d import make_shapes_dataset
+    from medseg.seg2d.images import make_shapes_dataset
 
     make_shapes_dataset(tmp_path / "data", n=4, size=64)
     torch.save({"nope": torch.zeros(2)}, tmp_path / "w.pth")

@@ -108,7 +108,7 @@ def test_pacs_predict_round_trip(orthanc, tmp_path):
     [seg_series] = _seg_series(orthanc, study)
     seg_uid = seg_series["0020000E"]["Value"][0]
     # pull the stored SEG back over WADO-RS and compare with a local prediction on the same series
-    from medseg.pacs import Credentials, DicomWeb
+    from medseg.apps.pacs import Credentials, DicomWeb
 
     web = DicomWeb(orthanc["url"], Credentials(USER, PASSWORD))
     [seg_file] = web.download_series(study, seg_uid, tmp_path / "seg")

@@ -14,9 +14,9 @@ import torch
 import yaml
 from conftest import GEOMETRIES, REPO
 
-from medseg.config import IntensityConfig, ModelConfig, apply_overrides, from_dict
-from medseg.data.datasets import discover_msd
-from medseg.errors import ConfigError
+from medseg.core.config import IntensityConfig, ModelConfig, apply_overrides, from_dict
+from medseg.preprocessing.datasets import discover_msd
+from medseg.core.errors import ConfigError
 from medseg.planning import (
     Fingerprint,
     apply_plan,
@@ -24,7 +24,7 @@ from medseg.planning import (
     load_plan,
     make_plan,
 )
-from medseg.transforms.intensity import INTENSITY_MODES, ClipZScore, intensity_transform
+from medseg.preprocessing.intensity import INTENSITY_MODES, ClipZScore, intensity_transform
 
 
 def write_dataset(root: Path, images, labels, affines) -> Path:
@@ -126,7 +126,7 @@ def test_anisotropic_dataset_plan(tmp_path):
     # 0.8 x 0.8 x 3.4 mm: in-plane 3x3 kernels only until the spacings are comparable (nnU-Net)
     assert plan.kernel_sizes[0] == [3, 3, 1] and plan.kernel_sizes[-1] == [3, 3, 3]
     assert len(plan.kernel_sizes) == len(plan.strides) + 1
-    from medseg.config import from_dict
+    from medseg.core.config import from_dict
     from medseg.models.registry import build_model
 
     cfg = from_dict({"model": plan.to_overrides()["model"], "patch": {"size": plan.patch_size}})
@@ -241,10 +241,10 @@ def test_cpu_plan_for_bf16_training(monkeypatch, tmp_path):
     assert "bf16" in bf16.reasons["precision"] and "in bf16" in bf16.reasons["patch_size"]
     assert bf16.reasons["precision"] != fp32.reasons["precision"]
     assert load_plan(bf16.save(tmp_path / "plan.yaml")).to_overrides() == bf16.to_overrides()
-    monkeypatch.setattr("medseg.inference.engine.cpu_has_fast_bf16", lambda: True)
+    monkeypatch.setattr("medseg.core.runtime.cpu_has_fast_bf16", lambda: True)
     assert make_plan(fp, precision="auto").to_overrides() == bf16.to_overrides()
     assert make_plan(fp, device="cuda", precision="auto").amp_dtype is None  # GPUs: train.amp decides
-    monkeypatch.setattr("medseg.inference.engine.cpu_has_fast_bf16", lambda: False)
+    monkeypatch.setattr("medseg.core.runtime.cpu_has_fast_bf16", lambda: False)
     assert make_plan(fp, precision="auto").to_overrides() == fp32.to_overrides()
     with pytest.raises(ConfigError, match="unknown training precision"):
         make_plan(fp, precision="fp8")
@@ -318,12 +318,15 @@ def test_fingerprint_all_hippocampus_cases(shared_data):
 
 
 def test_config_plan_auto_and_plan_file_fill_only_unset_keys(tmp_path, hippo_data):
-    from medseg.config import load_config
+    from medseg.core.config import load_config as load_unplanned
+    from medseg.planning import load_planned_config as load_config
     from conftest import run_cli
 
     cfg_path = tmp_path / "c.yaml"
     cfg_path.write_text(f"name: h\nplan: auto\nlabels: {{0: bg, 1: a, 2: p}}\ndata: {{root: {hippo_data}}}\n"
                         "patch: {size: [32, 32, 32]}\ntrain: {device: cpu}\n")
+    raw = load_unplanned(cfg_path)  # loading a config never plans: the trainer asks the planner
+    assert raw.plan == "auto" and raw.model.name == "unet3d" and raw.preprocess.spacing is None
     cfg = load_config(cfg_path)
     assert cfg.patch.size == [32, 32, 32]  # set by the user: kept
     assert cfg.preprocess.spacing == [1.0, 1.0, 1.0] and cfg.patch.foreground_ratio == 0.33  # planned
@@ -339,7 +342,7 @@ def test_config_plan_auto_and_plan_file_fill_only_unset_keys(tmp_path, hippo_dat
     from_file = load_config(cfg_path, ["train.batch_size=3"])
     assert from_file.train.batch_size == 3 and from_file.preprocess.spacing == cfg.preprocess.spacing
     cfg_path.write_text(cfg_path.read_text().replace(str(tmp_path / "plan.yaml"), str(tmp_path / "none.yaml")))
-    from medseg.errors import InputNotFoundError
+    from medseg.core.errors import InputNotFoundError
 
     with pytest.raises(InputNotFoundError, match="plan file not found"):
         load_config(cfg_path)

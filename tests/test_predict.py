@@ -9,14 +9,16 @@ import SimpleITK as sitk
 import torch
 from conftest import assert_clean_error, blob_label, image_from_label, run_cli, write_checkpoint
 
-from medseg.errors import (
+from medseg.core.errors import (
     ConfigError,
     InputNotFoundError,
     OutputError,
     UnknownModelError,
     UnsupportedInputError,
 )
-from medseg.inference.predictor import Predictor, predict, resolve_model
+from medseg.inference.predictor import Predictor
+from medseg.apps.run import predict
+from medseg.models.loading import resolve_model
 from medseg.io import Volume, load_volume, save_volume
 from medseg.io.sources import discover
 
@@ -126,7 +128,7 @@ def test_mirror_tta_uses_the_trained_flip_axes(tmp_path, threshold_model, hippo_
 
 def test_tta_default_comes_from_the_model_config(tmp_path, threshold_model):
     # a model packed with inference.tta=true mirrors by default; --no-tta (tta=False) turns it off
-    from medseg.training.checkpoint import pack
+    from medseg.models.checkpoint import pack
 
     ck = write_checkpoint(tmp_path / "t.pt", model_name=threshold_model, intensity="none")
     assert Predictor(ck, device="cpu").tta_axes == []

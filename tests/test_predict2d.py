@@ -10,17 +10,17 @@ from conftest import assert_clean_error, run_cli
 from PIL import Image
 from test_models2d import SMALL
 
-from medseg.config import from_dict
-from medseg.data.images2d import make_shapes_dataset, read_mask
-from medseg.evaluation2d import (
+from medseg.core.config import from_dict
+from medseg.seg2d.images import make_shapes_dataset, read_mask
+from medseg.seg2d.evaluation import (
     confusion_matrix,
     evaluate_masks,
     iou_per_class,
     mean_iou,
 )
-from medseg.inference.predict2d import ImagePredictor, predict_images
-from medseg.training.checkpoint import load_checkpoint
-from medseg.training.trainer2d import train_2d
+from medseg.seg2d.predict import ImagePredictor, predict_images
+from medseg.models.checkpoint import load_checkpoint
+from medseg.seg2d.train import train_2d
 
 
 @pytest.fixture(scope="module")
@@ -94,7 +94,7 @@ def test_iou_from_confusion_matrix():
 
 
 def test_overlay_colours_blend_and_legend(tmp_path):
-    from medseg.overlay2d import overlay
+    from medseg.seg2d.overlay import overlay
 
     rgb = np.full((300, 400, 3), 100, np.uint8)
     mask = np.zeros((300, 400), np.int64)

@@ -14,7 +14,7 @@ import pytest
 from conftest import FAST_MODEL, TEST_DATA, run_cli
 from pydicom.uid import generate_uid
 
-from medseg.privacy import anonymize_dataset, path_token, pseudonym, redact
+from medseg.core.privacy import anonymize_dataset, path_token, pseudonym, redact
 
 PHI = {
     "PatientName": "Doe^Jane^Quincy",

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from conftest import TEST_DATA, assert_clean_error, run_cli
 
-from medseg.batch import run_batch
-from medseg.errors import ConfigError, MissingDependencyError
+from medseg.apps.batch import run_batch
+from medseg.core.errors import ConfigError, MissingDependencyError
 from medseg.io import load_volume
 
 HIPPO = TEST_DATA / "hippocampus" / "imagesTr"
@@ -72,7 +72,7 @@ def test_ray_engine_from_the_cli_with_a_bad_model_is_a_clean_error(tmp_path):
 
 
 def test_missing_ray_and_unknown_engine_are_clear_errors(tmp_path, monkeypatch):
-    from medseg.engines.ray_engine import import_ray
+    from medseg.apps.ray_engine import import_ray
 
     monkeypatch.setitem(sys.modules, "ray", None)  # as if not installed
     with pytest.raises(MissingDependencyError, match="pip install 'medseg\\[ray\\]'"):

@@ -12,7 +12,7 @@ from dicom_helpers import compare_with_reference
 from dicom_helpers import convert as dcm2niix_convert
 from test_dicom import SHARED_SERIES
 
-from medseg.errors import ConfigError, UnsupportedInputError
+from medseg.core.errors import ConfigError, UnsupportedInputError
 from medseg.io.convert import convert
 from medseg.io.rules import SelectionRules, load_rules, orientation_name, select_series
 

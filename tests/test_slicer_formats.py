@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from conftest import blob_label
 
-from medseg.errors import DataError, GeometryError, OutputError
+from medseg.core.errors import DataError, GeometryError, OutputError
 from medseg.io.slicer_formats import (
     CSV_COLUMNS,
     read_seg_nrrd,
@@ -19,7 +19,7 @@ from medseg.io.slicer_formats import (
     write_seg_nrrd,
 )
 from medseg.io.volume import Volume, load_volume
-from medseg.labels import ANATOMICAL_STRUCTURE, Code, LabelInfo, label_infos
+from medseg.core.labels import ANATOMICAL_STRUCTURE, Code, LabelInfo, label_infos
 
 LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
 CONTEXT = "Segmentation category and type - 3D Slicer General Anatomy list"

@@ -7,11 +7,11 @@ import pytest
 import torch
 from conftest import blob_label
 
-from medseg.config import Config
-from medseg.errors import ConfigError
+from medseg.core.config import Config
+from medseg.core.errors import ConfigError
 from medseg.inference.engine import to_source_grid
 from medseg.io import Volume
-from medseg.transforms import (
+from medseg.preprocessing import (
     CT_PRESETS,
     CTWindow,
     PercentileNorm,
@@ -117,7 +117,7 @@ def test_processed_grid_is_ras():
 
 
 def test_training_augmentations_keep_labels_and_shapes():
-    from medseg.transforms import train_transforms
+    from medseg.preprocessing import train_transforms
 
     cfg = Config(labels={0: "bg", 1: "a", 2: "b"})
     cfg.patch.size = [16, 16, 8]

@@ -22,11 +22,10 @@ from pathlib import Path
 
 import torch
 
-from medseg.errors import CheckpointError, ConfigError, MedsegError, MissingDependencyError
+from medseg.core.errors import CheckpointError, ConfigError
+from medseg.models.loading import META_KEY, import_onnxruntime, read_export_metadata
 
 BACKENDS = ("torch", "onnxruntime", "torchscript")
-EXPORT_SUFFIXES = {".onnx": "onnxruntime", ".ts": "torchscript", ".torchscript": "torchscript"}
-META_KEY = "medseg"
 
 
 def cpu_threads() -> int:
@@ -70,7 +69,7 @@ class Ensemble(torch.nn.Module):
 class TorchRunner:
     def __init__(self, nets, device: torch.device, *, amp: bool = True, amp_dtype: str = "fp16",
                  compile: bool = False, channels_last: bool = False) -> None:
-        from medseg.inference.engine import amp_dtype as resolve_dtype
+        from medseg.core.runtime import amp_dtype as resolve_dtype
 
         self.groups = len(nets)
         self.device = device
@@ -91,7 +90,7 @@ class TorchRunner:
 
     @torch.inference_mode()
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        from medseg.inference.engine import autocast
+        from medseg.core.runtime import autocast
 
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last_3d)
@@ -126,7 +125,7 @@ class OnnxRunner:
 
 class TorchScriptRunner:
     def __init__(self, path: str | Path, *, device: torch.device, amp: bool = True, amp_dtype: str = "fp16") -> None:
-        from medseg.inference.engine import amp_dtype as resolve_dtype
+        from medseg.core.runtime import amp_dtype as resolve_dtype
 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)
@@ -136,58 +135,9 @@ class TorchScriptRunner:
 
     @torch.no_grad()
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        from medseg.inference.engine import autocast
+        from medseg.core.runtime import autocast
 
         with autocast(self.device, self.amp, self.dtype):
             return self.module(x)
 
 
-def import_onnxruntime():
-    try:
-        import onnxruntime
-    except ImportError:
-        raise MissingDependencyError("onnxruntime is not installed", expected="the onnxruntime package",
-                                     fix="pip install 'medseg[onnx]' (or pip install onnxruntime)") from None
-    onnxruntime.set_default_logger_severity(3)
-    return onnxruntime
-
-
-def is_exported(path: str | Path) -> bool:
-    return Path(path).suffix.lower() in EXPORT_SUFFIXES
-
-
-def read_export_metadata(path: str | Path) -> dict:
-    """The medseg payload stored in an exported file: ``{"config": …, "groups": …, …}``."""
-    path = Path(path)
-    suffix = path.suffix.lower()
-    try:
-        if suffix == ".onnx":
-            try:
-                import onnx
-            except ImportError:
-                ort = import_onnxruntime()
-                sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-                raw = sess.get_modelmeta().custom_metadata_map.get(META_KEY)
-            else:
-                model = onnx.load(str(path), load_external_data=False)
-                raw = next((p.value for p in model.metadata_props if p.key == META_KEY), None)
-        else:
-            extra = {f"{META_KEY}.json": ""}
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", DeprecationWarning)
-                torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
-            raw = extra[f"{META_KEY}.json"] or None
-    except MedsegError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - foreign or damaged files
-        raise CheckpointError("cannot read exported model", path=path, expected="a file written by 'medseg export'",
-                              found=f"{type(exc).__name__}: {exc}".splitlines()[0][:200],
-                              fix="export the model again with 'medseg export'") from None
-    if not raw:
-        raise CheckpointError("exported model carries no medseg config", path=path,
-                              expected="a file written by 'medseg export'", found="no 'medseg' metadata",
-                              fix="export it with 'medseg export MODEL --format onnx|torchscript'")
-    payload = json.loads(raw)
-    if "config" not in payload:
-        raise CheckpointError("exported model metadata has no config", path=path, fix="export the model again")
-    return payload

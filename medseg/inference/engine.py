@@ -2,84 +2,13 @@
 
 from __future__ import annotations
 
-import contextlib
-from pathlib import Path
-
 import numpy as np
 import torch
 from monai.data import MetaTensor
 from monai.inferers import sliding_window_inference
 from monai.transforms import SpatialResample
 
-from medseg.errors import ConfigError
-from medseg.inference.memory import last_axis_slabs
-
-
-def resolve_device(device: str = "auto") -> torch.device:
-    """``auto`` picks CUDA when present, else CPU; ``cuda`` without a GPU is an error."""
-    if device in (None, "", "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError("CUDA requested but no GPU is available", expected="a CUDA build of torch and a GPU",
-                          found=f"torch {torch.__version__} with CUDA available = False",
-                          fix="use --device cpu, or install a CUDA build of torch (see README)")
-    try:
-        return torch.device(device)
-    except RuntimeError:
-        raise ConfigError("unknown device", expected="auto, cpu, cuda or cuda:N", found=repr(device),
-                          fix="use --device auto") from None
-
-
-AMP_DTYPES = {"fp16": torch.float16, "float16": torch.float16, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
-
-
-def amp_dtype(name: str | torch.dtype | None) -> torch.dtype:
-    """``fp16`` (default) or ``bf16`` -> the autocast dtype; anything else is a ConfigError."""
-    if isinstance(name, torch.dtype):
-        return name
-    key = (name or "fp16").lower()
-    if key not in AMP_DTYPES:
-        raise ConfigError("unknown mixed-precision type", expected="fp16 or bf16", found=repr(name),
-                          fix="use --amp fp16, --amp bf16 or --amp off")
-    return AMP_DTYPES[key]
-
-
-def amp_options(text: str) -> dict:
-    """An ``--amp`` value (``fp16``, ``bf16`` or ``off``/``none``/``fp32``/``no``) -> the Predictor's
-    ``amp`` and ``amp_dtype`` options."""
-    off = text.lower() in ("off", "none", "fp32", "no")
-    return {"amp": not off, "amp_dtype": "fp16" if off else text}
-
-
-def autocast(device: torch.device, enabled: bool = True, dtype: str | torch.dtype | None = None):
-    """Mixed precision: on CUDA fp16 (the default) or bf16; on the CPU bf16 only.
-
-    fp16 asked for on the CPU is a no-op (fp32): CPU kernels gain nothing from it. bf16 on the
-    CPU runs convolutions through oneDNN in bfloat16, about twice as fast on CPUs with AMX
-    (Intel Xeon 4th generation and newer), slower on CPUs without native bf16 (see
-    :func:`cpu_has_fast_bf16`).
-    """
-    if not enabled:
-        return contextlib.nullcontext()
-    dt = amp_dtype(dtype)
-    if device.type == "cuda" or (device.type == "cpu" and dt == torch.bfloat16):
-        return torch.autocast(device_type=device.type, dtype=dt)
-    return contextlib.nullcontext()
-
-
-def cpu_has_fast_bf16() -> bool:
-    """True when this CPU has native bf16 matrix units (AMX-BF16 or AVX-512 BF16), where
-    ``bf16`` autocast speeds up convolutions; elsewhere oneDNN emulates it and it is slower."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text(errors="replace")
-    except OSError:
-        flags = ""
-    if flags:
-        return not {"amx_bf16", "avx512_bf16"}.isdisjoint(flags.split())
-    try:  # other systems: ask oneDNN
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
+from medseg.core.runtime import autocast, last_axis_slabs
 
 
 def window_size(cfg, spatial_shape, dims: int) -> list[int]:

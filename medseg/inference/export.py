@@ -18,26 +18,27 @@ from pathlib import Path
 
 import torch
 
-from medseg.errors import ConfigError, OutputError
-from medseg.inference.backends import META_KEY, Ensemble
+from medseg.core.errors import ConfigError, OutputError
+from medseg.inference.backends import Ensemble
+from medseg.models.loading import META_KEY
 from medseg.io.volume import atomic_write
 
 FORMATS = {"onnx": ".onnx", "torchscript": ".ts"}
 
 
-def _payload(predictor, fmt: str) -> dict:
-    from medseg.config import to_dict
+def _payload(loaded, fmt: str) -> dict:
+    from medseg.core.config import to_dict
 
-    return {"format": f"medseg-{fmt}", "version": 1, "config": to_dict(predictor.cfg),
-            "groups": len(predictor.nets), "source": Path(predictor.model_path).name,
-            "source_sha256": hashlib.sha256(Path(predictor.model_path).read_bytes()).hexdigest(),
-            "meta": {k: v for k, v in predictor.meta.items() if isinstance(v, (int, float, str, type(None)))}}
+    return {"format": f"medseg-{fmt}", "version": 1, "config": to_dict(loaded.cfg),
+            "groups": len(loaded.nets), "source": loaded.path.name,
+            "source_sha256": hashlib.sha256(loaded.path.read_bytes()).hexdigest(),
+            "meta": {k: v for k, v in loaded.meta.items() if isinstance(v, (int, float, str, type(None)))}}
 
 
 def export_model(model: str | Path | None, output: str | Path, fmt: str = "onnx", *, opset: int = 17) -> Path:
     """Export a checkpoint (or bundled model name) to ``output`` as ONNX or TorchScript."""
     from medseg.inference.engine import window_size
-    from medseg.inference.predictor import Predictor
+    from medseg.models.loading import load_model
 
     fmt = (fmt or "onnx").lower()
     if fmt not in FORMATS:
@@ -49,11 +50,15 @@ def export_model(model: str | Path | None, output: str | Path, fmt: str = "onnx"
         raise OutputError("exported file name has the wrong suffix", path=output,
                           expected=" or ".join(allowed), found=repr(output.suffix),
                           fix=f"name it e.g. model{FORMATS[fmt]}; predict picks the backend from the suffix")
-    pred = Predictor(model, device="cpu", backend="torch")
-    module = Ensemble([n.float().eval() for n in pred.nets]).eval()
-    roi = window_size(pred.cfg, pred.cfg.inference.roi_size or pred.cfg.patch.size, pred.spec.dims)
+    loaded = load_model(model)
+    if loaded.exported:
+        raise ConfigError("an exported model cannot be exported again", path=loaded.path,
+                          expected="a .pt checkpoint or a bundled model name", found=loaded.path.suffix,
+                          fix="export the .pt checkpoint it came from")
+    module = Ensemble([n.float().eval() for n in loaded.nets]).eval()
+    roi = window_size(loaded.cfg, loaded.cfg.inference.roi_size or loaded.cfg.patch.size, loaded.spec.dims)
     example = torch.randn(2, 1, *roi)
-    payload = json.dumps(_payload(pred, fmt), sort_keys=True)
+    payload = json.dumps(_payload(loaded, fmt), sort_keys=True)
     if fmt == "onnx":
         return atomic_write(output, lambda tmp: _write_onnx(module, example, tmp, payload, opset))
     return atomic_write(output, lambda tmp: _write_torchscript(module, example, tmp, payload))

@@ -10,7 +10,7 @@ labels), then chooses
 * where the blending slab and the image live on a GPU run (on the GPU when they fit, else
   the volume stays on the CPU and only the windows are moved to the GPU, one batch at a time),
 
-or refuses with a :class:`~medseg.errors.ResourceError` that says what to change. The
+or refuses with a :class:`~medseg.core.errors.ResourceError` that says what to change. The
 estimates are deliberately on the safe side; ``MEDSEG_MEMORY_LIMIT_GB`` caps the host memory
 medseg may plan for (useful on shared machines and in job schedulers).
 """
@@ -18,86 +18,22 @@ medseg may plan for (useful on shared machines and in job schedulers).
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
-from medseg.errors import ResourceError
+from medseg.core.errors import ResourceError
+from medseg.core.runtime import GB, available_device_bytes, available_host_bytes, current_rss_bytes
 
-GB = 1024 ** 3
 #: probabilities above this size are stored as float16 instead of float32
 COMPACT_PROBS_BYTES = 256 * 1024 ** 2
 #: share of the free GPU memory a plan may use (the CUDA caching allocator fragments)
 DEVICE_FRACTION = 0.8
 
 
-def last_axis_slabs(shape, voxels: int) -> list[tuple[int, int]]:
-    """``(start, stop)`` ranges that cut the last axis of ``shape`` into slabs of about ``voxels`` voxels
-    (at least one plane each): how every bounded-memory pass over a whole volume walks it."""
-    step = max(1, voxels // max(1, math.prod(int(s) for s in shape[:-1])))
-    n = int(shape[-1])
-    return [(a, min(a + step, n)) for a in range(0, n, step)]
-
-
 def _fmt(n: float) -> str:
     return f"{n / GB:.2f} GB"
-
-
-def available_host_bytes() -> int | None:
-    """Memory this process may still allocate: MemAvailable, the cgroup limit, MEDSEG_MEMORY_LIMIT_GB."""
-    candidates = []
-    try:
-        with open("/proc/meminfo") as fh:
-            for line in fh:
-                if line.startswith("MemAvailable:"):
-                    candidates.append(int(line.split()[1]) * 1024)
-                    break
-    except OSError:
-        try:
-            import psutil
-
-            candidates.append(int(psutil.virtual_memory().available))
-        except ImportError:
-            pass
-    for limit_file, usage_file in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
-                                   ("/sys/fs/cgroup/memory/memory.limit_in_bytes",
-                                    "/sys/fs/cgroup/memory/memory.usage_in_bytes")):
-        try:
-            with open(limit_file) as fh:
-                raw = fh.read().strip()
-            if raw.isdigit() and int(raw) < 1 << 60:
-                with open(usage_file) as fh:
-                    candidates.append(max(0, int(raw) - int(fh.read().strip())))
-            break
-        except OSError:
-            continue
-    env = os.environ.get("MEDSEG_MEMORY_LIMIT_GB")
-    if env:
-        try:
-            candidates.append(max(0, int(float(env) * GB) - current_rss_bytes()))
-        except ValueError:
-            from medseg.errors import ConfigError
-
-            raise ConfigError("bad MEDSEG_MEMORY_LIMIT_GB", expected="a number of gigabytes, e.g. 4",
-                              found=repr(env), fix="unset it or give a number") from None
-    return min(candidates) if candidates else None
-
-
-def current_rss_bytes() -> int:
-    try:
-        with open("/proc/self/statm") as fh:
-            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError):
-        return 0
-
-
-def available_device_bytes(device: torch.device) -> int | None:
-    if device.type != "cuda":
-        return None
-    free, _total = torch.cuda.mem_get_info(device)
-    return int(free)
 
 
 def processed_shape(shape, affine, cfg) -> tuple[int, int, int]:
@@ -238,91 +174,3 @@ def plan_memory(shape, affine, cfg, *, num_classes: int, device: torch.device | 
             fix=f"free memory or use a machine with more; or crop the image, or predict at a coarser spacing "
                 f"(about {shrink}x the model's) with a model trained for it; MEDSEG_MEMORY_LIMIT_GB sets the budget")
     return plan
-
-
-# ---------------------------------------------------------------------------
-# bounded-memory resampling for inference: MONAI's Spacing resamples the whole volume at
-# once with a float64 sampling grid (about 40 bytes per output voxel); this does the same
-# resampling a slab of output planes at a time, to the same target grid.
-
-#: output voxels above which resampling is done in slabs
-CHUNKED_RESAMPLE_VOXELS = 1 << 23
-SLAB_VOXELS = 1 << 21
-
-
-class ChunkedSpacingd:
-    """``Spacingd(keys, pixdim, mode="bilinear")`` for one image, computed in slabs of output planes.
-
-    The target grid (affine and shape) is MONAI's own, read from a lazy ``Spacingd``; each slab is
-    resampled by MONAI's ``SpatialResample`` with the same settings (bilinear, border padding,
-    float64 coordinates) onto the slab's part of that grid, so the values are the same as one
-    whole-volume ``Spacingd`` call. Small volumes go straight through ``Spacingd``.
-    """
-
-    def __init__(self, spacingd) -> None:
-        self.inner = spacingd
-        self.keys = list(spacingd.keys)
-
-    def __call__(self, data):
-        from monai.data import MetaTensor
-        from monai.transforms import Spacingd, SpatialResample
-
-        d = dict(data)
-        for key in self.keys:
-            img = d[key]
-            sp = self.inner.spacing_transform
-            lazy = Spacingd([key], pixdim=sp.pixdim, mode="bilinear", lazy=True)({key: img})[key]
-            shape = [int(s) for s in lazy.peek_pending_shape()]
-            affine = torch.as_tensor(lazy.peek_pending_affine(), dtype=torch.float64)
-            del lazy
-            if int(np.prod(shape)) <= CHUNKED_RESAMPLE_VOXELS:
-                d = self.inner(d)
-                continue
-            src = img if isinstance(img, MetaTensor) else MetaTensor(img)
-            out = torch.empty((src.shape[0], *shape), dtype=torch.float32)
-            resample = SpatialResample(mode="bilinear", padding_mode="border", align_corners=False,
-                                       dtype=torch.float64)
-            for k0, k1 in last_axis_slabs(shape, SLAB_VOXELS):
-                dst = affine.clone()
-                dst[:3, 3] = affine[:3, :3] @ torch.tensor([0.0, 0.0, float(k0)], dtype=torch.float64) + affine[:3, 3]
-                size = (shape[0], shape[1], k1 - k0)
-                slab = resample(_source_for_slab(src, dst, size), dst_affine=dst, spatial_size=size)
-                out[..., k0:k1] = slab.as_tensor() if isinstance(slab, MetaTensor) else slab
-                del slab
-            meta = {k: v for k, v in src.meta.items() if k != "affine"}
-            meta["spatial_shape"] = np.asarray(shape)
-            d[key] = MetaTensor(out, affine=affine, meta=meta)
-            del src, img
-        return d
-
-
-def _source_for_slab(src, dst_affine: torch.Tensor, size: tuple[int, int, int]):
-    """The part of ``src`` that bilinear sampling onto a slab (``dst_affine``, ``size``) reads, with its affine.
-
-    The slab's corners are mapped into source voxels; the box around them, one voxel wider on every side
-    and clipped to the image, holds every voxel the interpolation touches, and where the box meets the
-    image's edge border padding clamps to the same edge voxels as on the whole image. Resampling the crop
-    gives the slab the whole image would give, while converting only the crop to float64 (converting the
-    whole source once per slab cost a CT-size volume about a minute)."""
-    from monai.data import MetaTensor
-
-    src_affine = torch.as_tensor(src.affine, dtype=torch.float64)
-    to_src = torch.linalg.inv(src_affine) @ dst_affine
-    corners = torch.tensor([[i, j, k, 1.0] for i in (0, size[0] - 1) for j in (0, size[1] - 1)
-                            for k in (0, size[2] - 1)], dtype=torch.float64)
-    pts = (to_src @ corners.T)[:3]
-    extent = torch.tensor(src.shape[1:4], dtype=torch.float64) - 1
-    lo = torch.minimum(torch.clamp(torch.floor(pts.min(1).values) - 1, min=0), extent).long()
-    hi = torch.minimum(torch.clamp(torch.ceil(pts.max(1).values) + 1, min=0), extent).long()
-    crop = src.as_tensor()[:, lo[0]:hi[0] + 1, lo[1]:hi[1] + 1, lo[2]:hi[2] + 1]
-    crop_affine = src_affine.clone()
-    crop_affine[:3, 3] = src_affine[:3, :3] @ lo.to(torch.float64) + src_affine[:3, 3]
-    return MetaTensor(crop, affine=crop_affine)
-
-
-def bounded_memory_transforms(compose):
-    """The inference ``Compose`` with every ``Spacingd`` resampling in slabs (same results)."""
-    from monai.transforms import Compose, Spacingd
-
-    steps = [ChunkedSpacingd(t) if isinstance(t, Spacingd) else t for t in compose.transforms]
-    return Compose(steps)

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from medseg.errors import DataError, InputNotFoundError
+from medseg.core.errors import DataError, InputNotFoundError
 from medseg.io.volume import atomic_write
 
 SUFFIX = ".probs.npz"

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from medseg.errors import InputNotFoundError, OutputError, UnsupportedInputError
+from medseg.core.errors import InputNotFoundError, OutputError, UnsupportedInputError
 from medseg.io.rules import load_rules
 from medseg.io.sources import discover
 from medseg.io.volume import Volume, check_writable_folder, save_volume, volume_suffix

@@ -44,14 +44,14 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from medseg.errors import (
+from medseg.core.errors import (
     ConfigError,
     InputNotFoundError,
     UnreadableFileError,
     UnsupportedInputError,
 )
-from medseg.io.volume import LPS_TO_RAS, Volume, _check_finite_geometry
-from medseg.progress import progress_bar
+from medseg.io.volume import LPS_TO_RAS, Volume, check_finite_geometry
+from medseg.core.progress import progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -306,7 +306,7 @@ def scan_dicom(root: str | Path, *, progress: bool = False) -> list[SeriesInfo]:
     headers are logged as warnings and skipped. Skipped objects (non-images, localizers...)
     are listed too, with ``skip_reason`` set.
     """
-    stacks, broken = _scan_path(root, progress)
+    stacks, broken = scan_path(root, progress)
     for path, why in broken:
         log.warning("%s: damaged DICOM header, file skipped (%s)", path, why)
     return stacks
@@ -320,7 +320,7 @@ def _existing(path: str | Path) -> Path:
     return path
 
 
-def _scan_path(root: str | Path, progress: bool):
+def scan_path(root: str | Path, progress: bool):
     root = _existing(root)
     if root.is_file():
         return _scan_files([root], progress)
@@ -452,7 +452,7 @@ def load_dicom_series(source: str | Path | Iterable[str | Path] | SeriesInfo, *,
     info, ignored = _resolve(source, progress)
     frames, pixels, padding = _read_stack(info, progress)
     array, affine, meta = _assemble(frames, pixels, padding, info, uneven=uneven, tilt=tilt)
-    _check_finite_geometry(affine, Path(info.files[0]).parent)
+    check_finite_geometry(affine, Path(info.files[0]).parent)
     meta.update({k: getattr(info, k) for k in _META_FIELDS})
     meta.update(format="dicom", image_type=list(info.image_type), ignored=ignored)
     return Volume(array, affine, source=str(Path(info.files[0]).parent), meta=meta)
@@ -468,7 +468,7 @@ def _resolve(source, progress: bool) -> tuple[SeriesInfo, dict[str, int]]:
         return source, {}
     if isinstance(source, (str, os.PathLike)):
         where = Path(source)
-        stacks, broken = _scan_path(source, progress)
+        stacks, broken = scan_path(source, progress)
     else:
         files = [_existing(p) for p in source]
         if not files:

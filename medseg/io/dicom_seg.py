@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from medseg.errors import (
+from medseg.core.errors import (
     GeometryError,
     OutputError,
     UnreadableFileError,
@@ -26,7 +26,7 @@ from medseg.errors import (
 )
 from medseg.io.dicom import SAME_POSITION_MM, TILT_TOL, UNEVEN_TOL
 from medseg.io.volume import LPS_TO_RAS, Volume, atomic_write
-from medseg.labels import Code, LabelInfo
+from medseg.core.labels import Code, LabelInfo
 
 SEG_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
 GRID_TOL_MM = 1e-3
@@ -167,7 +167,7 @@ def write_dicom_seg(labels: Volume, source_files, path: str | Path, infos: list[
     One segment per ``infos`` entry; every non-zero label value needs one. ``series_number``
     defaults to the source's plus 1000. Raises :class:`GeometryError` unless the label grid is
     exactly the grid of the source slices. ``anonymize`` de-identifies the patient and study
-    attributes the SEG copies from its source (:func:`medseg.privacy.anonymize_dataset`).
+    attributes the SEG copies from its source (:func:`medseg.core.privacy.anonymize_dataset`).
     """
     import highdicom as hd
     from pydicom.uid import generate_uid
@@ -184,7 +184,7 @@ def write_dicom_seg(labels: Volume, source_files, path: str | Path, infos: list[
     values = [int(i.value) for i in infos]
     if len(set(values)) != len(values) or min(values, default=1) < 1:
         raise OutputError("label descriptions must have distinct values above 0", path=path,
-                          found=str(values), fix="pass medseg.labels.label_infos(...) for the model's labels")
+                          found=str(values), fix="pass medseg.core.labels.label_infos(...) for the model's labels")
     present = np.unique(labels.array)
     missing = sorted(set(present.tolist()) - {0} - set(values))
     if missing:
@@ -210,7 +210,7 @@ def write_dicom_seg(labels: Volume, source_files, path: str | Path, infos: list[
                           found=f"{type(exc).__name__}: {exc}".splitlines()[0][:200],
                           fix="check that the files are the slices of one image series") from None
     if anonymize:
-        from medseg.privacy import anonymize_dataset
+        from medseg.core.privacy import anonymize_dataset
 
         anonymize_dataset(seg)
     return atomic_write(path, lambda tmp: seg.save_as(tmp))

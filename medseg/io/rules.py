@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import yaml
 
-from medseg.errors import ConfigError, InputNotFoundError
+from medseg.core.errors import ConfigError, InputNotFoundError
 
 ORIENTATIONS = ("axial", "sagittal", "coronal", "oblique")
 
@@ -78,7 +78,7 @@ def load_rules(path: str | Path | None) -> SelectionRules:
     except yaml.YAMLError as exc:
         raise ConfigError("rules file is not valid YAML", path=path, found=str(exc).splitlines()[0],
                           fix="fix the YAML syntax") from None
-    from medseg.config import _from_dict
+    from medseg.core.config import dataclass_from_dict
 
     if not isinstance(data, dict):
         raise ConfigError("rules file must be a mapping", path=path, found=type(data).__name__,
@@ -86,7 +86,7 @@ def load_rules(path: str | Path | None) -> SelectionRules:
     for key in ("modality", "body_part", "orientation"):
         if isinstance(data.get(key), str):  # 'modality: MR' means [MR]
             data[key] = [data[key]]
-    rules = _from_dict(SelectionRules, data, str(path))
+    rules = dataclass_from_dict(SelectionRules, data, str(path))
     rules.validate(str(path))
     return rules
 

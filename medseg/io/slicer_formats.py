@@ -17,9 +17,9 @@ from pathlib import Path
 
 import numpy as np
 
-from medseg.errors import DataError, InputNotFoundError, OutputError, UnreadableFileError, UnsupportedInputError
+from medseg.core.errors import DataError, InputNotFoundError, OutputError, UnreadableFileError, UnsupportedInputError
 from medseg.io.volume import LPS_TO_RAS, Volume, atomic_write, check_same_grid
-from medseg.labels import GENERIC, KNOWN_TERMS, Code, LabelInfo
+from medseg.core.labels import GENERIC, KNOWN_TERMS, Code, LabelInfo
 
 SEGMENT_CONTEXT = "Segmentation category and type - 3D Slicer General Anatomy list"
 ANATOMIC_CONTEXT = "Anatomic codes - DICOM master list"

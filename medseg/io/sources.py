@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from medseg.errors import InputNotFoundError, UnreadableFileError, UnsupportedInputError
+from medseg.core.errors import InputNotFoundError, UnreadableFileError, UnsupportedInputError
 from medseg.io.rules import SelectionRules, select_series
 from medseg.io.volume import Volume, case_name, load_volume, volume_suffix
 
@@ -110,7 +110,7 @@ def _is_volume_file(p: Path) -> bool:
 def discover(inputs: list[str | Path], rules: SelectionRules | None = None, *, mirror_root: Path | None = None,
              recursive: bool = True) -> tuple[list[InputItem], list[Skipped]]:
     """Everything to segment under ``inputs``, and what was skipped with the reason."""
-    from medseg.io.dicom import _scan_path
+    from medseg.io.dicom import scan_path
 
     rules = rules or SelectionRules()
     items: list[InputItem] = []
@@ -134,7 +134,7 @@ def discover(inputs: list[str | Path], rules: SelectionRules | None = None, *, m
         items.extend(_volume_item(f, base if f.is_relative_to(base) else f.parent) for f in vols)
         series, damaged = [], []
         for root in dicom_roots:
-            found, broken = _scan_path(root, False)
+            found, broken = scan_path(root, False)
             series += found
             damaged += broken
         folders = set()

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from medseg.errors import (
+from medseg.core.errors import (
     GeometryError,
     InputNotFoundError,
     MedsegError,
@@ -137,7 +137,7 @@ def _squeeze_to_3d(array: np.ndarray, path: Path) -> np.ndarray:
     return array
 
 
-def _check_finite_geometry(affine: np.ndarray, path: Path) -> None:
+def check_finite_geometry(affine: np.ndarray, path: Path) -> None:
     if not np.all(np.isfinite(affine)):
         raise UnreadableFileError("header geometry contains NaN or Inf", path=path,
                                   expected="a finite voxel-to-world affine", found=str(affine.tolist()),
@@ -172,7 +172,7 @@ def load_volume(path: str | Path, *, dtype: Any = None) -> Volume:
         vol = _load_nifti(path)
     else:
         vol = _load_itk(path)
-    _check_finite_geometry(vol.affine, path)
+    check_finite_geometry(vol.affine, path)
     if dtype is not None:
         vol.array = vol.array.astype(dtype, copy=False)
     return vol
@@ -229,7 +229,7 @@ def _check_declared_size(shape, itemsize: int, path: Path) -> None:
         return
     declared = n * max(1, int(itemsize))
     try:
-        from medseg.inference.memory import available_host_bytes
+        from medseg.core.runtime import available_host_bytes
 
         avail = available_host_bytes()
     except ImportError:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from medseg.errors import ConfigError, UnsupportedInputError
+from medseg.core.errors import ConfigError, UnsupportedInputError
 from medseg.io.volume import Volume, save_volume
 
 FORMATS = {"nifti": ".nii.gz", "nrrd": ".nrrd", "seg.nrrd": ".seg.nrrd", "dicom-seg": ".dcm"}

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from medseg.errors import CheckpointError, ConfigError
+from medseg.core.errors import CheckpointError, ConfigError
 
 # ---------------------------------------------------------------------------
 # helpers
@@ -344,7 +344,7 @@ HEAD_PREFIXES = ("fc.", "classifier.", "head.")
 
 def _read_state(path: Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
-        from medseg.errors import InputNotFoundError
+        from medseg.core.errors import InputNotFoundError
 
         raise InputNotFoundError("weights file not found", path=path, expected="a state_dict saved with torch.save",
                                  fix="check model.weights in the config")

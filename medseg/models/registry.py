@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from medseg.errors import UnknownModelError
+from medseg.core.errors import UnknownModelError
 
 
 class SliceWise(nn.Module):
@@ -37,7 +37,7 @@ def _unet(spatial_dims: int):
         from monai.networks.nets import UNet
 
         if len(cfg.strides) != len(cfg.channels) - 1:
-            from medseg.errors import ConfigError
+            from medseg.core.errors import ConfigError
 
             raise ConfigError("model.strides must have one entry fewer than model.channels",
                               expected=f"{len(cfg.channels) - 1} strides", found=str(cfg.strides),
@@ -65,7 +65,7 @@ def _dynunet(cfg, in_channels: int, out_channels: int) -> nn.Module:
     """
     from monai.networks.nets import DynUNet
 
-    from medseg.errors import ConfigError
+    from medseg.core.errors import ConfigError
 
     if len(cfg.strides) != len(cfg.channels) - 1:
         raise ConfigError("model.strides must have one entry fewer than model.channels",
@@ -149,7 +149,7 @@ def build_model(model_cfg, in_channels: int, out_channels: int) -> nn.Module:
 def register_model(spec: ModelSpec, *, replace: bool = False) -> None:
     """Add an architecture to the registry (e.g. from a plugin or a test)."""
     if spec.name in MODELS and not replace:
-        from medseg.errors import ConfigError
+        from medseg.core.errors import ConfigError
 
         raise ConfigError(f"model '{spec.name}' is already registered", fix="pick another name or pass replace=True")
     MODELS[spec.name] = spec

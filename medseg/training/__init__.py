@@ -1,12 +1,6 @@
-"""Training loop and checkpoints."""
+"""Training: the loop (resumable, CPU or GPU), cross-validation and distributed training."""
 
-from medseg.training.checkpoint import (
-    config_from_checkpoint,
-    load_checkpoint,
-    save_checkpoint,
-)
-
-__all__ = ["config_from_checkpoint", "load_checkpoint", "save_checkpoint", "train"]
+__all__ = ["train"]
 
 
 def train(*args, **kwargs):

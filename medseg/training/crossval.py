@@ -19,12 +19,13 @@ from pathlib import Path
 
 import numpy as np
 
-from medseg.config import Config
-from medseg.data.datasets import kfold_split, training_pool
-from medseg.errors import CheckpointError, DataError, InputNotFoundError
+from medseg.core.config import Config
+from medseg.preprocessing.datasets import kfold_split, training_pool
+from medseg.core.errors import CheckpointError, DataError, InputNotFoundError
 from medseg.inference.probabilities import SUFFIX as PROBS_SUFFIX
 from medseg.io.volume import atomic_write, load_volume, save_volume
-from medseg.postprocess import apply_postprocessing, choose_postprocessing, mean_dice_per_class
+from medseg.inference.postprocess import apply_postprocessing
+from medseg.evaluation.choose import choose_postprocessing, mean_dice_per_class
 
 
 @dataclass
@@ -60,7 +61,7 @@ def predict_fold_validation(cfg: Config, fold_dir: Path, *, device: str = "auto"
     weights, EMA when kept) into ``fold_dir/out_name``, on the case's own grid; Dice per case.
     ``save_probabilities``: also keep each case's probabilities (``CASE.probs.npz``), to ensemble later."""
     from medseg.inference.predictor import Predictor
-    from medseg.progress import progress_bar
+    from medseg.core.progress import progress_bar
 
     ck_path = fold_dir / checkpoint
     if not ck_path.is_file():

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from medseg.errors import ConfigError
+from medseg.core.errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -49,7 +49,7 @@ def setup(ctx: DistContext, device_pref: str) -> torch.device:
     """Join the process group; returns this process's device."""
     import torch.distributed as dist
 
-    from medseg.inference.engine import resolve_device
+    from medseg.core.runtime import resolve_device
 
     device = resolve_device(device_pref)
     if not ctx.enabled:

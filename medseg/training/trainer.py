@@ -11,14 +11,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from medseg.config import Config, save_config, to_dict
-from medseg.data.datasets import holdout_split, kfold_split, split_cases
-from medseg.data.verify import check_training_inputs
-from medseg.errors import CheckpointError, DataError
-from medseg.inference.engine import autocast, sliding_window_logits
+from medseg.core.config import Config, to_dict
+from medseg.models.checkpoint import save_config
+from medseg.preprocessing.datasets import holdout_split, kfold_split, split_cases
+from medseg.preprocessing.verify import check_training_inputs
+from medseg.core.errors import CheckpointError, DataError
+from medseg.inference.engine import sliding_window_logits
+from medseg.core.runtime import autocast
 from medseg.io.volume import atomic_write, remove_partial_files
 from medseg.models.registry import build_model, get_spec
-from medseg.training.checkpoint import (
+from medseg.models.checkpoint import (
     config_from_checkpoint,
     host_state,
     load_checkpoint,
@@ -109,7 +111,7 @@ def grad_scaler(device: torch.device, tc, say=None) -> torch.amp.GradScaler:
     """Loss scaling for fp16 on CUDA only (bf16 keeps fp32's exponent range and needs none).
 
     Checks ``train.amp_dtype`` and warns when bf16 is asked for on a CPU without native bf16."""
-    from medseg.inference.engine import amp_dtype, cpu_has_fast_bf16
+    from medseg.core.runtime import amp_dtype, cpu_has_fast_bf16
 
     dt = amp_dtype(tc.amp_dtype)
     if say and device.type == "cpu" and tc.amp and dt == torch.bfloat16 and not cpu_has_fast_bf16():
@@ -199,7 +201,7 @@ def train(cfg: Config, *, resume: bool = False, progress: bool = True, log=None)
     from monai.utils import set_determinism
     from rich.console import Console
 
-    from medseg.transforms.pipeline import train_transforms, val_transforms
+    from medseg.preprocessing.pipeline import train_transforms, val_transforms
 
     console = Console(stderr=True)
     ctx = DistContext.from_env()
@@ -291,7 +293,7 @@ def train(cfg: Config, *, resume: bool = False, progress: bool = True, log=None)
         f"device {device}; model {cfg.model.name} ({sum(p.numel() for p in model.parameters()):,} parameters)"
         + (f"; {ctx.world_size} processes" if ctx.enabled else ""))
 
-    from medseg.progress import progress_bar
+    from medseg.core.progress import progress_bar
 
     t_start = time.time() - (history[-1]["elapsed_s"] if history else 0.0)
     epoch = start_epoch - 1

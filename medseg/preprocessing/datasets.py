@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from medseg.errors import ConfigError, DataError, InputNotFoundError
+from medseg.core.errors import ConfigError, DataError, InputNotFoundError
 from medseg.io.volume import case_name, volume_suffix
 
 
@@ -25,11 +25,11 @@ class Case:
         return d
 
 
-def _volume_files(folder: Path) -> list[Path]:
+def volume_files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".") and volume_suffix(p))
 
 
-def _image_key(path: Path) -> str:
+def image_key(path: Path) -> str:
     """``case_0000.nii.gz`` (nnU-Net channel suffix) and ``case.nii.gz`` both pair with label ``case``."""
     name = case_name(path)
     if len(name) > 5 and name[-5] == "_" and name[-4:].isdigit():
@@ -50,10 +50,10 @@ def discover_msd(root: str | Path) -> list[Case]:
         raise InputNotFoundError("not an MSD-style dataset folder", path=root,
                                  expected="subfolders imagesTr/ and labelsTr/", found=found,
                                  fix="arrange images and labels that way or use a datalist JSON (data.datalist)")
-    labels = {case_name(p): p for p in _volume_files(labels_dir)}
+    labels = {case_name(p): p for p in volume_files(labels_dir)}
     cases, unpaired = [], []
-    for img in _volume_files(images_dir):
-        key = _image_key(img)
+    for img in volume_files(images_dir):
+        key = image_key(img)
         lab = labels.get(key) or labels.get(case_name(img))
         if lab is None:
             unpaired.append(img.name)

@@ -15,26 +15,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from medseg.config import Config
-from medseg.data.images2d import IMAGE_SUFFIXES, read_image, to_tensor
-from medseg.errors import InputNotFoundError, OutputError, UnsupportedInputError
-from medseg.inference.engine import resolve_device
-from medseg.models.registry import build_model
-from medseg.training.checkpoint import config_from_checkpoint, load_checkpoint, member_states
+from medseg.core.config import Config
+from medseg.seg2d.images import IMAGE_SUFFIXES, read_image, to_tensor
+from medseg.core.errors import InputNotFoundError, OutputError, UnsupportedInputError
+from medseg.core.runtime import resolve_device
+from medseg.models.loading import LoadedModel, load_model
 
 
 def is_image_file(path: str | Path) -> bool:
     return Path(path).suffix.lower() in IMAGE_SUFFIXES
-
-
-def is_image_model(model: str | Path | None) -> bool:
-    """True when ``model`` is a checkpoint of a ``task: image2d`` config."""
-    if model is None:
-        return False
-    path = Path(model)
-    if path.suffix != ".pt" or not path.is_file():
-        return False
-    return load_checkpoint(path)["config"].get("task", "volume") == "image2d"
 
 
 def image_inputs(inputs: list[str | Path]) -> list[Path]:
@@ -60,26 +49,24 @@ def image_inputs(inputs: list[str | Path]) -> list[Path]:
 class ImagePredictor:
     """Load a 2D image checkpoint once, then segment images of any size."""
 
-    def __init__(self, model: str | Path, device: str = "auto", *, amp: bool = True) -> None:
-        self.model_path = Path(model)
-        ck = load_checkpoint(self.model_path)
-        self.cfg: Config = config_from_checkpoint(ck, source=str(self.model_path))
+    def __init__(self, model: "str | Path | LoadedModel", device: str = "auto", *, amp: bool = True) -> None:
+        loaded = load_model(model)  # a LoadedModel is taken as it is: the file is read once
+        self.model_path = loaded.path
+        self.cfg: Config = loaded.cfg
         if self.cfg.task != "image2d":
             raise UnsupportedInputError("not a 2D image model", path=self.model_path,
                                         expected="a checkpoint trained with task: image2d",
                                         found=f"task: {self.cfg.task}", fix="segment volumes with it instead")
         self.device = resolve_device(device)
         self.amp = amp
-        self.model = build_model(self.cfg.model, 3, self.cfg.num_classes)
-        self.model.load_state_dict(member_states(ck)[0])
-        self.model.to(self.device).eval()
+        self.model = loaded.nets[0].to(self.device).eval()
 
     @property
     def labels(self) -> dict[int, str]:
         return dict(self.cfg.labels)
 
     def probabilities(self, rgb: np.ndarray) -> torch.Tensor:
-        from medseg.training.trainer2d import logits_2d
+        from medseg.seg2d.train import logits_2d
 
         return logits_2d(self.model, to_tensor(rgb)[None], self.device, self.amp)[0].softmax(0)
 
@@ -95,11 +82,11 @@ class ImageResult:
     seconds: float
 
 
-def predict_images(inputs: list[str | Path], outdir: str | Path, *, model: str | Path, device: str = "auto",
+def predict_images(inputs: list[str | Path], outdir: str | Path, *, model: "str | Path | LoadedModel", device: str = "auto",
                    overlays: bool = True, alpha: float = 0.5, progress: bool = True) -> list[ImageResult]:
     """Segment every image; ``OUTDIR/<stem>.png`` index masks and ``OUTDIR/overlays/<stem>.png``."""
-    from medseg.overlay2d import class_colors, save_index_png, save_overlay
-    from medseg.progress import progress_bar
+    from medseg.seg2d.overlay import class_colors, save_index_png, save_overlay
+    from medseg.core.progress import progress_bar
 
     outdir = Path(outdir)
     files = image_inputs(inputs)

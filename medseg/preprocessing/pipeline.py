@@ -28,7 +28,7 @@ from monai.transforms import (
 )
 
 from medseg.io.volume import Volume, load_volume
-from medseg.transforms.intensity import intensity_transform
+from medseg.preprocessing.intensity import intensity_transform
 
 
 def volume_to_metatensor(vol: Volume, dtype=torch.float32) -> MetaTensor:

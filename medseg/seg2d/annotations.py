@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from medseg.errors import (
+from medseg.core.errors import (
     DataError,
     InputNotFoundError,
     OutputError,
@@ -352,7 +352,7 @@ def read_class_list(path: str | Path) -> list[str]:
         raise InputNotFoundError("class list not found", path=path, expected="a text file, one class a line",
                                  fix="check the --classes path")
     if path.suffix.lower() == ".json":
-        from medseg.data.images2d import read_classes_json
+        from medseg.seg2d.images import read_classes_json
 
         classes, _ = read_classes_json(path)
         return [classes[k] for k in sorted(classes)]
@@ -371,7 +371,7 @@ def import_annotations(src: str | Path, outdir: str | Path, *, fmt: str = "auto"
     otherwise class 0 is ``background`` followed by the source's labels (COCO: category ids,
     CVAT: the task's label list, Labelme: first appearance over the files sorted by name).
     """
-    from medseg.overlay2d import class_colors, save_index_png
+    from medseg.seg2d.overlay import class_colors, save_index_png
 
     src, outdir = Path(src), Path(outdir)
     if not src.exists():

@@ -16,15 +16,14 @@ import fcntl
 import json
 import os
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-from medseg.errors import ConfigError, InputNotFoundError, MedsegError, OutputError
+from medseg.core.errors import ConfigError, InputNotFoundError, MedsegError, OutputError
 from medseg.io.sources import InputItem, discover
 from medseg.io.volume import atomic_write, check_writable_folder
-from medseg.privacy import path_token, redact
+from medseg.core.privacy import path_token, redact
 
 MANIFEST_FIELDS = ("key", "input", "kind", "output", "outputs", "status", "reason", "load_s", "predict_s", "write_s",
                    "input_hash", "fingerprint", "stored", "finished_at")
@@ -159,7 +158,7 @@ def run_batch(root: str | Path, outdir: str | Path, *, model: str | None = None,
 
     ``runtime``: :class:`~medseg.inference.predictor.Predictor` options (``backend``, ``amp``,
     ``amp_dtype``, ``compile``, ``threads``). ``engine="ray"`` spreads the series over Ray actors
-    (one model each; :mod:`medseg.engines.ray_engine`), ``workers`` of them (default: one per CPU
+    (one model each; :mod:`medseg.apps.ray_engine`), ``workers`` of them (default: one per CPU
     of the cluster), on the cluster at ``ray_address`` (default: a local one); the manifest is the same.
 
     ``on_done(item, written_paths) -> dict`` runs after each series is written (e.g. to
@@ -167,14 +166,15 @@ def run_batch(root: str | Path, outdir: str | Path, *, model: str | None = None,
     ``stored``. Finished rows without ``stored`` are completed by calling it again.
 
     Privacy: without ``record_paths`` the manifest, the summary and failure reasons name each
-    input by a hash of its path relative to ``root`` (:func:`medseg.privacy.path_token`), as
+    input by a hash of its path relative to ``root`` (:func:`medseg.core.privacy.path_token`), as
     folder names often hold patient names. ``anonymize`` de-identifies DICOM SEG outputs.
     """
-    from medseg.inference.predictor import Predictor, default_format
+    from medseg.apps.run import default_format, run_items
+    from medseg.core.labels import infos_from_config
+    from medseg.core.progress import progress_bar
+    from medseg.inference.predictor import Predictor
     from medseg.io.rules import load_rules
-    from medseg.io.writers import check_formats, write_labels
-    from medseg.labels import infos_from_config
-    from medseg.progress import progress_bar
+    from medseg.io.writers import check_formats
 
     root, outdir = Path(root), Path(outdir)
     if engine not in ("local", "ray"):
@@ -231,7 +231,8 @@ def run_batch(root: str | Path, outdir: str | Path, *, model: str | None = None,
             summary.seconds = time.perf_counter() - t_start
             return summary
         if engine == "ray":
-            from medseg.engines.ray_engine import model_config, run_ray
+            from medseg.apps.ray_engine import run_ray
+            from medseg.models.loading import model_config
 
             infos = infos_from_config(model_config(model))  # checks the model before any worker starts
             results = run_ray(todo, model=model, device=device, runtime=runtime, outdir=outdir, formats=formats,
@@ -243,77 +244,48 @@ def run_batch(root: str | Path, outdir: str | Path, *, model: str | None = None,
             return summary
         predictor = Predictor(model, device=device, **(runtime or {}))
         infos = infos_from_config(predictor.cfg)
-        opts = dict(dicom_options or {})
-
-        def load(it: InputItem):
-            t0 = time.perf_counter()
-            try:
-                vol = it.load(**opts) if it.kind == "dicom" else it.load()
-                return vol, it.input_hash(), time.perf_counter() - t0, None
-            except MedsegError as exc:
-                return None, None, time.perf_counter() - t0, exc
-            except Exception as exc:  # a broken file must not stop the archive
-                return None, None, time.perf_counter() - t0, exc
-
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="medseg-prefetch") as pool, \
-                progress_bar("batch", total=len(todo), enabled=progress) as advance:
-            future: Future = pool.submit(load, todo[0])
-            for idx, it in enumerate(todo):
-                vol, digest, load_s, err = future.result()
-                if idx + 1 < len(todo):
-                    future = pool.submit(load, todo[idx + 1])
-                row = {"key": it.key, "input": shown(it.path), "kind": it.kind,
-                       "fingerprint": fingerprint(it), "load_s": round(load_s, 3)}
-                if err is None:
-                    try:
-                        t1 = time.perf_counter()
-                        labels = predictor.predict_volume(vol)
-                        t2 = time.perf_counter()
-                        rel = it.output_relpath()
-                        files = list(it.series.files) if it.kind == "dicom" and it.series is not None else None
-                        written = write_labels(labels, vol, outdir / rel.with_name(it.name),
-                                               formats or [default_format(it)], infos=infos,
-                                               source_files=files, model_name=predictor.cfg.name,
-                                               anonymize=anonymize)
-                        rels = [str(p.relative_to(outdir)) for p in written]
-                        row.update(status="done", output=rels[0], outputs=rels, reason=None, input_hash=digest,
-                                   predict_s=round(t2 - t1, 3), write_s=round(time.perf_counter() - t2, 3))
-                        if on_done is not None:
-                            row.update(on_done(it, written))
-                        summary.done += 1
-                    except Exception as exc:  # noqa: BLE001 - recorded, the batch goes on
-                        err = exc
-                _record_row(row, err, it, manifest, summary, hide, outdir, infos,
-                            formats or sorted({default_format(t) for t in todo}))
-                advance(it.name)
+        table_formats = formats or sorted({default_format(t) for t in todo})
+        with progress_bar("batch", total=len(todo), enabled=progress) as advance:
+            for res in run_items(predictor, todo, lambda it: outdir / it.output_relpath().with_name(it.name), formats,
+                                 dicom_options=dicom_options, anonymize=anonymize, isolate=True, hash_input=True):
+                _record(res.item, res.record(outdir), manifest, summary, outdir, on_done, shown, hide, infos,
+                        table_formats)
+                advance(res.item.name)
     summary.seconds = time.perf_counter() - t_start
     return summary
 
 
 def _merge_results(results, manifest: Manifest, summary: BatchSummary, outdir: Path, on_done, shown, hide,
                    progress: bool, total: int, infos, table_formats: list[str]) -> None:
-    """Record ``(item, result)`` pairs from a distributed engine in the manifest, as the local loop does."""
-    from medseg.progress import progress_bar
+    """Record ``(item, fields)`` pairs from a distributed engine in the manifest, as the local loop does."""
+    from medseg.core.progress import progress_bar
 
     with progress_bar("batch", total=total, enabled=progress) as advance:
-        for it, res in results:
-            row = {"key": it.key, "input": shown(it.path), "kind": it.kind, "fingerprint": fingerprint(it),
-                   "load_s": res.get("load_s")}
-            err = None
-            if res.get("status") == "done":
-                rels = res["outputs"]
-                row.update(status="done", output=rels[0], outputs=rels, reason=None, input_hash=res.get("input_hash"),
-                           predict_s=res.get("predict_s"), write_s=res.get("write_s"))
-                try:
-                    if on_done is not None:
-                        row.update(on_done(it, [outdir / r for r in rels]))
-                    summary.done += 1
-                except Exception as exc:  # noqa: BLE001 - recorded, the batch goes on
-                    err = exc
-            else:
-                err = res.get("reason") or "failed"
-            _record_row(row, err, it, manifest, summary, hide, outdir, infos, table_formats)
+        for it, fields in results:
+            _record(it, fields, manifest, summary, outdir, on_done, shown, hide, infos, table_formats)
             advance(it.name)
+
+
+def _record(it: InputItem, res: dict, manifest: Manifest, summary: BatchSummary, outdir: Path, on_done, shown, hide,
+            infos, table_formats: list[str]) -> None:
+    """One item's manifest row from its :meth:`~medseg.apps.run.ItemResult.record` (local loop and distributed
+    engines alike)."""
+    row = {"key": it.key, "input": shown(it.path), "kind": it.kind, "fingerprint": fingerprint(it),
+           "load_s": res.get("load_s")}
+    err = None
+    if res.get("status") == "done":
+        rels = res["outputs"]
+        row.update(status="done", output=rels[0], outputs=rels, reason=None, input_hash=res.get("input_hash"),
+                   predict_s=res.get("predict_s"), write_s=res.get("write_s"))
+        try:
+            if on_done is not None:
+                row.update(on_done(it, [outdir / r for r in rels]))
+            summary.done += 1
+        except Exception as exc:  # noqa: BLE001 - recorded, the batch goes on
+            err = exc
+    else:
+        err = res.get("reason") or "failed"
+    _record_row(row, err, it, manifest, summary, hide, outdir, infos, table_formats)
 
 
 def _record_row(row: dict, err, it: InputItem, manifest: Manifest, summary: BatchSummary, hide, outdir: Path,

@@ -1,6 +1,6 @@
 """Preprocessing and augmentation transforms (MONAI array transforms plus dictionary wrappers)."""
 
-from medseg.transforms.intensity import (
+from medseg.preprocessing.intensity import (
     CT_PRESETS,
     INTENSITY_MODES,
     CTWindow,
@@ -11,7 +11,7 @@ from medseg.transforms.intensity import (
     ZScored,
     ct_window_bounds,
 )
-from medseg.transforms.pipeline import (
+from medseg.preprocessing.pipeline import (
     LoadVolumed,
     inference_transforms,
     preprocess_transforms,

@@ -12,23 +12,8 @@ import numpy as np
 import torch
 from monai.transforms import MapTransform, Transform
 
-from medseg.errors import ConfigError
-
-#: Named CT windows as (level, width) in Hounsfield units.
-CT_PRESETS: dict[str, tuple[float, float]] = {
-    "brain": (40.0, 80.0),
-    "subdural": (75.0, 215.0),
-    "stroke": (32.0, 8.0),
-    "soft_tissue": (50.0, 400.0),
-    "abdomen": (60.0, 400.0),
-    "liver": (80.0, 150.0),
-    "mediastinum": (50.0, 350.0),
-    "lung": (-600.0, 1500.0),
-    "bone": (400.0, 1800.0),
-}
-
-INTENSITY_MODES = ("zscore", "percentile", "ct_window", "ct_fingerprint", "none")
-
+from medseg.core.config import CT_PRESETS, INTENSITY_MODES
+from medseg.core.errors import ConfigError
 
 def ct_window_bounds(preset: str | None = None, window: Sequence[float] | None = None) -> tuple[float, float]:
     """(low, high) HU bounds for a preset name or an explicit ``[level, width]``."""
@@ -70,7 +55,7 @@ def _slab_mean_std(plain: torch.Tensor, mask: torch.Tensor | None, slab_voxels: 
     merged with Chan's pairwise update, so no float64 copy of the volume and no boolean-indexed
     copies are made (the two-pass version indexed every slab twice, about 3x slower on a CT).
     """
-    from medseg.inference.memory import last_axis_slabs
+    from medseg.core.runtime import last_axis_slabs
 
     n, mean, m2 = 0, 0.0, 0.0
     for a, b in last_axis_slabs(plain.shape, slab_voxels):
@@ -224,7 +209,7 @@ def _fingerprint_values(cfg) -> tuple[float, float, float, float]:
 
 
 def intensity_transform(cfg, keys) -> MapTransform | None:
-    """The dictionary intensity transform chosen by an :class:`~medseg.config.IntensityConfig`."""
+    """The dictionary intensity transform chosen by an :class:`~medseg.core.config.IntensityConfig`."""
     if cfg.mode == "zscore":
         return ZScored(keys, nonzero=cfg.nonzero)
     if cfg.mode == "percentile":

@@ -13,10 +13,9 @@ Ray is optional (``pip install 'medseg[ray]'``); it is imported only when this e
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
-from medseg.errors import MedsegError, MissingDependencyError
+from medseg.core.errors import MedsegError, MissingDependencyError
 
 
 def import_ray():
@@ -37,14 +36,12 @@ class SegmentWorker:
         import torch
 
         from medseg.inference.predictor import Predictor
-        from medseg.labels import infos_from_config
 
         if threads:
             torch.set_num_threads(int(threads))
         runtime = dict(runtime or {})
         runtime.setdefault("threads", threads)
         self.predictor = Predictor(model, device=device, **runtime)
-        self.infos = infos_from_config(self.predictor.cfg)
         self.outdir = Path(outdir)
         self.formats = formats
         self.anonymize = anonymize
@@ -54,36 +51,12 @@ class SegmentWorker:
         return True
 
     def run(self, item) -> dict:
-        return segment_one(self.predictor, item, self.outdir, self.formats, self.infos, self.anonymize,
-                           self.dicom_options)
+        """Segment one item through the run loop; its manifest fields (never raises for bad input)."""
+        from medseg.apps.run import run_one
 
-
-def segment_one(predictor, item, outdir: Path, formats, infos, anonymize: bool, dicom_options: dict) -> dict:
-    """Load, segment and write one item; returns the manifest fields (never raises for bad input)."""
-    from medseg.inference.predictor import default_format
-    from medseg.io.writers import write_labels
-
-    res: dict = {}
-    t0 = time.perf_counter()
-    try:
-        vol = item.load(**dicom_options) if item.kind == "dicom" else item.load()
-        res["input_hash"] = item.input_hash()
-        t1 = time.perf_counter()
-        res["load_s"] = round(t1 - t0, 3)
-        labels = predictor.predict_volume(vol)
-        t2 = time.perf_counter()
-        rel = item.output_relpath()
-        files = list(item.series.files) if item.kind == "dicom" and item.series is not None else None
-        written = write_labels(labels, vol, outdir / rel.with_name(item.name), formats or [default_format(item)],
-                               infos=infos, source_files=files, model_name=predictor.cfg.name, anonymize=anonymize)
-        res.update(status="done", outputs=[str(p.relative_to(outdir)) for p in written],
-                   predict_s=round(t2 - t1, 3), write_s=round(time.perf_counter() - t2, 3))
-    except MedsegError as exc:
-        res.update(status="failed", reason=str(exc))
-    except Exception as exc:  # noqa: BLE001 - a broken file must not stop the archive
-        res.update(status="failed", reason=f"internal error: {type(exc).__name__}: {exc}")
-    res.setdefault("load_s", round(time.perf_counter() - t0, 3))
-    return res
+        res = run_one(self.predictor, item, self.outdir / item.output_relpath().with_name(item.name), self.formats,
+                      dicom_options=self.dicom_options, anonymize=self.anonymize, isolate=True, hash_input=True)
+        return res.record(self.outdir)
 
 
 def run_ray(todo: list, *, model, device: str, runtime: dict | None, outdir: Path, formats, anonymize: bool,
@@ -99,7 +72,7 @@ def run_ray(todo: list, *, model, device: str, runtime: dict | None, outdir: Pat
             ray.init(ignore_reinit_error=True, include_dashboard=False, log_to_driver=False,
                      configure_logging=False, **kwargs)
         except (ConnectionError, ValueError, RuntimeError) as exc:
-            from medseg.errors import ConfigError
+            from medseg.core.errors import ConfigError
 
             raise ConfigError("cannot connect to the Ray cluster", path=None, expected="a running Ray cluster",
                               found=f"{type(exc).__name__}: {exc}".splitlines()[0][:200],
@@ -144,14 +117,3 @@ def run_ray(todo: list, *, model, device: str, runtime: dict | None, outdir: Pat
     finally:
         if started:
             ray.shutdown()
-
-
-def model_config(model):
-    """The resolved config of a model (bundled name, .pt, .onnx or .ts) without building the network."""
-    from medseg.inference.backends import is_exported, read_export_metadata
-    from medseg.inference.predictor import resolve_model
-    from medseg.training.checkpoint import config_from_checkpoint, load_checkpoint
-
-    path = resolve_model(model)
-    payload = read_export_metadata(path) if is_exported(path) else load_checkpoint(path)
-    return config_from_checkpoint(payload, source=str(path))

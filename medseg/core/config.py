@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -18,7 +20,32 @@ from typing import Any
 
 import yaml
 
-from medseg.errors import ConfigError, InputNotFoundError
+from medseg.core.errors import ConfigError, InputNotFoundError
+
+
+#: Named CT windows as (level, width) in Hounsfield units (``preprocess.intensity.ct_preset``).
+CT_PRESETS: dict[str, tuple[float, float]] = {
+    "brain": (40.0, 80.0),
+    "subdural": (75.0, 215.0),
+    "stroke": (32.0, 8.0),
+    "soft_tissue": (50.0, 400.0),
+    "abdomen": (60.0, 400.0),
+    "liver": (80.0, 150.0),
+    "mediastinum": (50.0, 350.0),
+    "lung": (-600.0, 1500.0),
+    "bone": (400.0, 1800.0),
+}
+#: ``preprocess.intensity.mode`` values.
+INTENSITY_MODES = ("zscore", "percentile", "ct_window", "ct_fingerprint", "none")
+#: ``inference.postprocess`` steps, in the order they are applied.
+POSTPROCESS_STEPS = ("keep_largest_foreground", "keep_largest")
+#: ``data.layout`` values of ``task: image2d``.
+LAYOUTS = ("auto", "folders", "voc", "cityscapes", "camvid")
+#: Models that take PNG/JPEG images only (``task: image2d``), and every model that takes them.
+IMAGE_ONLY_MODELS = ("fcn_resnet", "segnet", "deeplabv3plus_mobilenetv3", "flexunet2d")
+IMAGE2D_MODELS = (*IMAGE_ONLY_MODELS, "unet2d")
+#: Models that take volumes only (``task: volume``).
+VOLUME_ONLY_MODELS = ("unet3d", "dynunet3d")
 
 
 @dataclass
@@ -57,7 +84,7 @@ class IntensityConfig:
     lower_percentile: float = 0.5
     upper_percentile: float = 99.5
     ct_preset: str | None = None
-    """For ``ct_window``: a named HU preset (see ``medseg.transforms.CT_PRESETS``)."""
+    """For ``ct_window``: a named HU preset (see ``medseg.preprocessing.CT_PRESETS``)."""
     window: list[float] | None = None
     """For ``ct_window``: explicit ``[level, width]`` in HU, overrides ``ct_preset``."""
     clip: list[float] | None = None
@@ -217,7 +244,7 @@ class Config:
     colors: dict[int, list[int]] | None = None
     """RGB colour per label (0-255); defaults to a fixed palette."""
     terminology: dict[int, str] | None = None
-    """Coded meaning per label, a key of ``medseg.labels.KNOWN_TERMS`` (e.g. ``hippocampus:anterior``)."""
+    """Coded meaning per label, a key of ``medseg.core.labels.KNOWN_TERMS`` (e.g. ``hippocampus:anterior``)."""
     modality: str = "MR"
     task: str = "volume"
     """``volume`` (NIfTI/NRRD/DICOM volumes) or ``image2d`` (PNG/JPEG images with mask PNGs, 2D image models)."""
@@ -242,13 +269,12 @@ class Config:
             raise ConfigError("unknown task", path=source, expected="'volume' or 'image2d'", found=repr(self.task),
                               fix="set task: image2d for PNG/JPEG images, or leave it out for volumes")
         if self.task == "image2d":
-            from medseg.data.images2d import validate_image2d
-
             validate_image2d(self, source)
             return
-        from medseg.data.images2d import check_volume_model
-
-        check_volume_model(self, source)
+        if self.model.name in IMAGE_ONLY_MODELS:
+            raise ConfigError(f"model '{self.model.name}' is for 2D images", path=source,
+                              expected="task: image2d with this model, or a volume model (unet3d, unet2d, dynunet3d)",
+                              found="task: volume", fix="add 'task: image2d' to the config")
         spatial = 3
         if len(self.patch.size) != spatial:
             raise ConfigError("patch.size must have three entries", path=source,
@@ -289,8 +315,6 @@ class Config:
         if not 0.0 <= self.train.ema < 1.0:
             raise ConfigError("train.ema must be in [0, 1)", path=source, found=str(self.train.ema),
                               fix="use 0 (off) or a decay such as 0.999")
-        from medseg.postprocess import POSTPROCESS_STEPS
-
         for key, classes in self.inference.postprocess.items():
             if key not in POSTPROCESS_STEPS:
                 raise ConfigError("unknown postprocessing step", path=source,
@@ -301,8 +325,6 @@ class Config:
                 raise ConfigError(f"inference.postprocess.{key} names classes that are not labels", path=source,
                                   expected=f"some of {sorted(c for c in self.labels if c)}", found=str(bad),
                                   fix="list foreground label values only")
-        from medseg.transforms.intensity import CT_PRESETS, INTENSITY_MODES
-
         mode = self.preprocess.intensity.mode
         if mode not in INTENSITY_MODES:
             raise ConfigError("unknown intensity mode", path=source, expected=" | ".join(INTENSITY_MODES),
@@ -313,6 +335,37 @@ class Config:
                 raise ConfigError("unknown CT window preset", path=source,
                                   expected=" | ".join(CT_PRESETS), found=repr(preset),
                                   fix="set preprocess.intensity.ct_preset or give window: [level, width]")
+
+
+def validate_image2d(cfg, source: str = "config") -> None:
+    """Checks of a ``task: image2d`` config (part of :meth:`Config.validate`)."""
+    if cfg.model.name not in IMAGE2D_MODELS:
+        if cfg.model.name in VOLUME_ONLY_MODELS:
+            raise ConfigError(f"model '{cfg.model.name}' is not a 2D image model", path=source,
+                              expected=" | ".join(IMAGE2D_MODELS), found=repr(cfg.model.name),
+                              fix="pick a 2D model ('medseg models' lists them)")
+    size = cfg.patch.size
+    if len(size) != 2 or min(size) < 64 or any(s % 32 for s in size):
+        raise ConfigError("patch.size of a 2D image task must be [height, width], multiples of 32 from 64", path=source,
+                          expected="e.g. [256, 256]", found=str(size), fix="set patch.size: [256, 256]")
+    if cfg.train.loss not in ("dicece", "dice", "ce"):
+        raise ConfigError("unknown loss", path=source, expected="'dicece', 'dice' or 'ce'",
+                          found=repr(cfg.train.loss), fix="set train.loss to dicece, dice or ce")
+    if cfg.data.layout not in LAYOUTS:
+        raise ConfigError("unknown data.layout", path=source, expected=" | ".join(LAYOUTS),
+                          found=repr(cfg.data.layout), fix="use auto to recognise the folder")
+    if any(a not in (0, 1) for a in cfg.augment.flip_axes):
+        raise ConfigError("augment.flip_axes of a 2D image task are 0 (up-down) and 1 (left-right)", path=source,
+                          found=str(cfg.augment.flip_axes), fix="e.g. flip_axes: [1]")
+    if cfg.data.ignore_index in cfg.labels or not 0 <= cfg.data.ignore_index <= 255:
+        raise ConfigError("data.ignore_index must be a value in 0-255 that is not a label", path=source,
+                          found=str(cfg.data.ignore_index), fix="use 255")
+    if max(cfg.labels) > 254 or min(cfg.labels) < 0:
+        raise ConfigError("2D labels must lie in 0-254", path=source, found=f"{min(cfg.labels)}..{max(cfg.labels)}",
+                          fix="renumber the labels")
+    if not 0.0 <= cfg.data.val_fraction < 1.0:
+        raise ConfigError("data.val_fraction must be in [0, 1)", path=source, found=str(cfg.data.val_fraction),
+                          fix="use e.g. 0.2")
 
 
 # ---------------------------------------------------------------------------
@@ -337,7 +390,7 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
         if dataclasses.is_dataclass(tp):
             if not isinstance(value, dict):
                 raise TypeError
-            return _from_dict(tp, value, source, prefix=key + ".")
+            return dataclass_from_dict(tp, value, source, prefix=key + ".")
         if origin is list:
             (item_tp,) = typing.get_args(tp)
             if not isinstance(value, (list, tuple)):
@@ -384,7 +437,7 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
-def _from_dict(cls: type, data: dict, source: str, prefix: str = "") -> Any:
+def dataclass_from_dict(cls: type, data: dict, source: str, prefix: str = "") -> Any:
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     kwargs = {}
@@ -405,7 +458,7 @@ def to_dict(cfg: Any) -> dict:
 
 
 def from_dict(data: dict, source: str = "config") -> Config:
-    cfg = _from_dict(Config, data, source)
+    cfg = dataclass_from_dict(Config, data, source)
     cfg.validate(source)
     return cfg
 
@@ -432,14 +485,12 @@ def apply_overrides(data: dict, overrides: list[str] | None) -> dict:
     return data
 
 
-def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
-    """Load a YAML config file, apply ``key=value`` overrides and validate it."""
-    path = Path(path)
+def _read_yaml_mapping(path: Path) -> dict:
     if not path.is_file():
         raise InputNotFoundError("config file not found", path=path, expected="a YAML file",
                                  fix="check the path; example configs live in configs/")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
@@ -448,43 +499,85 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
     if not isinstance(data, dict):
         raise ConfigError("config must be a mapping", path=path, found=type(data).__name__,
                           fix="start the file with top-level keys such as 'name:' and 'labels:'")
-    data = apply_overrides(data, overrides)
-    if data.get("plan"):
-        data = resolve_plan(data, source=str(path))
-    return from_dict(data, source=str(path))
+    return data
 
 
-def _explicit_keys(data: dict, prefix: str = "") -> set[str]:
+def merge_configs(base: dict, child: dict) -> dict:
+    """``child`` over ``base``: mappings merge key by key (the child's keys win); lists and scalars are replaced."""
+    out = dict(base)
+    for key, value in child.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge_configs(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+_ENV_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def expand_environment(value: Any, source: str | Path = "config") -> Any:
+    """``${VAR}`` and ``${VAR:-default}`` in every string of a config tree, from the environment."""
+    if isinstance(value, dict):
+        return {k: expand_environment(v, source) for k, v in value.items()}
+    if isinstance(value, list):
+        return [expand_environment(v, source) for v in value]
+    if not isinstance(value, str) or "${" not in value:
+        return value
+
+    def sub(match: re.Match) -> str:
+        name, default = match.group(1), match.group(2)
+        if name in os.environ:
+            return os.environ[name]
+        if default is None:
+            raise ConfigError(f"environment variable {name} is not set", path=source,
+                              expected=f"{name} in the environment (the config says ${{{name}}})", found="unset",
+                              fix=f"export {name}=..., or write ${{{name}:-default}} in the config, or --set the key")
+        return default
+
+    return _ENV_VAR.sub(sub, value)
+
+
+def read_config(path: str | Path, overrides: list[str] | None = None) -> dict:
+    """The raw mapping of a config file: its ``extends:`` chain merged (paths relative to the file that names
+    them), ``${VAR:-default}`` expanded, ``key=value`` overrides applied. Nothing is planned or validated."""
+    path = Path(path)
+    chain: list[Path] = []
+    data: dict = {}
+    current: Path | None = path
+    while current is not None:
+        resolved = current.resolve()
+        if resolved in chain:
+            raise ConfigError("configs extend each other in a circle", path=current,
+                              found=" -> ".join(str(p) for p in [*chain, resolved]),
+                              fix="remove one of the 'extends:' keys")
+        chain.append(resolved)
+        layer = _read_yaml_mapping(current)
+        parent = layer.pop("extends", None)
+        data = merge_configs(layer, data)  # what was read first (the child) wins
+        if parent is not None and not isinstance(parent, str):
+            raise ConfigError("'extends' must name one config file", path=current, expected="extends: base.yaml",
+                              found=repr(parent), fix="give the path of the base config, relative to this file")
+        current = (current.parent / parent) if parent else None
+    data = expand_environment(data, path)
+    return apply_overrides(data, overrides)
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
+    """Load a YAML config file (with its ``extends:`` chain), apply ``key=value`` overrides and validate it.
+
+    A ``plan:`` key is kept as written: planning is the trainer's job
+    (:func:`medseg.planning.load_planned_config`)."""
+    return from_dict(read_config(path, overrides), source=str(path))
+
+
+def explicit_keys(data: dict, prefix: str = "") -> set[str]:
+    """The dotted keys a raw config mapping sets (a section's keys, not the section)."""
     keys = set()
     for k, v in data.items():
         key = f"{prefix}{k}"
         if isinstance(v, dict) and v:
-            keys |= _explicit_keys(v, key + ".")
+            keys |= explicit_keys(v, key + ".")
         else:
             keys.add(key)
     return keys
-
-
-def resolve_plan(data: dict, source: str = "config") -> dict:
-    """Fill in a ``plan: auto`` (or ``plan: FILE``) config; keys the user set stay as they are."""
-    from medseg.planning import apply_plan, load_plan, plan_for_config
-
-    ref = str(data["plan"])
-    keep = _explicit_keys({k: v for k, v in data.items() if k != "plan"})
-    if ref == "auto":
-        cfg = _from_dict(Config, {k: v for k, v in data.items() if k != "plan"}, source)
-        plan = plan_for_config(cfg, network=cfg.model.name if "model.name" in keep else None)
-    else:
-        plan_path = Path(ref)
-        if not plan_path.is_file():
-            raise InputNotFoundError("plan file not found", path=plan_path, expected="a YAML file from 'medseg plan'",
-                                     fix="run 'medseg plan DATASET -o plan.yaml' or use 'plan: auto'")
-        plan = load_plan(plan_path)
-    return apply_plan(data, plan, keep=keep)
-
-
-def save_config(cfg: Config, path: str | Path) -> None:
-    from medseg.io.volume import atomic_write
-
-    text = yaml.safe_dump(to_dict(cfg), sort_keys=False)
-    atomic_write(path, lambda tmp: Path(tmp).write_text(text))

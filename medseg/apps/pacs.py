@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from medseg.errors import ConfigError, InputNotFoundError, MedsegError
+from medseg.core.errors import ConfigError, InputNotFoundError, MedsegError
 
 ENV_USER, ENV_PASSWORD = "MEDSEG_DICOMWEB_USER", "MEDSEG_DICOMWEB_PASSWORD"
 
@@ -170,7 +170,8 @@ def pacs_predict(url: str, study_uid: str, *, series_uid: str | None = None, mod
 
     import pydicom
 
-    from medseg.inference.predictor import Predictor, segment_item
+    from medseg.inference.predictor import Predictor
+    from medseg.apps.run import run_items
     from medseg.io.rules import load_rules
     from medseg.io.sources import discover
 
@@ -192,12 +193,12 @@ def pacs_predict(url: str, study_uid: str, *, series_uid: str | None = None, mod
         out = Path(outdir) if outdir else work / "out"
         predictor = Predictor(model, device=device)
         results = []
-        for it in items:
-            _, written = segment_item(predictor, it, out / it.name, ["dicom-seg"], dicom_options)
+        for res in run_items(predictor, items, lambda it: out / it.name, ["dicom-seg"], dicom_options=dicom_options):
+            written = res.outputs
             if store:
                 web.store(written)
             sop = str(pydicom.dcmread(written[0], stop_before_pixels=True).SOPInstanceUID)
-            results.append(PacsResult(it.series.series_uid, written[0] if outdir else None, sop, store))
+            results.append(PacsResult(res.item.series.series_uid, written[0] if outdir else None, sop, store))
         return results
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -28,7 +28,7 @@ from scipy import ndimage
 from scipy.spatial import ConvexHull, QhullError
 from scipy.spatial.distance import cdist
 
-from medseg.errors import OutputError
+from medseg.core.errors import OutputError
 from medseg.io.volume import LPS_TO_RAS, Volume, atomic_write
 
 CONNECTIVITY = {6: 1, 18: 2, 26: 3}

@@ -14,9 +14,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 
-from medseg.config import Config, from_dict, to_dict
-from medseg.errors import CheckpointError, ConfigError, InputNotFoundError
+from medseg.core.config import Config, from_dict, to_dict
+from medseg.core.errors import CheckpointError, ConfigError, InputNotFoundError
 from medseg.io.volume import atomic_write
 
 FORMAT = "medseg-checkpoint"
@@ -183,8 +184,8 @@ def _half(state: dict) -> dict:
 
 def _holdout_names(config: dict) -> list[str]:
     """The cases ``data.test_fraction`` set aside, when the training data can still be found."""
-    from medseg.data.datasets import holdout_cases
-    from medseg.errors import MedsegError
+    from medseg.preprocessing.datasets import holdout_cases
+    from medseg.core.errors import MedsegError
 
     try:
         return [c.name for c in holdout_cases(from_dict(config).data)]
@@ -308,7 +309,7 @@ def pack(checkpoint: str | Path | list, output: str | Path, *, postprocess: dict
     if postprocess is not None:
         config["inference"] = {**config.get("inference", {}), "postprocess": postprocess}
     if inference:
-        from medseg.config import apply_overrides
+        from medseg.core.config import apply_overrides
 
         bad = [o for o in inference if not o.startswith("inference.")]
         if bad:
@@ -364,3 +365,8 @@ def pack_sources(paths: list[str | Path]) -> tuple[list[Path], dict | None]:
         else:
             sources.append(p)
     return sources, postprocess
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    text = yaml.safe_dump(to_dict(cfg), sort_keys=False)
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))

@@ -7,9 +7,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from medseg.inference.predictor import ASSETS, Predictor
+from medseg.inference.predictor import Predictor
+from medseg.models.loading import ASSETS
 from medseg.io.volume import atomic_write, load_volume, save_volume
-from medseg.visualize import label_volumes_ml, overlay_png
+from medseg.io.visualize import label_volumes_ml, overlay_png
 
 SAMPLE = ASSETS / "samples" / "hippocampus_001.nii.gz"
 SAMPLE_REFERENCE = ASSETS / "samples" / "hippocampus_001_label.nii.gz"
@@ -26,7 +27,7 @@ class DemoResult:
 
 
 def run_demo(outdir: str | Path = "demo_output", device: str = "auto", model: str | None = None) -> DemoResult:
-    from medseg.evaluation import dice
+    from medseg.evaluation.metrics import dice
 
     t0 = time.perf_counter()
     outdir = Path(outdir)

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
-from medseg.data.datasets import _image_key, _volume_files
-from medseg.errors import InputNotFoundError, MedsegError
+from medseg.preprocessing.datasets import image_key, volume_files
+from medseg.core.errors import InputNotFoundError, MedsegError
 from medseg.io.volume import case_name, load_volume
 
 
@@ -25,7 +25,7 @@ class Problem:
 def verify_dataset(root: str | Path, labels: dict[int, str] | None = None, *, progress: bool = True,
                    atol: float = 1e-3) -> tuple[int, list[Problem]]:
     """Return (number of pairs checked, problems). Never stops at the first problem."""
-    from medseg.progress import progress_bar
+    from medseg.core.progress import progress_bar
 
     root = Path(root)
     images_dir, labels_dir = root / "imagesTr", root / "labelsTr"
@@ -33,10 +33,10 @@ def verify_dataset(root: str | Path, labels: dict[int, str] | None = None, *, pr
         raise InputNotFoundError("not an MSD-style dataset folder", path=root,
                                  expected="subfolders imagesTr/ and labelsTr/", fix="check the path")
     problems: list[Problem] = []
-    label_files = {case_name(p): p for p in _volume_files(labels_dir)}
+    label_files = {case_name(p): p for p in volume_files(labels_dir)}
     pairs, used = [], set()
-    for img in _volume_files(images_dir):
-        key = _image_key(img)
+    for img in volume_files(images_dir):
+        key = image_key(img)
         lab = label_files.get(key) or label_files.get(case_name(img))
         if lab is None:
             problems.append(Problem(str(img), "no label file with the same name in labelsTr/"))
@@ -99,8 +99,8 @@ def check_training_inputs(cfg, output_dir: str | Path) -> None:
     image/label geometry mismatch and label values outside ``cfg.labels`` are errors that name
     the file. The output folder must be writable and may not be (or lie inside) a data folder.
     """
-    from medseg.data.datasets import dataset_cases
-    from medseg.errors import DataError, OutputError
+    from medseg.preprocessing.datasets import dataset_cases
+    from medseg.core.errors import DataError, OutputError
     from medseg.io.volume import check_writable_folder
 
     out = Path(output_dir)

@@ -9,7 +9,19 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from medseg.visualize import label_colors
+#: Fallback colours for labels without one in the config (label 1 gets the first).
+PALETTE = [
+    (230, 80, 60), (60, 150, 240), (80, 200, 90), (240, 200, 40), (170, 90, 220), (40, 210, 210),
+    (250, 140, 30), (220, 90, 160), (140, 110, 60), (120, 160, 40), (30, 110, 160), (200, 200, 200),
+]
+
+
+def label_colors(labels: dict[int, str], colors: dict[int, list[int]] | None = None) -> dict[int, tuple[int, int, int]]:
+    out = {}
+    for i, lab in enumerate(sorted(k for k in labels if k != 0)):
+        c = (colors or {}).get(lab)
+        out[lab] = tuple(int(v) for v in c) if c else PALETTE[i % len(PALETTE)]
+    return out
 
 
 @dataclass(frozen=True)

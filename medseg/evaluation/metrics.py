@@ -2,7 +2,7 @@
 
 Per class and case: Dice, HD95 (mm), surface Dice at a tolerance (mm), average symmetric
 surface distance (mm), volumes and their difference (mL, %), and lesion-wise detection
-(sensitivity, precision, F1; see :class:`medseg.lesions.LesionMatch` for the matching rule).
+(sensitivity, precision, F1; see :class:`medseg.evaluation.lesions.LesionMatch` for the matching rule).
 
 Surfaces are the mask voxels with a face neighbour outside the mask; distances run between
 the centres of surface voxels, in mm through the voxel spacing (as MONAI's surface metrics
@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
-from medseg.errors import DataError, InputNotFoundError
+from medseg.core.errors import DataError, InputNotFoundError
 from medseg.io.volume import (
     Volume,
     case_name,
@@ -31,7 +31,7 @@ from medseg.io.volume import (
     load_volume,
     volume_suffix,
 )
-from medseg.lesions import LesionMatch, f1_score, match_lesions
+from medseg.evaluation.lesions import LesionMatch, f1_score, match_lesions
 
 NAN, INF = float("nan"), float("inf")
 
@@ -253,9 +253,9 @@ def evaluate(pred_dir: str | Path, ref_dir: str | Path, *, names: dict[int, str]
     """Pair files by case name and score every foreground class found in the references.
 
     ``tolerance_mm`` is the surface Dice tolerance; ``connectivity`` (6, 18, 26) and ``min_iou``
-    define lesions and their matching (see :class:`medseg.lesions.LesionMatch`).
+    define lesions and their matching (see :class:`medseg.evaluation.lesions.LesionMatch`).
     """
-    from medseg.progress import progress_bar
+    from medseg.core.progress import progress_bar
 
     pred_dir, ref_dir = Path(pred_dir), Path(ref_dir)
     preds, refs = _index(pred_dir), _index(ref_dir)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from medseg.errors import GeometryError, InputNotFoundError
+from medseg.core.errors import GeometryError, InputNotFoundError
 
 
 def confusion_matrix(pred: np.ndarray, ref: np.ndarray, num_classes: int, ignore_index: int = 255) -> np.ndarray:
@@ -102,8 +102,8 @@ def evaluate_masks(pred_dir: str | Path, ref_dir: str | Path, *, names: dict[int
                    ignore_index: int = 255, json_path: str | Path | None = None) -> Evaluation2D:
     """Pair mask PNGs by name stem and pool their confusion matrix; classes are the config's
     (``names``) or every value found."""
-    from medseg.data.images2d import read_mask
-    from medseg.evaluation import pair_by_name
+    from medseg.seg2d.images import read_mask
+    from medseg.evaluation.metrics import pair_by_name
 
     pred_dir, ref_dir = Path(pred_dir), Path(ref_dir)
     preds, refs = _masks(pred_dir), _masks(ref_dir)
@@ -144,11 +144,11 @@ def settings_from(path: str | Path | None) -> tuple[dict[int, str] | None, int]:
         return None, 255
     path = Path(path)
     if path.suffix == ".pt":
-        from medseg.training.checkpoint import load_checkpoint
+        from medseg.models.checkpoint import load_checkpoint
 
         cfg = load_checkpoint(path)["config"]
         return {int(k): v for k, v in cfg["labels"].items()}, int(cfg.get("data", {}).get("ignore_index", 255))
-    from medseg.config import load_config
+    from medseg.core.config import load_config
 
     cfg = load_config(path)
     return dict(cfg.labels), int(cfg.data.ignore_index)

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from medseg.io.volume import atomic_write
-from medseg.visualize import PALETTE
+from medseg.core.labels import PALETTE
 
 #: class names that are left transparent in overlays when they are label 0
 BACKGROUND_NAMES = ("background", "void", "unlabeled", "unlabelled", "_background_", "none")
@@ -42,7 +42,7 @@ def save_index_png(mask: np.ndarray, path: str | Path, colors: dict[int, list[in
 
     m = np.asarray(mask)
     if m.min() < 0 or m.max() > 255:
-        from medseg.errors import DataError
+        from medseg.core.errors import DataError
 
         raise DataError("mask values do not fit an 8-bit PNG", path=path, found=f"{m.min()}..{m.max()}",
                         fix="use at most 255 classes")
@@ -73,7 +73,7 @@ def overlay(rgb: np.ndarray, mask: np.ndarray, labels: dict[int, str], colors: d
     rgb = np.asarray(rgb)
     mask = np.asarray(mask)
     if rgb.shape[:2] != mask.shape:
-        from medseg.errors import GeometryError
+        from medseg.core.errors import GeometryError
 
         raise GeometryError("mask and image sizes differ", expected=f"{rgb.shape[1]}x{rgb.shape[0]} pixels",
                             found=f"{mask.shape[1]}x{mask.shape[0]}", fix="overlay a mask predicted for this image")

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from medseg.errors import (
+from medseg.core.errors import (
     ConfigError,
     DataError,
     InputNotFoundError,
@@ -38,10 +38,6 @@ from medseg.errors import (
 )
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
-LAYOUTS = ("auto", "folders", "voc", "cityscapes", "camvid")
-#: models that take task: image2d (RGB images); all but unet2d are for images only
-IMAGE_ONLY_MODELS = ("fcn_resnet", "segnet", "deeplabv3plus_mobilenetv3", "flexunet2d")
-IMAGE2D_MODELS = (*IMAGE_ONLY_MODELS, "unet2d")
 #: per-channel mean and std of RGB values in [0, 1] (ImageNet's), so ImageNet-trained encoders fit
 MEAN = np.array([0.485, 0.456, 0.406], np.float32)
 STD = np.array([0.229, 0.224, 0.225], np.float32)
@@ -383,46 +379,6 @@ def discover_images2d(data_cfg, colors: dict[int, list[int]] | None = None) -> I
 # config checks
 
 
-def validate_image2d(cfg, source: str = "config") -> None:
-    """Checks of a ``task: image2d`` config (called by ``Config.validate``)."""
-    if cfg.model.name not in IMAGE2D_MODELS:
-        from medseg.models.registry import MODELS
-
-        if cfg.model.name in MODELS:
-            raise ConfigError(f"model '{cfg.model.name}' is not a 2D image model", path=source,
-                              expected=" | ".join(IMAGE2D_MODELS), found=repr(cfg.model.name),
-                              fix="pick a 2D model ('medseg models' lists them)")
-    size = cfg.patch.size
-    if len(size) != 2 or min(size) < 64 or any(s % 32 for s in size):
-        raise ConfigError("patch.size of a 2D image task must be [height, width], multiples of 32 from 64", path=source,
-                          expected="e.g. [256, 256]", found=str(size), fix="set patch.size: [256, 256]")
-    if cfg.train.loss not in ("dicece", "dice", "ce"):
-        raise ConfigError("unknown loss", path=source, expected="'dicece', 'dice' or 'ce'",
-                          found=repr(cfg.train.loss), fix="set train.loss to dicece, dice or ce")
-    if cfg.data.layout not in LAYOUTS:
-        raise ConfigError("unknown data.layout", path=source, expected=" | ".join(LAYOUTS),
-                          found=repr(cfg.data.layout), fix="use auto to recognise the folder")
-    if any(a not in (0, 1) for a in cfg.augment.flip_axes):
-        raise ConfigError("augment.flip_axes of a 2D image task are 0 (up-down) and 1 (left-right)", path=source,
-                          found=str(cfg.augment.flip_axes), fix="e.g. flip_axes: [1]")
-    if cfg.data.ignore_index in cfg.labels or not 0 <= cfg.data.ignore_index <= 255:
-        raise ConfigError("data.ignore_index must be a value in 0-255 that is not a label", path=source,
-                          found=str(cfg.data.ignore_index), fix="use 255")
-    if max(cfg.labels) > 254 or min(cfg.labels) < 0:
-        raise ConfigError("2D labels must lie in 0-254", path=source, found=f"{min(cfg.labels)}..{max(cfg.labels)}",
-                          fix="renumber the labels")
-    if not 0.0 <= cfg.data.val_fraction < 1.0:
-        raise ConfigError("data.val_fraction must be in [0, 1)", path=source, found=str(cfg.data.val_fraction),
-                          fix="use e.g. 0.2")
-
-
-def check_volume_model(cfg, source: str = "config") -> None:
-    if cfg.model.name in IMAGE_ONLY_MODELS:
-        raise ConfigError(f"model '{cfg.model.name}' is for 2D images", path=source,
-                          expected="task: image2d with this model, or a volume model (unet3d, unet2d, dynunet3d)",
-                          found="task: volume", fix="add 'task: image2d' to the config")
-
-
 # ---------------------------------------------------------------------------
 # a small synthetic dataset (tests, notebooks, trying things out)
 
@@ -435,7 +391,7 @@ def make_shapes_dataset(root: str | Path, n: int = 24, size: int = 64, seed: int
     noisy colours) and ``root/masks/*.png`` (palette index masks), plus ``root/classes.json``."""
     from PIL import Image, ImageDraw
 
-    from medseg.overlay2d import save_index_png
+    from medseg.seg2d.overlay import save_index_png
 
     root = Path(root)
     (root / "images").mkdir(parents=True, exist_ok=True)

@@ -18,8 +18,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from medseg.config import Config, save_config, to_dict
-from medseg.data.images2d import (
+from medseg.core.config import Config, to_dict
+from medseg.models.checkpoint import save_config
+from medseg.seg2d.images import (
     Image2DData,
     Sample,
     discover_images2d,
@@ -27,12 +28,12 @@ from medseg.data.images2d import (
     read_mask,
     to_tensor,
 )
-from medseg.errors import CheckpointError, DataError
-from medseg.evaluation2d import confusion_matrix, iou_per_class
-from medseg.inference.engine import autocast, resolve_device
+from medseg.core.errors import CheckpointError, DataError
+from medseg.seg2d.evaluation import confusion_matrix, iou_per_class
+from medseg.core.runtime import autocast, resolve_device
 from medseg.io.volume import atomic_write
 from medseg.models.registry import build_model
-from medseg.training.checkpoint import load_checkpoint, member_states, save_checkpoint
+from medseg.models.checkpoint import load_checkpoint, member_states, save_checkpoint
 from medseg.training.trainer import TrainResult, grad_scaler, make_optimizer, train_step
 
 
@@ -67,7 +68,7 @@ class ImagePairs(torch.utils.data.Dataset):
         s = self.samples[i]
         img, mask = read_image(s.image), read_mask(s.mask, self.data)
         if img.shape[:2] != mask.shape:
-            from medseg.errors import GeometryError
+            from medseg.core.errors import GeometryError
 
             raise GeometryError("image and mask sizes differ", path=s.mask,
                                 expected=f"{img.shape[1]}x{img.shape[0]} pixels like {s.image.name}",
@@ -170,7 +171,7 @@ def train_2d(cfg: Config, *, resume: bool = False, progress: bool = True, log=No
     from rich.console import Console
 
     from medseg.models.nets2d import load_weights
-    from medseg.progress import progress_bar
+    from medseg.core.progress import progress_bar
 
     console = Console(stderr=True)
     say = log or (lambda msg: console.print(msg, highlight=False, markup=False))

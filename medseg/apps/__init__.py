@@ -1,0 +1,1 @@
+"""Applications over the Python API: the run loop behind ``predict``, ``batch`` (local and Ray), PACS and the demo."""

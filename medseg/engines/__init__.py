@@ -1,1 +1,0 @@
-"""Execution engines that spread batch inference over several processes or machines."""
