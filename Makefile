@@ -22,11 +22,12 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest
 
-# Retrain the bundled models from ../shared/data/hippocampus and pack them (about 60 min on 2 CPU cores
-# with bf16, AMX): hippocampus-fast is the DynUNet 16-128; the default hippocampus ensembles it with a 24-192.
+# Retrain the bundled models from $MEDSEG_DATA/hippocampus (default ../shared/data/hippocampus) and pack
+# them (about 60 min on 2 CPU cores with bf16, AMX): hippocampus-fast is the DynUNet 16-128; the default
+# hippocampus ensembles it with a 24-192. The recipes are in benchmarks/configs/.
 bundle-model: $(STAMP)
-	$(BIN)/medseg train configs/hippocampus_cv_dynunet.yaml --folds 5 --fold 0
-	$(BIN)/medseg train configs/hippocampus_cv_all_w24.yaml --set data.test_fraction=0.2 \
+	$(BIN)/medseg train benchmarks/configs/hippocampus_cv_dynunet.yaml --folds 5 --fold 0
+	$(BIN)/medseg train benchmarks/configs/hippocampus_cv_all_w24.yaml --set data.test_fraction=0.2 \
 		--set data.val_fraction=0 --set train.output_dir=runs/bundle_w24
 	$(BIN)/medseg pack-model runs/cv_dynunet/fold_0/best.pt medseg/assets/models/hippocampus-fast.pt \
 		--set inference.overlap=0.25

@@ -47,7 +47,8 @@ def test_test_fraction_keeps_unseen_cases_out_of_every_fold(tmp_path):
         (tmp_path / sub).mkdir()
         for i in range(20):
             (tmp_path / sub / f"case_{i:02d}.nii.gz").write_bytes(b"")
-    cfg = load_config(REPO / "configs" / "hippocampus_cv.yaml", [f"data.root={tmp_path}", "data.test_fraction=0.2"])
+    recipe = REPO / "benchmarks" / "configs" / "hippocampus_cv.yaml"
+    cfg = load_config(recipe, [f"data.root={tmp_path}", "data.test_fraction=0.2"])
     pool, held = training_pool(cfg.data), holdout_cases(cfg.data)
     assert len(held) == 4 and len(pool) == 16
     assert not {c.name for c in pool} & {c.name for c in held}
@@ -59,10 +60,10 @@ def test_test_fraction_keeps_unseen_cases_out_of_every_fold(tmp_path):
         train, v = kfold_split(pool, 4, f, cfg.data.seed)
         seen |= {c.name for c in train} | {c.name for c in v}
     assert not seen & {c.name for c in held}
-    cfg0 = load_config(REPO / "configs" / "hippocampus_cv.yaml", [f"data.root={tmp_path}", "data.test_fraction=0"])
+    cfg0 = load_config(recipe, [f"data.root={tmp_path}", "data.test_fraction=0"])
     assert len(training_pool(cfg0.data)) == 20 and holdout_cases(cfg0.data) == []
     with pytest.raises(ConfigError, match="test_fraction"):
-        load_config(REPO / "configs" / "hippocampus_cv.yaml", ["data.test_fraction=1.0"])
+        load_config(recipe, ["data.test_fraction=1.0"])
 
 
 def _blobs(shape=(30, 30, 30)):
@@ -379,7 +380,7 @@ def test_checkpoint_of_unaliased_dynunet_weights_packs_to_half_size(tmp_path):
     from medseg.models.registry import build_model
     from medseg.models.checkpoint import host_state, pack, save_checkpoint
 
-    cfg = load_config(REPO / "configs" / "hippocampus_cv_dynunet.yaml")
+    cfg = load_config(REPO / "benchmarks" / "configs" / "hippocampus_cv_dynunet.yaml")
     model = build_model(cfg.model, 1, cfg.num_classes)
     unaliased = {k: v.clone() for k, v in model.state_dict().items()}  # what per-key .cpu() of CUDA tensors gives
     shared = host_state(unaliased)
