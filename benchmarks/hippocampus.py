@@ -13,7 +13,8 @@ checkpoint (cases it never trained on). ``--train`` retrains from the config fir
     python benchmarks/hippocampus.py --cv-ensemble runs/cv_all --cv-ensemble runs/cv_all_aug
                                        # two cross-validations over the same folds, ensembled fold by fold
                                        # (from their stored probabilities when both ran 'train --folds 5
-                                       # --save-probabilities', so records without weights do; else their weights)
+                                       # --save-probabilities', so copies without weights do; else their weights;
+                                       # benchmarks/records keeps neither: its README says how to regenerate them)
     python benchmarks/hippocampus.py --model hippocampus --amp bf16   # bf16 autocast (also on the CPU)
 
 Prints a table and one JSON line; the figures go into benchmarks/RESULTS.md by hand,
@@ -35,6 +36,8 @@ import numpy as np
 import torch
 
 REPO = Path(__file__).resolve().parent.parent
+#: What a record in benchmarks/records keeps of its folds' held-out predictions: their Dice, one row per case.
+RECORD_TABLE = "dice_per_case.csv"
 
 
 def score(pred, names, data, tta, train_seconds, evaluate) -> dict:
@@ -213,6 +216,12 @@ def cv_ensemble(cvs: list[Path], data: Path, device: str) -> dict:
     tag = "ensemble_" + "_".join(cv.name for cv in cvs[1:])
     done, pairs, how, starts = [], [], set(), []
     for fdir in folds:
+        for cv in cvs:
+            if (cv / RECORD_TABLE).is_file() and not (cv / fdir.name / "validation").is_dir():
+                missing = cv / fdir.name / "validation" / f"{_held_out(cv / fdir.name)[0]}.probs.npz"
+                raise SystemExit(f"error: {missing} not found: {cv} is a record of figures, its predictions and "
+                                 f"probabilities were not kept; regenerate them with '{_regenerate(cv)}' and pass "
+                                 f"{_regenerated(cv)} instead (benchmarks/records/README.md)")
         if not all((cv / fdir.name / "validation" / "dice.json").is_file() for cv in cvs):
             print(f"{fdir.name}: not finished in every run yet, left out")
             continue
@@ -276,12 +285,38 @@ def _predict_ensemble_fold(cvs: list[Path], fdir: Path, tag: str, cfg, device: s
     from medseg.models.checkpoint import pack
     from medseg.training.crossval import predict_fold_validation
 
-    split = json.loads((fdir / "split.json").read_text())["validation"]
+    split = _held_out(fdir)
     for cv in cvs[1:]:
-        if json.loads((cv / fdir.name / "split.json").read_text())["validation"] != split:
+        if _held_out(cv / fdir.name) != split:
             raise SystemExit(f"{cv / fdir.name} holds out other cases than {fdir}: not the same folds")
+    for cv in cvs:
+        if not (cv / fdir.name / "last.pt").is_file():
+            raise SystemExit(f"error: {cv / fdir.name / 'last.pt'} not found, nor the probabilities of the fold's "
+                             f"held-out cases: regenerate them with '{_regenerate(cv)}' and pass "
+                             f"{_regenerated(cv)} instead")
     pack([cv / fdir.name / "last.pt" for cv in cvs], fdir / f"{tag}.pt")
     predict_fold_validation(cfg, fdir, device=device, progress=False, checkpoint=f"{tag}.pt", out_name=tag)
+
+
+def _held_out(fdir: Path) -> list[str]:
+    """The cases fold ``fdir`` held out (its ``split.json``)."""
+    return json.loads((fdir / "split.json").read_text())["validation"]
+
+
+def _regenerate(cv: Path) -> str:
+    """The command that trains the run ``cv`` again (its first fold's resolved config, every fold) and keeps its
+    held-out predictions and probabilities, into ``runs/NAME``."""
+    first = _fold_dirs(cv)[0]
+    folds = _first_fold_config(cv)["data"]["folds"]
+    return (f"medseg train {first / 'config.yaml'} --folds {folds} --save-probabilities "
+            f"--set train.output_dir={_regenerated(cv)}")
+
+
+def _regenerated(cv: Path) -> Path:
+    """Where :func:`_regenerate` trains: ``runs/NAME``, or ``runs/NAME_probs`` when that is ``cv`` itself
+    (its finished folds would be skipped)."""
+    out = Path("runs") / cv.name
+    return out.with_name(f"{cv.name}_probs") if out.resolve() == cv.resolve() else out
 
 
 def print_cv(cv: Path) -> None:

@@ -170,7 +170,7 @@ def test_folds_train_pool_pack_and_predict_ensemble(tmp_path, hippo_data):
 
 def _check_stored_probabilities(out: Path, tmp_path: Path, summary: dict) -> None:
     """--save-probabilities kept each held-out case's probabilities: their argmax is the written prediction,
-    and a copy of the run without any weights (as benchmarks/records keeps runs) still ensembles."""
+    and a copy of the run without any weights still ensembles from them."""
     import importlib.util
     import shutil
 
