@@ -39,7 +39,7 @@ def main() -> int:
     if not torch.cuda.is_available():
         print("no CUDA GPU", file=sys.stderr)
         return 2
-    from medseg.inference.engine import sliding_window_logits
+    from medseg.inference.engine import sliding_window_probs, window_size
     from medseg.inference.predictor import Predictor
     from medseg.io import Volume, load_volume
 
@@ -64,10 +64,15 @@ def main() -> int:
         res[f"hippocampus_predict_s_{key}"] = round(t, 4)
         item = pred.transforms({"image": ct})
         img = item["image"]
-        sliding_window_logits(pred.net, img[:, :96, :96, :96], pred.cfg, pred.device, amp=amp)
+        def window(x, bs=4):
+            return sliding_window_probs(pred.runner, x, window_size(pred.cfg, x.shape[1:], pred.spec.dims),
+                                        num_classes=pred.cfg.num_classes, overlap=pred.cfg.inference.overlap,
+                                        blend=pred.cfg.inference.blend, sw_batch_size=bs, device=pred.device)
+
+        window(img[:, :96, :96, :96])
         torch.cuda.reset_peak_memory_stats()
         for bs in (4, 32):
-            t = timed(lambda: sliding_window_logits(pred.net, img, pred.cfg, pred.device, amp=amp, sw_batch_size=bs), 2)
+            t = timed(lambda: window(img, bs), 2)
             res[f"ct512x512x300_sliding_window_s_{key}_sw{bs}"] = round(t, 3)
         res[f"ct_peak_gpu_mem_gb_{key}"] = round(torch.cuda.max_memory_allocated() / 1e9, 3)
         t0 = time.perf_counter()

@@ -1,14 +1,22 @@
-"""Sliding-window inference and mapping predictions back to the source grid."""
+"""The sliding window (for validation during training and for prediction alike) and mapping
+predictions back to the source grid.
+
+:func:`sliding_window_probs` places and blends windows exactly as MONAI's
+``sliding_window_inference`` does (same positions, same Gaussian weights; ``tests/test_memory.py``
+checks it against MONAI), but keeps only a slab one window deep in float32 and stores finished
+slabs as probabilities, float16 for large volumes, and averages ensemble members' probabilities
+as it goes. MONAI's function (also with ``buffer_steps``) returns the full-volume float32 logits of
+every member; docs/architecture.md gives the measured difference.
+"""
 
 from __future__ import annotations
 
 import numpy as np
 import torch
 from monai.data import MetaTensor
-from monai.inferers import sliding_window_inference
 from monai.transforms import SpatialResample
 
-from medseg.core.runtime import autocast, last_axis_slabs
+from medseg.core.runtime import last_axis_slabs
 
 
 def window_size(cfg, spatial_shape, dims: int) -> list[int]:
@@ -17,23 +25,6 @@ def window_size(cfg, spatial_shape, dims: int) -> list[int]:
         # a slice-wise 2D model takes any depth: feed several slices per window
         roi[2] = int(min(spatial_shape[2], 32))
     return roi
-
-
-@torch.no_grad()
-def sliding_window_logits(model: torch.nn.Module, image: torch.Tensor, cfg, device: torch.device,
-                          dims: int = 3, amp: bool = True, sw_batch_size: int | None = None,
-                          overlap: float | None = None, amp_dtype: str | None = None) -> torch.Tensor:
-    """Logits ``(1, C, X, Y, Z)`` on the CPU for a channel-first image ``(1, X, Y, Z)``."""
-    x = image.as_tensor() if isinstance(image, MetaTensor) else image
-    x = x[None].to(device=device, dtype=torch.float32)
-    roi = window_size(cfg, x.shape[2:], dims)
-    with autocast(device, amp, amp_dtype):
-        out = sliding_window_inference(
-            x, roi_size=roi, sw_batch_size=sw_batch_size or cfg.inference.sw_batch_size, predictor=model,
-            overlap=cfg.inference.overlap if overlap is None else overlap, mode=cfg.inference.blend,
-            sw_device=device, device=torch.device("cpu"),
-        )
-    return out.float()
 
 
 def to_source_grid(probs: torch.Tensor, processed_affine, source_affine, source_shape) -> torch.Tensor:
@@ -116,13 +107,18 @@ def _pad_to_roi(x: torch.Tensor, roi) -> tuple[torch.Tensor, list[tuple[int, int
     return x, pads
 
 
+def scan_interval(spatial_shape, roi, overlap: float) -> tuple[int, ...]:
+    """Step between window starts per axis: ``int(roi * (1 - overlap))``, at least 1, or one whole window where
+    the window spans the axis (MONAI's rule, so positions match ``sliding_window_inference``'s)."""
+    return tuple(int(r) if int(r) == int(s) else max(1, int(int(r) * (1 - overlap)))
+                 for s, r in zip(spatial_shape, roi))
+
+
 def window_starts(spatial_shape, roi, overlap: float) -> list[tuple[int, int, int]]:
     """Window start corners, the same positions MONAI's ``sliding_window_inference`` uses."""
     from monai.data.utils import dense_patch_slices
-    from monai.inferers.utils import _get_scan_interval
 
-    nd = len(spatial_shape)
-    interval = _get_scan_interval(tuple(spatial_shape), tuple(roi), nd, (overlap,) * nd)
+    interval = scan_interval(spatial_shape, roi, overlap)
     slices = dense_patch_slices(tuple(spatial_shape), tuple(roi), interval, return_slice=False)
     return sorted({tuple(int(s[0]) for s in sl) for sl in slices}, key=lambda s: (s[-1], *s[:-1]))
 

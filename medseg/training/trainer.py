@@ -16,7 +16,8 @@ from medseg.models.checkpoint import save_config
 from medseg.preprocessing.datasets import holdout_split, kfold_split, split_cases
 from medseg.preprocessing.verify import check_training_inputs
 from medseg.core.errors import CheckpointError, DataError
-from medseg.inference.engine import sliding_window_logits
+from medseg.inference.backends import TorchRunner
+from medseg.inference.engine import channel_argmax, sliding_window_probs, window_size
 from medseg.core.runtime import autocast
 from medseg.io.volume import atomic_write, remove_partial_files
 from medseg.models.registry import build_model, get_spec
@@ -141,13 +142,17 @@ def _check_labels(label: torch.Tensor, cfg: Config, what: str) -> None:
 
 
 def validate(model, val_ds, cfg: Config, device, dims: int) -> np.ndarray:
+    """Mean Dice per class over the validation cases, predicted by the sliding window ``predict`` uses."""
     model.eval()
+    runner = TorchRunner([model], device, amp=cfg.train.amp, amp_dtype=cfg.train.amp_dtype)
     scores = []
     for i in range(len(val_ds)):
         item = val_ds[i]
-        logits = sliding_window_logits(model, item["image"], cfg, device, dims=dims, amp=cfg.train.amp,
-                                       amp_dtype=cfg.train.amp_dtype)
-        pred = logits[0].argmax(0)
+        image = item["image"]
+        probs = sliding_window_probs(runner, image, window_size(cfg, image.shape[1:], dims), num_classes=cfg.num_classes,
+                                     overlap=cfg.inference.overlap, blend=cfg.inference.blend,
+                                     sw_batch_size=cfg.inference.sw_batch_size, device=device)
+        pred = channel_argmax(probs).long()
         label = torch.as_tensor(item["label"])[0].round().long()
         scores.append(dice_per_class(pred, label, cfg.num_classes))
     model.train()
