@@ -12,13 +12,15 @@
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
+
+from filelock import FileLock
+from filelock import Timeout as LockTimeout
 
 from medseg.core.errors import ConfigError, InputNotFoundError, MedsegError, OutputError
 from medseg.io.sources import InputItem, discover
@@ -87,6 +89,9 @@ class Manifest:
 
 
 def _fsync_dir(folder: Path) -> None:
+    """Make a rename in ``folder`` durable (POSIX); Windows cannot open a folder for fsync, and need not."""
+    if os.name == "nt":
+        return
     try:
         fd = os.open(folder, os.O_RDONLY)
     except OSError:
@@ -112,23 +117,31 @@ class BatchSummary:
 
 
 class _Lock:
+    """One batch per output folder (per manifest): a second one is refused at once, on every platform.
+
+    ``filelock`` uses ``flock`` on POSIX and ``msvcrt.locking`` on Windows (both released by the
+    operating system when the process ends, however it ends), and an exclusive-create lock file
+    where neither is available.
+    """
+
     def __init__(self, path: Path) -> None:
         self.path = path
-        self.fh = None
+        self.lock = FileLock(path, timeout=0)
 
     def __enter__(self):
-        self.fh = open(self.path, "a")
         try:
-            fcntl.flock(self.fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            self.fh.close()
+            self.lock.acquire()
+        except LockTimeout:
             raise OutputError("another medseg batch is writing to this output folder", path=self.path.parent,
                               fix="wait for it to finish, or use another output folder or --shard") from None
+        except OSError as exc:
+            raise OutputError("cannot create the batch lock file", path=self.path,
+                              found=exc.strerror or type(exc).__name__,
+                              fix="make the output folder writable, or choose another one") from None
         return self
 
     def __exit__(self, *exc):
-        fcntl.flock(self.fh, fcntl.LOCK_UN)
-        self.fh.close()
+        self.lock.release()
 
 
 def _check_folders(root: Path, outdir: Path) -> None:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from medseg.core.errors import ConfigError, InputNotFoundError, MedsegError
+from medseg.core.errors import ConfigError, InputNotFoundError, MedsegError, MissingDependencyError
 
 ENV_USER, ENV_PASSWORD = "MEDSEG_DICOMWEB_USER", "MEDSEG_DICOMWEB_PASSWORD"
 
@@ -63,15 +63,26 @@ def check_url(url: str) -> str:
     return url.rstrip("/")
 
 
+def import_dicomweb():
+    """``(requests, DICOMwebClient)``, or a one-line error naming the extra to install."""
+    try:
+        import requests
+        from dicomweb_client import DICOMwebClient
+    except ImportError as exc:
+        missing = exc.name or "dicomweb-client"
+        raise MissingDependencyError("the PACS (DICOMweb) support is not installed",
+                                     expected="the dicomweb-client and requests packages", found=f"no module named {missing}",
+                                     fix='pip install "medseg[pacs]"') from None
+    return requests, DICOMwebClient
+
+
 class DicomWeb:
     """A small DICOMweb client (QIDO-RS, WADO-RS, STOW-RS) with clear errors."""
 
     def __init__(self, url: str, credentials: Credentials | None = None, timeout: float = 60.0) -> None:
-        import requests
-        from dicomweb_client import DICOMwebClient
-
         self.url = check_url(url)
-        session = requests.Session()
+        self._requests, DICOMwebClient = import_dicomweb()
+        session = self._requests.Session()
         if credentials is not None:
             session.auth = (credentials.username, credentials.password)
         self.client = DICOMwebClient(url=self.url, session=session, timeout=timeout)
@@ -79,8 +90,7 @@ class DicomWeb:
         self.client.set_http_retry_params(retry=True, max_attempts=3, wait_exponential_multiplier=200)
 
     def _call(self, what: str, fn, *args, **kwargs):
-        import requests
-
+        requests = self._requests
         try:
             return fn(*args, **kwargs)
         except requests.exceptions.ConnectionError:
