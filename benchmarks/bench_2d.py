@@ -4,7 +4,7 @@
 
 Each model is built with its registry defaults (random weights: speed does not depend on
 them), run twice to warm up, then timed over ``--runs`` forward passes; the median time per
-image is reported. Prints a Markdown table for benchmarks/RESULTS.md.
+image is reported. Prints a Markdown table for docs/benchmarks.md.
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ the memory planner's choice, peak memory, training speed.
     python benchmarks/gpu_check.py --out results.json
 
 Needs a CUDA GPU; prints every figure and writes them as JSON. Record them in
-benchmarks/RESULTS.md with the card's name.
+docs/benchmarks.md with the card's name.
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ checkpoint (cases it never trained on). ``--train`` retrains from the config fir
                                        # benchmarks/records keeps neither: its README says how to regenerate them)
     python benchmarks/hippocampus.py --model hippocampus --amp bf16   # bf16 autocast (also on the CPU)
 
-Prints a table and one JSON line; the figures go into benchmarks/RESULTS.md by hand,
+Prints a table and one JSON line; the figures go into docs/benchmarks.md by hand,
 with the machine they were measured on.
 """
 

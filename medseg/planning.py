@@ -44,7 +44,7 @@ COSTS = {  # (device, network): (step s at 0 units, step s per unit, bytes per u
 # (benchmarks/cpu_step.py --bf16); the UNet gains less and is costed as fp32. Memory is costed as fp32 (bf16 used less).
 CPU_BF16_STEP = {"dynunet3d": 0.5, "unet3d": 1.0}
 PRECISIONS = ("fp32", "bf16", "auto")
-CPU_MODEL = "dynunet3d"  # the network planned for CPUs (see the README's cross-validation table)
+CPU_MODEL = "dynunet3d"  # the network planned for CPUs (see docs/training.md, "The recipes")
 PLANNED_NETWORKS = ("dynunet3d", "unet3d")  # on a GPU both are costed as the DynUNet (the UNet is lighter)
 TIME_BUDGETS = {"cpu": 0.5, "fast": 0.2, "none": math.inf}
 MIN_BOTTLENECK = 4

@@ -35,7 +35,7 @@ def resolve_model(ref: str | Path | None) -> Path:
     if ref is None:
         ref = DEFAULT_MODEL
     path = Path(ref)
-    if path.suffix == ".pt" or path.exists() or "/" in str(ref):
+    if path.suffix == ".pt" or path.exists() or "/" in str(ref) or "\\" in str(ref):  # a path, also a Windows one
         if not path.is_file():
             raise InputNotFoundError("model file not found", path=path, expected="a medseg .pt checkpoint",
                                      fix="check the path, or use a bundled model name: " + ", ".join(bundled_models()))
