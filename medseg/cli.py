@@ -242,10 +242,10 @@ def evaluate(
 
 
 def _label_names(path: Path) -> dict[int, str]:
-    if path.suffix == ".pt":
-        from medseg.models.checkpoint import load_checkpoint
+    from medseg.models.loading import EXPORT_SUFFIXES, model_config
 
-        return {int(k): v for k, v in load_checkpoint(path)["config"]["labels"].items()}
+    if path.suffix == ".pt" or path.suffix.lower() in EXPORT_SUFFIXES:
+        return dict(model_config(path).labels)
     from medseg.core.config import load_config
 
     return dict(load_config(path).labels)

@@ -18,7 +18,7 @@ from PIL import Image, ImageDraw
 
 from medseg.seg2d.images import read_mask
 from medseg.core.errors import DataError, OutputError
-from medseg.io import annotations as ann
+from medseg.seg2d import annotations as ann
 
 SAMPLES = TEST_DATA / "annotations"
 CLASSES = {0: "background", 1: "car", 2: "person", 3: "sign", 4: "puddle"}

@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from medseg.core.config import DataConfig, from_dict
-from medseg.preprocessing import images2d as d2
+from medseg.seg2d import images as d2
 from medseg.core.errors import DataError, GeometryError, InputNotFoundError
 from medseg.seg2d.overlay import save_index_png
 
