@@ -17,9 +17,10 @@ _LAZY = {
     "load_volume": "medseg.io.volume",
     "save_volume": "medseg.io.volume",
     "load_config": "medseg.core.config",
+    "load_model": "medseg.models.loading",
     "Config": "medseg.core.config",
     "Predictor": "medseg.inference.predictor",
-    "predict": "medseg.inference.predictor",
+    "predict": "medseg.apps.run",
     "train": "medseg.training",
     "evaluate": "medseg.evaluation.metrics",
 }
