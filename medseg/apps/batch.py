@@ -259,7 +259,7 @@ def run_batch(root: str | Path, outdir: str | Path, *, model: str | None = None,
         infos = infos_from_config(predictor.cfg)
         table_formats = formats or sorted({default_format(t) for t in todo})
         with progress_bar("batch", total=len(todo), enabled=progress) as advance:
-            for res in run_items(predictor, todo, lambda it: outdir / it.output_relpath().with_name(it.name), formats,
+            for res in run_items(predictor, todo, lambda it: it.mirrored_base(outdir), formats,
                                  dicom_options=dicom_options, anonymize=anonymize, isolate=True, hash_input=True):
                 _record(res.item, res.record(outdir), manifest, summary, outdir, on_done, shown, hide, infos,
                         table_formats)
@@ -309,9 +309,9 @@ def _record_row(row: dict, err, it: InputItem, manifest: Manifest, summary: Batc
     from medseg.io.writers import write_color_tables
 
     if err is not None:
-        if isinstance(err, BaseException) and not isinstance(err, MedsegError):
-            err = f"internal error: {type(err).__name__}: {err}"
-        reason = hide(" ".join(str(err).split()), it.path)
+        from medseg.apps.run import failure_reason
+
+        reason = hide(failure_reason(err), it.path)
         row.update(status="failed", reason=reason)
         summary.failed += 1
         summary.failures.append((row["input"], reason))

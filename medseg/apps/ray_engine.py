@@ -54,7 +54,7 @@ class SegmentWorker:
         """Segment one item through the run loop; its manifest fields (never raises for bad input)."""
         from medseg.apps.run import run_one
 
-        res = run_one(self.predictor, item, self.outdir / item.output_relpath().with_name(item.name), self.formats,
+        res = run_one(self.predictor, item, item.mirrored_base(self.outdir), self.formats,
                       dicom_options=self.dicom_options, anonymize=self.anonymize, isolate=True, hash_input=True)
         return res.record(self.outdir)
 

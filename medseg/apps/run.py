@@ -24,14 +24,15 @@ def default_format(item) -> str:
     return "nrrd" if item.output_suffix == ".nrrd" else "nifti"
 
 
-def plan_outputs(items: list, outdir: Path, formats: list[str] | None = None, *, flat: bool = True) -> list[list[Path]]:
-    """Output paths per input item; refuses writing onto an input or two inputs onto one output."""
+def plan_outputs(items: list, outdir: Path, formats: list[str] | None = None) -> list[list[Path]]:
+    """Output paths per input item (``OUTDIR/<name>.<format>``); refuses writing onto an input or two inputs
+    onto one output."""
     from medseg.io.writers import FORMATS
 
     plans = []
     seen: dict[Path, object] = {}
     for it in items:
-        base = outdir / (it.name if flat else it.output_relpath().with_name(it.name))
+        base = outdir / it.name
         outs = [base.parent / f"{base.name}{FORMATS[f]}" for f in (formats or [default_format(it)])]
         for out in outs:
             if it.kind == "volume" and out.resolve() == Path(it.path).resolve():
@@ -101,12 +102,15 @@ class ItemResult:
         return fields
 
     def reason(self) -> str | None:
-        """The failure in one line (a :class:`MedsegError`'s own message; anything else marked internal)."""
-        if self.error is None:
-            return None
-        if isinstance(self.error, MedsegError):
-            return str(self.error)
-        return f"internal error: {type(self.error).__name__}: {self.error}"
+        return None if self.error is None else failure_reason(self.error)
+
+
+def failure_reason(error: BaseException | str) -> str:
+    """A failure in one line: a :class:`MedsegError`'s own message (or a reason already written); anything
+    else is marked internal."""
+    if isinstance(error, BaseException) and not isinstance(error, MedsegError):
+        error = f"internal error: {type(error).__name__}: {error}"
+    return " ".join(str(error).split())
 
 
 @dataclass

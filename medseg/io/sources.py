@@ -70,6 +70,10 @@ class InputItem:
     def output_relpath(self) -> Path:
         return Path(self.group) / f"{self.name}{self.output_suffix}" if self.group else Path(f"{self.name}{self.output_suffix}")
 
+    def mirrored_base(self, outdir: Path) -> Path:
+        """``outdir/<study group>/<name>``: where ``batch`` writes this item's outputs (suffixes added per format)."""
+        return Path(outdir) / self.output_relpath().with_name(self.name)
+
 
 @dataclass
 class Skipped:
