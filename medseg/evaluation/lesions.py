@@ -14,6 +14,15 @@ A *lesion* is one connected component of one label value. Conventions:
 * Centroids are the mean voxel centre in world mm, given both as RAS (NIfTI, nibabel) and as
   LPS (DICOM, ITK, 3D Slicer's "LPS" display).
 * Bounding boxes are inclusive voxel indices ``(i, j, k)`` in file order.
+* ``long_axis_mm`` and ``short_axis_mm`` are the RECIST 1.1 axes, measured in one acquisition
+  slice, between voxel centres in world mm (same convention as ``diameter_mm``). The slices are
+  taken across the voxel axis with the largest spacing (``plane_axis``: 0, 1, 2 for i, j, k); when
+  the largest spacings tie within 1 %, the last of them (k for an isotropic grid, as files store
+  slices along k). The long axis is the longest distance between two voxel centres of one slice,
+  maximised over the slices; the short axis is the longest chord perpendicular to it, in the
+  same slice, of the convex hull of that slice's voxel centres (exact, no binning; a slice of one
+  row of voxels has short axis 0). When several slices (or several point pairs) share the longest
+  long axis, the one with the longest short axis is reported.
 """
 
 from __future__ import annotations
@@ -107,6 +116,127 @@ def diameter_of_points(points: np.ndarray) -> float:
     return float(np.ptp(flat[:, 0]))  # collinear
 
 
+def acquisition_axis(affine: np.ndarray) -> int:
+    """The voxel axis (0, 1, 2 = i, j, k) across which a volume was sliced: the one with the largest
+    spacing; when the largest spacings tie within 1 %, the last of them (k on an isotropic grid)."""
+    spacing = np.linalg.norm(np.asarray(affine, dtype=np.float64)[:3, :3], axis=0)
+    if not np.all(np.isfinite(spacing)) or not np.all(spacing > 0):
+        raise ValueError(f"the affine has no valid voxel spacing: {spacing.tolist()}")
+    return int(np.flatnonzero(spacing * 1.01 >= spacing.max())[-1])
+
+
+_REL_TIE = 1e-9
+
+
+def _farthest_pairs(points: np.ndarray) -> tuple[float, np.ndarray]:
+    """Longest distance between two 2D ``points`` and every pair (``m x 2 x 2``) that attains it.
+
+    Only the convex hull's vertices can be farthest apart; collinear sets, on which the hull
+    fails, are searched whole (they are small: one or two points per voxel row)."""
+    cand = points
+    if len(points) > 3:
+        try:
+            cand = points[ConvexHull(points).vertices]
+        except QhullError:
+            pass
+    d = cdist(cand, cand)
+    best = float(d.max())
+    i, j = np.nonzero(np.triu(d >= best * (1 - _REL_TIE) - 1e-12, 1))
+    return best, np.stack([cand[i], cand[j]], 1)
+
+
+def _hull_polygon(points: np.ndarray) -> np.ndarray | None:
+    """Vertices of the 2D convex hull in order, or None when the points are collinear."""
+    if len(points) < 3:
+        return None
+    try:
+        return points[ConvexHull(points).vertices]
+    except QhullError:
+        return None
+
+
+def _perpendicular_chord(polygon: np.ndarray | None, p: np.ndarray, q: np.ndarray) -> float:
+    """Longest chord of a convex polygon perpendicular to the segment ``p``-``q``.
+
+    With u along ``p``-``q`` and v across it, the chord length at u is a concave piecewise-linear
+    function whose corners lie at the vertices' u, so its maximum is at one of them.
+    """
+    if polygon is None:
+        return 0.0
+    e = (q - p) / np.linalg.norm(q - p)
+    u = polygon @ e
+    v = polygon @ np.array([-e[1], e[0]])
+    u0, v0 = u, v
+    u1, v1 = np.roll(u, -1), np.roll(v, -1)  # edges (vertex n, vertex n + 1)
+    du = u1 - u0
+    eps = 1e-9 * max(1.0, float(np.ptp(u)))
+    at = u[:, None]
+    inside = (at >= np.minimum(u0, u1) - eps) & (at <= np.maximum(u0, u1) + eps)
+    safe = np.where(np.abs(du) > eps, du, 1.0)
+    t = np.clip(np.where(np.abs(du) > eps, (at - u0) / safe, 0.0), 0.0, 1.0)
+    cross = np.where(inside, v0 + t * (v1 - v0), np.nan)
+    return float(np.nanmax(np.nanmax(cross, 1) - np.nanmin(cross, 1)))
+
+
+def _recist(mask: np.ndarray, linear: np.ndarray, plane: int) -> tuple[float, float]:
+    """RECIST long and short axes (mm) of a non-empty 3D boolean mask sliced across ``plane``."""
+    a, b = [ax for ax in range(3) if ax != plane]
+    # distances within a slice: the in-plane columns of the affine, in an orthonormal basis of their plane
+    r = np.linalg.qr(linear[:, [a, b]])[1]
+    m = np.moveaxis(mask, plane, 0)  # (slice, a, b)
+    present = m.any(axis=2)
+    first = m.argmax(axis=2)
+    last = m.shape[2] - 1 - m[:, :, ::-1].argmax(axis=2)
+    s_idx, a_idx = np.nonzero(present)  # sorted by slice
+    # the first and last voxel of each row of each slice: the same convex hull as the whole slice
+    ends = np.stack([a_idx, first[s_idx, a_idx], a_idx, last[s_idx, a_idx]], 1).reshape(-1, 2)
+    pts = ends @ r.T  # 2D mm, grouped by slice (two points per row)
+    starts = 2 * np.flatnonzero(np.diff(s_idx, prepend=-1))
+    stops = np.append(starts[1:], len(pts))
+    lo = np.minimum.reduceat(pts, starts)
+    hi = np.maximum.reduceat(pts, starts)
+    bound = np.linalg.norm(hi - lo, axis=1)  # no two points of a slice are farther apart than its box diagonal
+    best_long, best_short = -1.0, 0.0
+    for n in np.argsort(-bound, kind="stable"):
+        if bound[n] < best_long * (1 - _REL_TIE) - 1e-12:
+            break
+        sp = np.unique(pts[starts[n]:stops[n]], axis=0)
+        if len(sp) < 2:
+            long, pairs = 0.0, np.zeros((0, 2, 2))
+        else:
+            long, pairs = _farthest_pairs(sp)
+        if long < best_long * (1 - _REL_TIE) - 1e-12:
+            continue
+        if long > best_long * (1 + _REL_TIE) + 1e-12:
+            best_long, best_short = long, 0.0
+        polygon = _hull_polygon(sp)
+        for p, q in pairs:
+            best_short = max(best_short, _perpendicular_chord(polygon, p, q))
+    return max(best_long, 0.0), best_short
+
+
+def recist_axes(mask: np.ndarray, affine: np.ndarray, plane_axis: int | None = None) -> tuple[float, float, int]:
+    """RECIST 1.1 long and short axes in mm of a 3D mask, and the voxel axis the slices cross.
+
+    Slices cross ``plane_axis`` (default: :func:`acquisition_axis` of the affine). The long axis is
+    the longest distance between two voxel centres in one slice, over all slices; the short axis
+    the longest chord perpendicular to it in that slice (see the module notes). An empty mask
+    gives ``(0.0, 0.0, plane_axis)``.
+    """
+    mask = np.asarray(mask, bool)
+    if mask.ndim != 3:
+        raise ValueError(f"recist_axes needs a 3D mask, not shape {mask.shape}")
+    affine = np.asarray(affine, dtype=np.float64)
+    plane = acquisition_axis(affine) if plane_axis is None else int(plane_axis)
+    if plane not in (0, 1, 2):
+        raise ValueError(f"plane_axis must be 0, 1 or 2, not {plane_axis!r}")
+    if not mask.any():
+        return 0.0, 0.0, plane
+    box = ndimage.find_objects(mask.astype(np.uint8))[0]
+    long, short = _recist(mask[box], affine[:3, :3], plane)
+    return long, short, plane
+
+
 def longest_diameter_mm(mask: np.ndarray, affine: np.ndarray) -> float:
     """Longest distance in mm between the centres of two voxels of ``mask`` (any shape of mask)."""
     mask = np.asarray(mask, bool)
@@ -133,6 +263,12 @@ class Lesion:
     bbox_min: tuple[int, int, int]
     bbox_max: tuple[int, int, int]
     """Inclusive."""
+    long_axis_mm: float = 0.0
+    """RECIST long axis: longest distance between two voxel centres within one slice."""
+    short_axis_mm: float = 0.0
+    """RECIST short axis: longest chord perpendicular to the long axis, in the same slice."""
+    plane_axis: int = -1
+    """Voxel axis (0, 1, 2 = i, j, k) the slices of the RECIST axes cross; -1 when not measured."""
     extra: dict = field(default_factory=dict, repr=False)
     """Free-form annotations (e.g. ``detected`` in an evaluation)."""
 
@@ -141,6 +277,16 @@ class Lesion:
         extra = d.pop("extra")
         d["volume_ml"] = round(self.volume_ml, 6)
         d["diameter_mm"] = round(self.diameter_mm, 4)
+        d["long_axis_mm"] = round(self.long_axis_mm, 4)
+        d["short_axis_mm"] = round(self.short_axis_mm, 4)
+        # the RECIST axes next to the diameter (the fields come last only to keep constructor calls working)
+        recist = {k: d.pop(k) for k in ("long_axis_mm", "short_axis_mm", "plane_axis")}
+        ordered = {}
+        for k, v in d.items():
+            ordered[k] = v
+            if k == "diameter_mm":
+                ordered.update(recist)
+        d = ordered
         for key in ("centroid_ras", "centroid_lps"):
             d[key] = [round(float(v), 4) for v in d[key]]
         d["bbox_min"], d["bbox_max"] = list(self.bbox_min), list(self.bbox_max)
@@ -161,6 +307,7 @@ def describe_components(labelled: np.ndarray, n: int, affine: np.ndarray, *, lab
                         name: str | None = None) -> list[Lesion]:
     """One :class:`Lesion` per component ``1..n`` of a labelled array (as from :func:`label_components`)."""
     affine = np.asarray(affine, dtype=np.float64)
+    plane = acquisition_axis(affine)
     voxel_ml = float(abs(np.linalg.det(affine[:3, :3])) / 1000.0)
     out = []
     for idx, box in enumerate(ndimage.find_objects(labelled, max_label=n), start=1):
@@ -173,11 +320,13 @@ def describe_components(labelled: np.ndarray, n: int, affine: np.ndarray, *, lab
         ras = affine[:3, :3] @ centre + affine[:3, 3]
         lps = LPS_TO_RAS[:3, :3] @ ras
         ijk = _extreme_points(sub) + offset
+        long, short = _recist(sub, affine[:3, :3], plane)
         out.append(Lesion(
             label=int(label), name=name if name is not None else str(label), lesion=idx, voxels=count,
             volume_ml=count * voxel_ml, diameter_mm=diameter_of_points(ijk @ affine[:3, :3].T),
             centroid_ras=tuple(float(v) for v in ras), centroid_lps=tuple(float(v) for v in lps),
             bbox_min=tuple(int(s.start) for s in box), bbox_max=tuple(int(s.stop - 1) for s in box),
+            long_axis_mm=long, short_axis_mm=short, plane_axis=plane,
         ))
     return out
 
@@ -202,7 +351,8 @@ def write_lesion_report(lesions: list[Lesion], path: str | Path) -> Path:
     suffix = path.suffix.lower()
     if suffix == ".json":
         payload = {"count": len(lesions), "units": {"volume": "mL", "diameter": "mm between voxel centres",
-                                                    "centroid": "mm, RAS and LPS", "bbox": "voxel (i, j, k), inclusive"},
+                                                    "centroid": "mm, RAS and LPS", "bbox": "voxel (i, j, k), inclusive",
+                                                    "long_axis/short_axis": "RECIST, mm between voxel centres in one slice across plane_axis"},
                    "lesions": [les.to_dict() for les in lesions]}
         return atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(payload, indent=1) + "\n"))
     if suffix == ".csv":
@@ -222,7 +372,7 @@ def write_lesion_report(lesions: list[Lesion], path: str | Path) -> Path:
                       fix="name the report file .csv or .json")
 
 
-_EMPTY_ROW = Lesion(0, "", 0, 0, 0.0, 0.0, (0.0,) * 3, (0.0,) * 3, (0,) * 3, (0,) * 3).row()
+_EMPTY_ROW = Lesion(0, "", 0, 0, 0.0, 0.0, (0.0,) * 3, (0.0,) * 3, (0,) * 3, (0,) * 3, 0.0, 0.0, -1).row()
 
 
 # ---------------------------------------------------------------------------
