@@ -127,8 +127,13 @@ def _runtime(backend: str, amp: str, compile_: bool, threads: Optional[int]) -> 
 
 @app.command()
 def predict(
-    inputs: List[Path] = typer.Argument(..., help="NIfTI/NRRD files, DICOM series or study folders, or folders of volumes."),
+    inputs: Optional[List[Path]] = typer.Argument(None, help="NIfTI/NRRD files, DICOM series or study folders, or "
+                                                  "folders of volumes; for a model of several sequences: case folders, "
+                                                  "nnU-Net-named files, 4D images or DICOM studies."),
     output: Path = typer.Option(..., "-o", "--output", help="Output folder (created; never an input folder)."),
+    channel: Optional[List[str]] = typer.Option(None, "--channel", help="One case's sequence as NAME=FILE (a volume "
+                                                "or DICOM series), repeated for every sequence the model takes, "
+                                                "e.g. --channel flair=f.nii.gz --channel t1c=t.nii.gz."),
     model: Optional[str] = typer.Option(None, "--model", "-m", help="Bundled model name or .pt checkpoint (default: hippocampus)."),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N."),
     overlap: Optional[float] = typer.Option(None, "--overlap", help="Sliding-window overlap in [0, 1) (default from the model)."),
@@ -149,7 +154,9 @@ def predict(
     """Segment volumes; OUTDIR/<name> is an integer label volume on the input's exact grid.
 
     NIfTI/NRRD inputs keep their name (case.nii.gz -> OUTDIR/case.nii.gz); a DICOM series
-    becomes OUTDIR/series-<number>-<hash>.nii.gz (no patient data in file names).
+    becomes OUTDIR/series-<number>-<hash>.nii.gz (no patient data in file names). A case of
+    several sequences is named after its folder (or nnU-Net case name) and lies on the grid of
+    the model's reference sequence.
     """
     from medseg.models.loading import load_model
     from medseg.seg2d.predict import is_image_file
@@ -158,13 +165,13 @@ def predict(
     if loaded.cfg.task == "image2d":  # PNG/JPEG in: OUTDIR/<stem>.png index masks, OUTDIR/overlays/<stem>.png
         from medseg.seg2d.predict import predict_images
 
-        if formats or tta or stats or rules:
+        if formats or tta or stats or rules or channel:
             from medseg.core.errors import ConfigError
 
-            raise ConfigError("--format, --tta, --stats and --rules are for volume models", path=model,
+            raise ConfigError("--format, --tta, --stats, --rules and --channel are for volume models", path=model,
                               found="a 2D image model", fix="drop those options for PNG/JPEG images")
         con = _console(stderr=False)
-        for res in predict_images(inputs, output, model=loaded, device=device):
+        for res in predict_images(inputs or [], output, model=loaded, device=device):
             con.print(f"{res.input} -> {', '.join(map(str, res.outputs))} ({res.seconds:.2f} s)")
         return
     if inputs and all(is_image_file(p) for p in inputs):
@@ -176,7 +183,10 @@ def predict(
                                     fix="train one with a task: image2d config (see configs/shapes_2d.yaml)")
     from medseg.apps.run import predict as run_predict
 
-    results = run_predict(inputs, output, model=loaded, device=device, overlap=overlap, rules=rules,
+    from medseg.apps.run import parse_channels
+
+    results = run_predict(inputs or [], output, model=loaded, device=device, overlap=overlap, rules=rules,
+                          channels=parse_channels(channel),
                           dicom_options=_dicom_options(uneven, tilt), formats=formats, tta=tta, stats=stats,
                           anonymize=anonymize, runtime=_runtime(backend, amp, compile_, threads))
     con = _console(stderr=False)
@@ -189,10 +199,12 @@ def evaluate(
     pred_dir: Path = typer.Argument(..., help="Folder of predicted label volumes."),
     ref_dir: Path = typer.Argument(..., help="Folder of reference label volumes (same file names)."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Also write all scores to this JSON file."),
-    config: Optional[Path] = typer.Option(None, "--config", help="Config or .pt model whose label names to show."),
+    config: Optional[Path] = typer.Option(None, "--config", help="Config or model whose label names to show; one with "
+                                          "regions (e.g. the glioma model) is scored per region."),
     tolerance: float = typer.Option(1.0, "--tolerance", help="Surface Dice tolerance in mm."),
 ) -> None:
-    """Per class: Dice, HD95, surface Dice, ASSD, volume difference and lesion detection, per case and mean."""
+    """Per class (or region): Dice, HD95, surface Dice, ASSD, volumes, lesion detection, and per region the
+    BraTS 2023 lesion-wise Dice and HD95; per case and mean."""
     from rich.table import Table
 
     from medseg.evaluation.metrics import evaluate as run_evaluate
@@ -213,10 +225,14 @@ def evaluate(
         table.add_row("pixel accuracy", f"{ev.pixel_accuracy:.4f}", "")
         _console(stderr=False).print(table)
         return
-    names = _label_names(config) if config else None
-    res = run_evaluate(pred_dir, ref_dir, names=names, json_path=json_out, tolerance_mm=tolerance)
+    cfg = _config_of(config) if config else None
+    names = dict(cfg.labels) if cfg else None
+    res = run_evaluate(pred_dir, ref_dir, names=names, json_path=json_out, tolerance_mm=tolerance,
+                       regions=cfg.regions if cfg else None)
     metrics = [("dice", "Dice", 4), ("hd95", "HD95 mm", 2), ("surface_dice", f"sDice@{tolerance:g}mm", 4),
                ("assd", "ASSD mm", 2), ("rvd_pct", "vol diff %", 1)]
+    if res.regions:
+        metrics += [("lesionwise_dice", "lesion-wise Dice", 4), ("lesionwise_hd95", "lesion-wise HD95", 2)]
 
     def fmt(v: float, digits: int) -> str:
         return "n/a" if v != v or v in (float("inf"), float("-inf")) else f"{v:.{digits}f}"
@@ -224,31 +240,40 @@ def evaluate(
     con = _console(stderr=False)
     for c in res.classes:
         n = res.names.get(c, str(c))
-        table = Table(title=f"{n} (label {c}), {len(res.cases)} case(s)")
+        what = f"region of labels {', '.join(map(str, res.regions[c]))}" if res.regions else f"label {c}"
+        table = Table(title=f"{n} ({what}), {len(res.cases)} case(s)")
         table.add_column("case")
         for _, head, _ in metrics:
             table.add_column(head, justify="right")
+        table.add_column("mL pred/ref", justify="right")
         table.add_column("lesions found/ref", justify="right")
         for cs in res.cases:
             m = cs.lesions.get(c) if cs.lesions else None
             found = f"{m.detected}/{m.n_ref} ({m.n_pred - m.true_positive} FP)" if m else ""
-            table.add_row(cs.case, *[fmt(cs.value(k, c), d) for k, _, d in metrics], found)
+            vol = f"{cs.pred_volume_ml.get(c, float('nan')):.2f}/{cs.ref_volume_ml.get(c, float('nan')):.2f}"
+            table.add_row(cs.case, *[fmt(cs.value(k, c), d) for k, _, d in metrics], vol, found)
         table.add_section()
         tot = res.lesion_totals(c)
-        table.add_row("[bold]mean", *[fmt(res.mean(k, c), d) for k, _, d in metrics],
+        table.add_row("[bold]mean", *[fmt(res.mean(k, c), d) for k, _, d in metrics], "",
                       f"sens {fmt(tot['sensitivity'], 2)} prec {fmt(tot['precision'], 2)}" if tot else "")
         con.print(table)
-    con.print(f"mean Dice over classes: {res.mean_dice:.4f}")
+    con.print(f"mean Dice over {'regions' if res.regions else 'classes'}: {res.mean_dice:.4f}")
+
+
+def _config_of(ref) -> "Config":  # noqa: F821 - imported lazily
+    """The config of a YAML file, or of a model (bundled name, .pt, .onnx, .ts)."""
+    from medseg.models.loading import EXPORT_SUFFIXES, bundled_models, model_config
+
+    path = Path(str(ref))
+    if path.suffix == ".pt" or path.suffix.lower() in EXPORT_SUFFIXES or str(ref) in bundled_models():
+        return model_config(ref)
+    from medseg.core.config import load_config
+
+    return load_config(path)
 
 
 def _label_names(path: Path) -> dict[int, str]:
-    from medseg.models.loading import EXPORT_SUFFIXES, model_config
-
-    if path.suffix == ".pt" or path.suffix.lower() in EXPORT_SUFFIXES:
-        return dict(model_config(path).labels)
-    from medseg.core.config import load_config
-
-    return dict(load_config(path).labels)
+    return dict(_config_of(path).labels)
 
 
 @app.command()
@@ -277,27 +302,32 @@ def demo(
 
 @app.command("verify-data")
 def verify_data(
-    dataset: Path = typer.Argument(..., help="MSD-style folder with imagesTr/ and labelsTr/."),
-    config: Optional[Path] = typer.Option(None, "--config", help="Config whose labels are the allowed label values."),
+    dataset: Path = typer.Argument(..., help="Dataset folder: imagesTr/ and labelsTr/ (MSD, nnU-Net names), or one "
+                                   "folder per case."),
+    config: Optional[Path] = typer.Option(None, "--config", help="Config or model: its sequences (data.channels, file "
+                                          "patterns) and labels (the allowed label values)."),
 ) -> None:
-    """Check every image/label pair (geometry, label values, NaNs, empty labels); report all problems."""
+    """Check every case: all sequences present and readable, grids agree or can be resampled, label geometry and
+    values, NaNs, empty labels, duplicate cases; report all problems."""
     from medseg.preprocessing.verify import verify_dataset
 
-    labels = _label_names(config) if config else None
-    n, problems = verify_dataset(dataset, labels)
+    n, problems = verify_dataset(dataset, config=_config_of(config) if config else None)
     con = _console(stderr=False)
     for p in problems:
         con.print(str(p), markup=False)
     errors = [p for p in problems if p.severity == "error"]
-    con.print(f"{n} pair(s) checked: {len(errors)} error(s), {len(problems) - len(errors)} warning(s)")
+    con.print(f"{n} case(s) checked: {len(errors)} error(s), {len(problems) - len(errors)} warning(s)")
     if errors:
         raise typer.Exit(1)
 
 
 @app.command()
 def plan(
-    dataset: Path = typer.Argument(..., help="MSD-style folder with imagesTr/ and labelsTr/."),
+    dataset: Path = typer.Argument(..., help="Dataset folder: imagesTr/ and labelsTr/ (MSD, nnU-Net names), or one "
+                                   "folder per case (needs --config naming the sequences)."),
     output: Path = typer.Option(Path("plan.yaml"), "-o", "--output", help="Where to write the plan (YAML)."),
+    config: Optional[Path] = typer.Option(None, "--config", help="Config naming the sequences of a case "
+                                          "(data.channels) and the modality."),
     modality: str = typer.Option("MR", "--modality", help="CT (clip to foreground percentiles, z-score) or MR/other (z-score)."),
     device: str = typer.Option("cpu", "--device", help="Plan for cpu or cuda."),
     memory_gb: Optional[float] = typer.Option(None, "--memory-gb", help="Memory budget for training (default 4 CPU / 8 GPU)."),
@@ -307,10 +337,15 @@ def plan(
                                   "the CPU has AMX or AVX-512 BF16, else fp32), fp32 or bf16."),
 ) -> None:
     """Fingerprint a dataset and write a training plan; use it with 'plan: FILE' (or 'plan: auto') in a config."""
-    from medseg.preprocessing.datasets import discover_msd
-    from medseg.planning import fingerprint, make_plan
+    import copy
 
-    fp = fingerprint(discover_msd(dataset), modality=modality.upper())
+    from medseg.core.config import DataConfig
+    from medseg.planning import fingerprint, make_plan
+    from medseg.preprocessing.datasets import dataset_cases
+
+    data = copy.deepcopy(_config_of(config).data) if config else DataConfig()
+    data.root, data.datalist = str(dataset), None
+    fp = fingerprint(dataset_cases(data), modality=modality.upper())
     result = make_plan(fp, device=device, memory_gb=memory_gb, network=model, precision=precision)
     out = result.save(output)
     con = _console(stderr=False)

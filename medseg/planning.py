@@ -102,8 +102,9 @@ def fingerprint(cases, *, modality: str, progress: bool = True, max_voxels_per_c
     with progress_bar("fingerprint", total=len(cases), enabled=progress) as advance:
         for case in cases:
             if case.label is None:
-                raise DataError("fingerprinting needs a label for every case", path=case.image, fix="add one")
-            img, lab = load_volume(case.image), load_volume(case.label)
+                raise DataError("fingerprinting needs a label for every case", path=case.files[0], fix="add one")
+            # the first file: the (first) sequence's grid, which the others are resampled onto
+            img, lab = load_volume(case.files[0], channels=True), load_volume(case.label)
             if img.shape != lab.shape:
                 raise DataError("image and label shapes differ", path=case.label, expected=str(img.shape),
                                 found=str(lab.shape), fix="re-export the label on the image grid")
@@ -114,7 +115,8 @@ def fingerprint(cases, *, modality: str, progress: bool = True, max_voxels_per_c
             values, counts = np.unique(labels if labels.dtype.kind in "biu" else np.rint(labels), return_counts=True)
             voxels.update(dict(zip(values.astype(int).tolist(), counts.tolist())))
             present.update(values.astype(int).tolist())
-            fg, image = np.flatnonzero(labels.ravel() >= 0.5), np.asarray(img.array).ravel()
+            first = np.asarray(img.array)[..., 0] if img.channels > 1 else np.asarray(img.array)
+            fg, image = np.flatnonzero(labels.ravel() >= 0.5), first.ravel()
             samples.append(image[rng.choice(fg, min(fg.size, max_voxels_per_case), replace=False)].astype(float))
             zero_bg += int(np.count_nonzero(image == 0) >= 0.25 * image.size)
             advance(case.name)

@@ -156,10 +156,7 @@ def run_one(predictor: Predictor, item, base: Path, formats: list[str] | None, *
                                infos=infos_from_config(predictor.cfg), source_files=files,
                                model_name=predictor.cfg.name, anonymize=anonymize)
         if stats:
-            from medseg.evaluation.lesions import lesion_table, write_lesion_report
-
-            table = lesion_table(labels, predictor.labels)
-            written.append(write_lesion_report(table, base.parent / f"{base.name}.lesions.{stats}"))
+            written += write_stats(labels, predictor.cfg, base, stats)
         res.status, res.outputs, res.labels = "done", written, labels
         res.predict_s, res.write_s = t2 - t1, time.perf_counter() - t2
     except Exception as exc:  # noqa: BLE001 - recorded, the batch goes on (isolate)
@@ -167,6 +164,25 @@ def run_one(predictor: Predictor, item, base: Path, formats: list[str] | None, *
             raise
         res.error = exc
     return res
+
+
+def write_stats(labels: Volume, cfg, base: Path, stats: str) -> list[Path]:
+    """``base.lesions.<stats>``: one row per lesion (per label, or per region of a region model: volume, 3D
+    diameter, RECIST axes, centroid); a region model also gets the case summary (``base.summary.json``, and
+    inside the JSON report)."""
+    import json
+
+    from medseg.evaluation.lesions import lesion_table, tumour_summary, write_lesion_report
+    from medseg.io.volume import atomic_write
+
+    names = dict(cfg.labels)
+    table = lesion_table(labels, names, regions=cfg.regions or None)
+    summary = tumour_summary(labels, names, cfg.regions) if cfg.regions else None
+    out = [write_lesion_report(table, base.parent / f"{base.name}.lesions.{stats}", summary)]
+    if summary is not None and stats == "csv":
+        out.append(atomic_write(base.parent / f"{base.name}.summary.json",
+                                lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=1) + "\n")))
+    return out
 
 
 def run_items(predictor: Predictor, items: list, base_of: Callable[[object], Path], formats: list[str] | None, *,
@@ -182,6 +198,56 @@ def run_items(predictor: Predictor, items: list, base_of: Callable[[object], Pat
                           isolate=isolate)
 
 
+def parse_channels(pairs: list[str] | None) -> dict[str, Path]:
+    """``["flair=a.nii.gz", "t1c=b.nii.gz"]`` (``--channel NAME=FILE``) -> ``{"flair": Path("a.nii.gz"), ...}``."""
+    out: dict[str, Path] = {}
+    for pair in pairs or []:
+        name, sep, path = str(pair).partition("=")
+        if not sep or not name.strip() or not path.strip():
+            raise ConfigError("bad --channel", expected="NAME=FILE, e.g. --channel flair=case/flair.nii.gz",
+                              found=repr(pair), fix="give each sequence as NAME=FILE")
+        if name.strip() in out:
+            raise ConfigError(f"--channel {name.strip()} is given twice", found=repr(pair), fix="give it once")
+        out[name.strip()] = Path(path.strip())
+    return out
+
+
+def discover_inputs(inputs: list, cfg, rules=None, *, channels: dict[str, Path] | None = None,
+                    mirror_root: Path | None = None, recursive: bool = True) -> tuple[list, list]:
+    """What to segment for a model with config ``cfg``: single volumes and series (one sequence), or cases of
+    the model's sequences (case folders, nnU-Net files, 4D images, DICOM studies); ``channels`` gives one
+    case's sequences explicitly (``--channel NAME=FILE``)."""
+    from medseg.io.sources import case_item, discover, discover_cases
+
+    names = cfg.channel_names
+    if channels:
+        if sorted(channels) != sorted(names):
+            missing = [n for n in names if n not in channels]
+            raise ConfigError("--channel must give every sequence of the model, by name",
+                              expected=", ".join(f"{n}=FILE" for n in names), found=", ".join(channels) or "none",
+                              fix=f"add --channel {missing[0]}=FILE" if missing else "use the model's sequence names "
+                              "('medseg models' lists them)")
+        if inputs:
+            raise ConfigError("give the sequences with --channel or the inputs, not both", found=str(inputs[0]),
+                              fix="drop the positional inputs")
+        parts = {}
+        for name in names:
+            found, _ = discover([channels[name]], recursive=False)
+            if len(found) != 1:
+                raise InputNotFoundError(f"--channel {name} must name one volume or one DICOM series",
+                                         path=channels[name], found=f"{len(found)} series/volumes",
+                                         fix="point it at one file or one series folder")
+            parts[name] = found[0]
+        return [case_item(parts[cfg.reference_channel].name, parts, cfg.reference_channel)], []
+    if not inputs:
+        raise ConfigError("nothing to segment", expected="input files or folders, or --channel NAME=FILE",
+                          fix="see medseg predict --help")
+    if cfg.in_channels > 1:
+        return discover_cases(inputs, cfg.data.channels, cfg.reference_channel, label_patterns=cfg.data.label_patterns,
+                              rules=rules, mirror_root=mirror_root, recursive=recursive)
+    return discover(inputs, rules, mirror_root=mirror_root, recursive=recursive)
+
+
 @dataclass
 class PredictResult:
     input: Path
@@ -192,7 +258,8 @@ class PredictResult:
 def predict(inputs: list[str | Path], outdir: str | Path, *, model=None, device: str = "auto", progress: bool = True,
             overlap: float | None = None, rules: str | Path | None = None, dicom_options: dict | None = None,
             formats: list[str] | None = None, tta: bool | None = None, stats: str | None = None,
-            anonymize: bool = False, runtime: dict | None = None) -> list[PredictResult]:
+            anonymize: bool = False, runtime: dict | None = None,
+            channels: dict[str, Path] | None = None) -> list[PredictResult]:
     """Segment every input and write ``OUTDIR/<name>.<format>`` label files.
 
     Inputs are NIfTI/NRRD files, folders of them, DICOM series or study folders (series
@@ -203,12 +270,14 @@ def predict(inputs: list[str | Path], outdir: str | Path, *, model=None, device:
     component of each label with its volume (mL), longest diameter (mm) and centroid (RAS and LPS).
     ``anonymize`` de-identifies DICOM SEG outputs (see :mod:`medseg.core.privacy`). ``runtime`` holds
     :class:`Predictor` options: ``backend``, ``amp``, ``amp_dtype``, ``compile``, ``threads``.
+    A model that takes several sequences segments cases: case folders, nnU-Net-named files, 4D images,
+    DICOM studies (``rules`` with ``sequences:``), or one case given as ``channels`` ``{name: file}``;
+    each output lies on the reference sequence's grid.
     The next input is read on a worker thread while the current one is segmented.
     """
     from medseg.core.labels import infos_from_config
     from medseg.core.progress import progress_bar
     from medseg.io.rules import load_rules
-    from medseg.io.sources import discover
     from medseg.io.writers import check_formats, write_color_tables
 
     outdir = Path(outdir)
@@ -216,10 +285,13 @@ def predict(inputs: list[str | Path], outdir: str | Path, *, model=None, device:
     formats = check_formats(formats) if formats else None
     if stats not in (None, "csv", "json"):
         raise ConfigError("unknown --stats format", expected="csv or json", found=repr(stats), fix="use --stats csv")
-    items, skipped = discover(inputs, load_rules(rules), recursive=False)
+    from medseg.models.loading import load_model
+
+    loaded = load_model(model)
+    items, skipped = discover_inputs(inputs, loaded.cfg, load_rules(rules), channels=channels, recursive=False)
     if not items:
         reasons = "; ".join(f"{s.path}: {s.reason}" for s in skipped[:5])
-        raise InputNotFoundError("no series passed the selection rules", path=inputs[0], found=reasons,
+        raise InputNotFoundError("no series passed the selection rules", path=inputs[0] if inputs else None, found=reasons,
                                  fix="check the rules (medseg inspect PATH shows every decision)")
     plan_outputs(items, outdir, formats)
     if formats and "dicom-seg" in formats:
@@ -228,7 +300,7 @@ def predict(inputs: list[str | Path], outdir: str | Path, *, model=None, device:
             raise UnsupportedInputError("DICOM SEG output needs a DICOM input series", path=not_dicom[0].path,
                                         expected="DICOM series inputs only", found="a NIfTI/NRRD volume",
                                         fix="use --format nifti, nrrd or seg.nrrd for NIfTI/NRRD inputs")
-    predictor = Predictor(model, device=device, overlap=overlap, tta=tta, **(runtime or {}))
+    predictor = Predictor(loaded, device=device, overlap=overlap, tta=tta, **(runtime or {}))
     results = []
     with progress_bar("predict", total=len(items), enabled=progress) as advance:
         for res in run_items(predictor, items, lambda it: outdir / it.name, formats, dicom_options=dicom_options,

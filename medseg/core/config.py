@@ -49,11 +49,52 @@ VOLUME_ONLY_MODELS = ("unet3d", "dynunet3d")
 
 
 @dataclass
+class ChannelConfig:
+    """One MRI sequence (input channel) of a case: ``{name: flair, patterns: ["*flair*", "*t2f*"]}``, or just
+    its name (``flair``), which stands for the pattern ``*flair*``."""
+
+    name: str = ""
+    patterns: list[str] = field(default_factory=list)
+    """Shell-style patterns matched, ignoring case, against the file names in a case folder (``*`` any text);
+    exactly one file of a case must match. Empty: ``*NAME*``."""
+
+    def file_patterns(self) -> list[str]:
+        return list(self.patterns) or [f"*{self.name}*"]
+
+
+@dataclass
+class RegionConfig:
+    """A region trained and scored as one sigmoid output: the union of some label values (nnU-Net's
+    region-based training), e.g. ``{name: tumour_core, labels: [1, 3, 4]}``."""
+
+    name: str = ""
+    labels: list[int] = field(default_factory=list)
+    value: int | None = None
+    """The label value written for voxels of this region that no later region claims; ``null`` = the smallest
+    of its labels that no later region lists (so regions listed from largest to smallest write back the
+    label map they came from, as far as the regions can tell the labels apart)."""
+
+
+#: Default ``data.label_patterns``: the label file of a case folder.
+LABEL_PATTERNS = ["*seg*", "*label*"]
+
+
+@dataclass
 class DataConfig:
     root: str | None = None
-    """MSD-style folder with ``imagesTr/`` and ``labelsTr/``."""
+    """A dataset folder: MSD/nnU-Net style with ``imagesTr/`` and ``labelsTr/``, or one sub-folder per case
+    whose files are matched to ``channels`` by their patterns (BraTS style)."""
     datalist: str | None = None
-    """JSON file with ``{"training": [{"image": ..., "label": ...}, ...]}`` (MSD dataset.json style)."""
+    """JSON file with ``{"training": [{"image": ..., "label": ...}, ...]}`` (MSD dataset.json style); with several
+    sequences, ``"image"`` is a list in ``channels`` order or a mapping from sequence name to file."""
+    channels: list[ChannelConfig] = field(default_factory=list)
+    """The sequences of a case, in the order the model takes them (``[flair, t1c]``, or mappings with file
+    ``patterns``). Empty: one image per case. nnU-Net files ``CASE_0000``, ``CASE_0001``... and the channels of a
+    4D image are taken in this order."""
+    reference: str | None = None
+    """The sequence whose grid the others are resampled onto and the output lies on; ``null`` = the first."""
+    label_patterns: list[str] = field(default_factory=lambda: list(LABEL_PATTERNS))
+    """Case folders: patterns of the label file (ignoring case)."""
     val_fraction: float = 0.2
     seed: int = 0
     test_fraction: float = 0.0
@@ -102,7 +143,9 @@ class PreprocessConfig:
     """Target voxel spacing in mm; ``null`` keeps the native spacing."""
     intensity: IntensityConfig = field(default_factory=IntensityConfig)
     crop_foreground: bool = False
-    """Crop training volumes to the bounding box of non-zero image voxels."""
+    """Crop to the bounding box of the foreground (voxels that differ from the background fill in any
+    sequence): training volumes, and at prediction the image, whose outside is then background. Speeds up
+    skull-stripped MR, where the brain is a fraction of the grid."""
 
 
 @dataclass
@@ -255,10 +298,44 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     inference: InferenceConfig = field(default_factory=InferenceConfig)
+    regions: list[RegionConfig] = field(default_factory=list)
+    """Region-based training: one sigmoid output per region (overlapping regions such as whole tumour >
+    tumour core > enhancing tumour), decoded back to a label map in the listed order. Empty: one softmax
+    output per label."""
 
     @property
     def num_classes(self) -> int:
         return max(self.labels) + 1
+
+    @property
+    def out_channels(self) -> int:
+        """Network outputs: one per region with ``regions``, else one per label value."""
+        return len(self.regions) if self.regions else self.num_classes
+
+    @property
+    def channel_names(self) -> list[str]:
+        """The input sequences' names (``["image"]`` for one unnamed image)."""
+        return [c.name for c in self.data.channels] or ["image"]
+
+    @property
+    def in_channels(self) -> int:
+        return 3 if self.task == "image2d" else max(1, len(self.data.channels))
+
+    @property
+    def reference_channel(self) -> str:
+        return self.data.reference or self.channel_names[0]
+
+    def region_values(self) -> list[int]:
+        """The label value each region writes back (:attr:`RegionConfig.value`, or its default)."""
+        out = []
+        for i, r in enumerate(self.regions):
+            if r.value is not None:
+                out.append(int(r.value))
+                continue
+            later = {v for q in self.regions[i + 1:] for v in q.labels}
+            own = sorted(set(r.labels) - later) or sorted(r.labels)
+            out.append(int(own[0]))
+        return out
 
     def validate(self, source: str = "config") -> None:
         if 0 not in self.labels:
@@ -269,12 +346,16 @@ class Config:
             raise ConfigError("unknown task", path=source, expected="'volume' or 'image2d'", found=repr(self.task),
                               fix="set task: image2d for PNG/JPEG images, or leave it out for volumes")
         if self.task == "image2d":
+            if self.data.channels or self.regions:
+                raise ConfigError("data.channels and regions are for volume tasks", path=source,
+                                  found="task: image2d", fix="drop them; 2D image models take RGB images")
             validate_image2d(self, source)
             return
         if self.model.name in IMAGE_ONLY_MODELS:
             raise ConfigError(f"model '{self.model.name}' is for 2D images", path=source,
                               expected="task: image2d with this model, or a volume model (unet3d, unet2d, dynunet3d)",
                               found="task: volume", fix="add 'task: image2d' to the config")
+        validate_channels_and_regions(self, source)
         spatial = 3
         if len(self.patch.size) != spatial:
             raise ConfigError("patch.size must have three entries", path=source,
@@ -337,6 +418,38 @@ class Config:
                                   fix="set preprocess.intensity.ct_preset or give window: [level, width]")
 
 
+def validate_channels_and_regions(cfg, source: str = "config") -> None:
+    """Checks of ``data.channels``, ``data.reference`` and ``regions`` (part of :meth:`Config.validate`)."""
+    names = [c.name for c in cfg.data.channels]
+    if any(not n or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.+-]*", n) for n in names) or len(set(names)) != len(names):
+        raise ConfigError("data.channels needs distinct sequence names", path=source,
+                          expected="names of letters, digits, '_', '-', e.g. [flair, t1c]", found=str(names),
+                          fix="name every sequence once")
+    if cfg.data.reference is not None and cfg.data.reference not in cfg.channel_names:
+        raise ConfigError("data.reference is not one of data.channels", path=source,
+                          expected=" | ".join(cfg.channel_names), found=repr(cfg.data.reference),
+                          fix="name the sequence whose grid the output should lie on, or drop data.reference")
+    rnames = [r.name for r in cfg.regions]
+    if len(set(rnames)) != len(rnames) or any(not n for n in rnames):
+        raise ConfigError("regions need distinct names", path=source, found=str(rnames),
+                          fix="e.g. whole_tumour, tumour_core, enhancing")
+    for r in cfg.regions:
+        bad = [v for v in r.labels if v not in cfg.labels or v == 0]
+        if not r.labels or bad:
+            raise ConfigError(f"region '{r.name}' must list foreground label values", path=source,
+                              expected=f"some of {sorted(v for v in cfg.labels if v)}", found=str(r.labels),
+                              fix="list the labels the region is the union of, e.g. labels: [1, 3, 4]")
+        if r.value is not None and r.value not in cfg.labels:
+            raise ConfigError(f"region '{r.name}' writes a value that is not a label", path=source,
+                              expected=f"one of {sorted(cfg.labels)}", found=str(r.value), fix="drop 'value' or fix it")
+    if cfg.regions and cfg.inference.postprocess:
+        listed = {c for classes in cfg.inference.postprocess.values() for c in classes}
+        unused = sorted(listed - set(cfg.region_values()))
+        if unused:
+            raise ConfigError("inference.postprocess names labels the regions never write", path=source,
+                              expected=f"some of {cfg.region_values()}", found=str(unused), fix="list written labels")
+
+
 def validate_image2d(cfg, source: str = "config") -> None:
     """Checks of a ``task: image2d`` config (part of :meth:`Config.validate`)."""
     if cfg.model.name not in IMAGE2D_MODELS:
@@ -388,6 +501,8 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
     origin = typing.get_origin(tp)
     try:
         if dataclasses.is_dataclass(tp):
+            if isinstance(value, str) and "name" in {f.name for f in dataclasses.fields(tp)}:
+                value = {"name": value}  # ``channels: [flair, t1c]``
             if not isinstance(value, dict):
                 raise TypeError
             return dataclass_from_dict(tp, value, source, prefix=key + ".")

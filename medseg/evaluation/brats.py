@@ -30,7 +30,7 @@ Differences from the official code (all nil on BraTS's 1 mm isotropic grids, exc
 
 * The size threshold counts voxels; the official code compares ``voxels * sx * sy * sz`` (mm^3)
   with the same number.
-* HD95 is :func:`medseg.evaluation.metrics.hd95`: the larger of the two directed 95th
+* HD95 is :func:`medseg.evaluation.distances.hd95`: the larger of the two directed 95th
   percentiles of the distances between the centres of the masks' surface voxels (face
   neighbours outside the mask). The official code uses DeepMind's ``surface-distance``
   (``compute_robust_hausdorff(..., 95)``), whose percentiles are weighted by surface-element
@@ -45,7 +45,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy import ndimage
 
-from medseg.evaluation.metrics import dice, hd95, surface_distances
+from medseg.evaluation.distances import dice, hd95, surface_distances
 
 BRATS_HD95_PENALTY_MM = 374.0
 """HD95 given to a missed reference lesion and to each false-positive component."""

@@ -21,29 +21,40 @@ def mean_dice_per_class(pairs: list[tuple[np.ndarray, np.ndarray]], classes: Seq
     return out
 
 
+def mean_dice_per_region(pairs: list[tuple[np.ndarray, np.ndarray]], regions) -> dict[str, float]:
+    """Mean over cases of each region's Dice (a region: the union of its label values, on both sides)."""
+    out = {}
+    for r in regions:
+        vals = [d for d in (dice(np.isin(p, r.labels), np.isin(q, r.labels)) for p, q in pairs) if d == d]
+        out[r.name] = float(np.mean(vals)) if vals else float("nan")
+    return out
+
+
 def choose_postprocessing(pairs: list[tuple[np.ndarray, np.ndarray]], classes: Sequence[int],
-                          min_gain: float = 0.0) -> tuple[dict[str, list[int]], dict]:
+                          min_gain: float = 0.0, score=None) -> tuple[dict[str, list[int]], dict]:
     """Pick postprocessing steps that help on ``(prediction, reference)`` pairs.
 
     First tries ``keep_largest_foreground`` over all ``classes``; then, on top of what was
     kept, ``keep_largest`` for each class separately. A step is kept when it raises the mean
-    Dice over classes by more than ``min_gain`` and lowers no class. Returns the chosen
+    Dice over classes (``score(pairs)``: a dict of Dice per class or region; default per class) by more than
+    ``min_gain`` and lowers none. Returns the chosen
     steps and a report with the Dice before and after each trial.
     """
     classes = [int(c) for c in classes]
-    base = mean_dice_per_class(pairs, classes)
+    score = score or (lambda trial_pairs: mean_dice_per_class(trial_pairs, classes))
+    base = score(pairs)
     report: dict = {"before": base, "trials": []}
     chosen: dict[str, list[int]] = {}
 
     def better(new: dict[int, float], old: dict[int, float]) -> bool:
         gain = np.nanmean(list(new.values())) - np.nanmean(list(old.values()))
-        worse = any(new[c] < old[c] - 1e-12 for c in classes if new[c] == new[c] and old[c] == old[c])
+        worse = any(new[c] < old[c] - 1e-12 for c in new if new[c] == new[c] and old[c] == old[c])
         return bool(gain > min_gain and not worse)
 
     current_pairs, current = pairs, base
     if len(classes) > 1:
         trial_pairs = [(keep_largest_foreground(p, classes), r) for p, r in current_pairs]
-        trial = mean_dice_per_class(trial_pairs, classes)
+        trial = score(trial_pairs)
         ok = better(trial, current)
         report["trials"].append({"step": "keep_largest_foreground", "classes": classes, "dice": trial, "kept": ok})
         if ok:
@@ -52,7 +63,7 @@ def choose_postprocessing(pairs: list[tuple[np.ndarray, np.ndarray]], classes: S
     keep = []
     for c in classes:
         trial_pairs = [(keep_largest(p, [c]), r) for p, r in current_pairs]
-        trial = mean_dice_per_class(trial_pairs, classes)
+        trial = score(trial_pairs)
         ok = better(trial, current)
         report["trials"].append({"step": "keep_largest", "classes": [c], "dice": trial, "kept": ok})
         if ok:

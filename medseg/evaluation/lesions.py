@@ -332,9 +332,20 @@ def describe_components(labelled: np.ndarray, n: int, affine: np.ndarray, *, lab
 
 
 def lesion_table(labels: Volume, names: dict[int, str] | None = None, connectivity: int = 26,
-                 classes: list[int] | None = None) -> list[Lesion]:
-    """Every connected component of every non-zero label value (or of ``classes``), by label then size."""
+                 classes: list[int] | None = None, regions=None) -> list[Lesion]:
+    """Every connected component of every non-zero label value (or of ``classes``), by label then size.
+
+    ``regions`` (``RegionConfig`` list, e.g. whole tumour, tumour core, enhancing tumour): the components of
+    each region instead (the union of its label values), each named after its region, with ``label`` the
+    value the region writes."""
     array = np.asarray(labels.array)
+    if regions:
+        table = []
+        for r in regions:
+            labelled, n = label_components(np.isin(array, r.labels), connectivity)
+            value = r.value if r.value is not None else min(r.labels)
+            table += describe_components(labelled, n, labels.affine, label=value, name=r.name)
+        return table
     if classes is None:
         classes = [int(v) for v in np.unique(array) if v != 0]
     names = names or {}
@@ -345,8 +356,9 @@ def lesion_table(labels: Volume, names: dict[int, str] | None = None, connectivi
     return table
 
 
-def write_lesion_report(lesions: list[Lesion], path: str | Path) -> Path:
-    """Write lesions to ``.csv`` (one flat row each) or ``.json`` (``{"lesions": [...]}``), atomically."""
+def write_lesion_report(lesions: list[Lesion], path: str | Path, summary: dict | None = None) -> Path:
+    """Write lesions to ``.csv`` (one flat row each) or ``.json`` (``{"lesions": [...]}``, with ``summary``
+    when given), atomically."""
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix == ".json":
@@ -354,6 +366,8 @@ def write_lesion_report(lesions: list[Lesion], path: str | Path) -> Path:
                                                     "centroid": "mm, RAS and LPS", "bbox": "voxel (i, j, k), inclusive",
                                                     "long_axis/short_axis": "RECIST, mm between voxel centres in one slice across plane_axis"},
                    "lesions": [les.to_dict() for les in lesions]}
+        if summary is not None:
+            payload["summary"] = summary
         return atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(payload, indent=1) + "\n"))
     if suffix == ".csv":
         rows = [les.row() for les in lesions]
@@ -449,3 +463,24 @@ def match_lesions(pred: np.ndarray, ref: np.ndarray, affine: np.ndarray, *, conn
         fp = np.where(np.isin(pl, unmatched), pl, 0)
         false_positive = describe_components(fp, n_pred, affine, label=label, name=name)
     return LesionMatch(n_ref, n_pred, len(matched_ref), len(matched_pred), reference, false_positive)
+
+
+def tumour_summary(labels: Volume, names: dict[int, str], regions, connectivity: int = 26) -> dict:
+    """One case's tumour figures: volume (mL) and lesion count of each region, volume of each label, and the
+    share of each region taken by each label inside it (e.g. necrosis / tumour core)."""
+    array = np.asarray(labels.array)
+    ml = labels.voxel_volume_ml
+    counts = {int(v): int(c) for v, c in zip(*np.unique(array, return_counts=True))}
+    out: dict = {"regions": {}, "labels": {}, "fractions": {}}
+    for r in regions:
+        mask = np.isin(array, r.labels)
+        _, n = label_components(mask, connectivity)
+        vox = int(mask.sum())
+        out["regions"][r.name] = {"volume_ml": round(vox * ml, 4), "lesions": n}
+        for v in r.labels:
+            if len(r.labels) > 1:
+                out["fractions"][f"{names.get(v, str(v))} / {r.name}"] = round(counts.get(v, 0) / vox, 4) if vox else None
+    for v, name in names.items():
+        if v:
+            out["labels"][name] = round(counts.get(int(v), 0) * ml, 4)
+    return out

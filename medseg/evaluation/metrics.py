@@ -21,7 +21,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from scipy import ndimage
 
 from medseg.core.errors import DataError, InputNotFoundError
 from medseg.io.volume import (
@@ -31,15 +30,11 @@ from medseg.io.volume import (
     load_volume,
     volume_suffix,
 )
+from medseg.evaluation.brats import lesionwise
+from medseg.evaluation.distances import INF, NAN, assd, dice, hd95, surface_dice, surface_distances
 from medseg.evaluation.lesions import LesionMatch, f1_score, match_lesions
 
-NAN, INF = float("nan"), float("inf")
-
-
-def dice(pred: np.ndarray, ref: np.ndarray) -> float:
-    """Dice of two boolean masks; NaN when both are empty."""
-    denom = int(pred.sum()) + int(ref.sum())
-    return float("nan") if denom == 0 else 2.0 * int(np.logical_and(pred, ref).sum()) / denom
+__all__ = ["assd", "dice", "evaluate", "hd95", "score_case", "surface_dice", "surface_distances"]
 
 
 def pair_by_name(preds: dict, refs: dict, pred_dir: Path, kind: str) -> list[str]:
@@ -56,59 +51,6 @@ def pair_by_name(preds: dict, refs: dict, pred_dir: Path, kind: str) -> list[str
                         expected="one prediction per reference", found="missing " + ", ".join(missing[:5]),
                         fix="predict the missing cases, or evaluate against a folder holding only the predicted cases")
     return common
-
-
-def _surface(mask: np.ndarray) -> np.ndarray:
-    return mask & ~ndimage.binary_erosion(mask, structure=ndimage.generate_binary_structure(3, 1), border_value=0)
-
-
-def surface_distances(pred: np.ndarray, ref: np.ndarray, spacing) -> tuple[np.ndarray, np.ndarray] | None:
-    """Distances (mm) from each surface voxel of ``pred`` to the surface of ``ref``, and back.
-
-    None when either mask is empty. Work is done on the bounding box of both masks only.
-    """
-    pred, ref = np.asarray(pred, bool), np.asarray(ref, bool)
-    if not pred.any() or not ref.any():
-        return None
-    box = ndimage.find_objects((pred | ref).astype(np.uint8))[0]
-    box = tuple(slice(max(s.start - 1, 0), s.stop + 1) for s in box)
-    sp, sr = _surface(pred[box]), _surface(ref[box])
-    dist_to_ref = ndimage.distance_transform_edt(~sr, sampling=spacing)
-    dist_to_pred = ndimage.distance_transform_edt(~sp, sampling=spacing)
-    return dist_to_ref[sp], dist_to_pred[sr]
-
-
-def _empty_value(pred: np.ndarray, ref: np.ndarray, one_empty: float) -> float:
-    return NAN if not pred.any() and not ref.any() else one_empty
-
-
-def hd95(pred: np.ndarray, ref: np.ndarray, spacing, *, distances=None) -> float:
-    """95th-percentile symmetric Hausdorff distance in mm (max of both directed 95th percentiles).
-
-    NaN when both masks are empty, infinity when exactly one is.
-    """
-    d = distances if distances is not None else surface_distances(pred, ref, spacing)
-    if d is None:
-        return _empty_value(pred, ref, INF)
-    return float(max(np.percentile(d[0], 95), np.percentile(d[1], 95)))
-
-
-def surface_dice(pred: np.ndarray, ref: np.ndarray, spacing, tolerance_mm: float = 1.0, *, distances=None) -> float:
-    """Normalised surface Dice (Nikolov et al. 2021): the fraction of both surfaces' voxels that lie
-    within ``tolerance_mm`` of the other surface. NaN when both masks are empty, 0 when one is."""
-    d = distances if distances is not None else surface_distances(pred, ref, spacing)
-    if d is None:
-        return _empty_value(pred, ref, 0.0)
-    return float((np.sum(d[0] <= tolerance_mm) + np.sum(d[1] <= tolerance_mm)) / (d[0].size + d[1].size))
-
-
-def assd(pred: np.ndarray, ref: np.ndarray, spacing, *, distances=None) -> float:
-    """Average symmetric surface distance in mm: the mean over the surface voxels of both masks of
-    their distance to the other surface. NaN when both masks are empty, infinity when one is."""
-    d = distances if distances is not None else surface_distances(pred, ref, spacing)
-    if d is None:
-        return _empty_value(pred, ref, INF)
-    return float((d[0].sum() + d[1].sum()) / (d[0].size + d[1].size))
 
 
 @dataclass
@@ -130,9 +72,15 @@ class CaseScores:
     avd_ml: dict[int, float] = field(default_factory=dict)
     rvd_pct: dict[int, float] = field(default_factory=dict)
     lesions: dict[int, LesionMatch] = field(default_factory=dict)
+    lesionwise: dict = field(default_factory=dict)
+    """Regions: BraTS 2023 lesion-wise scores (:class:`medseg.evaluation.brats.LesionwiseScore`) per region."""
 
     def value(self, metric: str, cls: int) -> float:
-        """A metric by name; ``lesion_sensitivity``, ``lesion_precision`` and ``lesion_f1`` read :attr:`lesions`."""
+        """A metric by name; ``lesion_sensitivity``, ``lesion_precision`` and ``lesion_f1`` read :attr:`lesions`,
+        ``lesionwise_dice`` and ``lesionwise_hd95`` :attr:`lesionwise`."""
+        if metric.startswith("lesionwise_"):
+            score = self.lesionwise.get(cls)
+            return NAN if score is None else float(getattr(score, metric[len("lesionwise_"):]))
         if metric.startswith("lesion_"):
             match = self.lesions.get(cls)
             return NAN if match is None else float(getattr(match, metric[len("lesion_"):]))
@@ -145,6 +93,7 @@ def _clean(v: float):
 
 CLASS_METRICS = {"dice": "dice", "hd95": "hd95_mm", "surface_dice": "surface_dice", "assd": "assd_mm",
                  "avd_ml": "avd_ml", "rvd_pct": "rvd_pct"}
+REGION_METRICS = {"lesionwise_dice": "lesionwise_dice", "lesionwise_hd95": "lesionwise_hd95_mm"}
 LESION_METRICS = ("lesion_sensitivity", "lesion_precision", "lesion_f1")
 
 
@@ -156,6 +105,8 @@ class Evaluation:
     tolerance_mm: float = 1.0
     connectivity: int = 26
     min_iou: float = 0.0
+    regions: dict[str, list[int]] = field(default_factory=dict)
+    """Region name -> label values, when :attr:`classes` are regions (keys are then region names)."""
 
     def mean(self, metric: str, cls: int) -> float:
         """Mean over cases of a metric (``dice``, ``hd95``, ``surface_dice``, ``assd``, ``avd_ml``,
@@ -184,8 +135,10 @@ class Evaluation:
         def name(c: int) -> str:
             return self.names.get(c, str(c))
 
+        metrics = {**CLASS_METRICS, **(REGION_METRICS if self.regions else {})}
+
         def case_class(cs: CaseScores, c: int) -> dict:
-            d = {key: _clean(cs.value(metric, c)) for metric, key in CLASS_METRICS.items()}
+            d = {key: _clean(cs.value(metric, c)) for metric, key in metrics.items()}
             d["pred_volume_ml"] = _clean(cs.pred_volume_ml.get(c, NAN))
             d["ref_volume_ml"] = _clean(cs.ref_volume_ml.get(c, NAN))
             m = cs.lesions.get(c)
@@ -201,8 +154,9 @@ class Evaluation:
             "classes": {str(c): name(c) for c in self.classes},
             "settings": {"surface_dice_tolerance_mm": self.tolerance_mm, "lesion_connectivity": self.connectivity,
                          "lesion_match": "any overlap" if self.min_iou <= 0 else f"overlap with IoU > {self.min_iou:g}"},
+            **({"regions": {k: list(v) for k, v in self.regions.items()}} if self.regions else {}),
             "mean": {
-                name(c): {**{key: _clean(self.mean(metric, c)) for metric, key in CLASS_METRICS.items()},
+                name(c): {**{key: _clean(self.mean(metric, c)) for metric, key in metrics.items()},
                           **{m: _clean(self.mean(m, c)) for m in LESION_METRICS}}
                 for c in self.classes
             },
@@ -213,17 +167,25 @@ class Evaluation:
         }
 
 
-def score_case(pred: Volume, ref: Volume, classes: list[int], name: str, *, tolerance_mm: float = 1.0,
+def score_case(pred: Volume, ref: Volume, classes: list, name: str, *, tolerance_mm: float = 1.0,
                lesions: bool = True, connectivity: int = 26, min_iou: float = 0.0,
-               names: dict[int, str] | None = None) -> CaseScores:
-    """Every metric of one case; ``lesions=False`` skips the lesion-wise analysis."""
+               names: dict | None = None, regions: dict[str, list[int]] | None = None) -> CaseScores:
+    """Every metric of one case; ``lesions=False`` skips the lesion-wise analysis. With ``regions`` (name ->
+    label values) the ``classes`` are region names, each scored as the union of its labels, with the BraTS
+    2023 lesion-wise Dice and HD95 besides."""
     check_same_grid(pred, ref, what="prediction")
     p, r = np.asarray(pred.array), np.asarray(ref.array)
+    if r.dtype.kind == "f":
+        r = np.rint(r).astype(np.int64)
     spacing = tuple(float(s) for s in ref.spacing)
     voxel_ml = ref.voxel_volume_ml
     cs = CaseScores(name, {}, {})
     for c in classes:
-        pm, rm = p == c, r == c
+        if regions:
+            pm, rm = np.isin(p, regions[c]), np.isin(r, regions[c])
+            cs.lesionwise[c] = lesionwise(pm, rm, spacing)
+        else:
+            pm, rm = p == c, r == c
         d = surface_distances(pm, rm, spacing)
         cs.dice[c] = dice(pm, rm)
         cs.hd95[c] = hd95(pm, rm, spacing, distances=d)
@@ -235,7 +197,7 @@ def score_case(pred: Volume, ref: Volume, classes: list[int], name: str, *, tole
         cs.rvd_pct[c] = 100.0 * (vp - vr) / vr if vr else (NAN if vp == 0 else INF)
         if lesions:
             cs.lesions[c] = match_lesions(pm, rm, ref.affine, connectivity=connectivity, min_iou=min_iou,
-                                          label=c, name=(names or {}).get(c))
+                                          label=0 if regions else c, name=(names or {}).get(c, str(c)))
     return cs
 
 
@@ -249,8 +211,11 @@ def _index(folder: Path) -> dict[str, Path]:
 
 def evaluate(pred_dir: str | Path, ref_dir: str | Path, *, names: dict[int, str] | None = None,
              json_path: str | Path | None = None, progress: bool = True, tolerance_mm: float = 1.0,
-             lesions: bool = True, connectivity: int = 26, min_iou: float = 0.0) -> Evaluation:
+             lesions: bool = True, connectivity: int = 26, min_iou: float = 0.0, regions=None) -> Evaluation:
     """Pair files by case name and score every foreground class found in the references.
+
+    ``regions`` (``RegionConfig`` list or a mapping name -> label values): score those regions instead of
+    the label values, each with the BraTS 2023 lesion-wise Dice and HD95 besides.
 
     ``tolerance_mm`` is the surface Dice tolerance; ``connectivity`` (6, 18, 26) and ``min_iou``
     define lesions and their matching (see :class:`medseg.evaluation.lesions.LesionMatch`).
@@ -270,15 +235,27 @@ def evaluate(pred_dir: str | Path, ref_dir: str | Path, *, names: dict[int, str]
         values |= set(np.unique(ref.array).astype(int).tolist()) | set(np.unique(pred.array).astype(int).tolist())
     classes = sorted(v for v in values if v != 0) or sorted(names or {1: "foreground"})
     classes = [c for c in classes if c != 0]
+    region_map = _region_map(regions)
+    if region_map:
+        classes, names = list(region_map), {k: k for k in region_map}
     result = Evaluation(classes, dict(names or {}), tolerance_mm=tolerance_mm, connectivity=connectivity,
-                        min_iou=min_iou)
+                        min_iou=min_iou, regions=region_map)
     with progress_bar("evaluate", total=len(loaded), enabled=progress) as advance:
         for key, pred, ref in loaded:
             result.cases.append(score_case(pred, ref, classes, key, tolerance_mm=tolerance_mm, lesions=lesions,
-                                           connectivity=connectivity, min_iou=min_iou, names=result.names))
+                                           connectivity=connectivity, min_iou=min_iou, names=result.names,
+                                           regions=region_map or None))
             advance(key)
     if json_path:
         from medseg.io.volume import atomic_write
 
         atomic_write(json_path, lambda p: Path(p).write_text(json.dumps(result.to_dict(), indent=1)))
     return result
+
+
+def _region_map(regions) -> dict[str, list[int]]:
+    if not regions:
+        return {}
+    if isinstance(regions, dict):
+        return {str(k): [int(v) for v in vals] for k, vals in regions.items()}
+    return {r.name: [int(v) for v in r.labels] for r in regions}

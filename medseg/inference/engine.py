@@ -134,10 +134,12 @@ def importance_map(roi, blend: str, device: torch.device) -> torch.Tensor:
 def sliding_window_probs(runner, image: torch.Tensor, roi, *, num_classes: int, overlap: float,
                          blend: str = "gaussian", sw_batch_size: int = 4, device: torch.device | None = None,
                          out_dtype: torch.dtype = torch.float32, groups: int = 1,
-                         accumulate_on: torch.device | None = None, image_on_device: bool = False) -> torch.Tensor:
-    """Softmax probabilities ``(C, X, Y, Z)`` on the CPU for a channel-first image ``(1, X, Y, Z)``.
+                         accumulate_on: torch.device | None = None, image_on_device: bool = False,
+                         activation: str = "softmax") -> torch.Tensor:
+    """Probabilities ``(C, X, Y, Z)`` on the CPU for a channel-first image ``(S, X, Y, Z)`` (S sequences).
 
-    ``runner(batch)`` maps windows ``(B, 1, *roi)`` on ``device`` to logits ``(B, groups*C, *roi)``
+    ``activation``: ``softmax`` over the C classes, or ``sigmoid`` per output (region models).
+    ``runner(batch)`` maps windows ``(B, S, *roi)`` on ``device`` to logits ``(B, groups*C, *roi)``
     (``groups`` > 1: an ensemble whose members' probabilities are averaged). Logits are blended
     exactly as MONAI's ``sliding_window_inference`` blends them (same positions, same Gaussian
     weights), but only a slab one window deep is kept in float32; every finished slab is
@@ -146,6 +148,10 @@ def sliding_window_probs(runner, image: torch.Tensor, roi, *, num_classes: int, 
     """
     device = device or torch.device("cpu")
     acc_dev = accumulate_on or device
+
+    def activate(logits: torch.Tensor, dim: int) -> torch.Tensor:
+        return torch.sigmoid(logits) if activation == "sigmoid" else torch.softmax(logits, dim=dim)
+
     x = image.as_tensor() if isinstance(image, MetaTensor) else torch.as_tensor(image)
     if x.dtype != torch.float32:
         x = x.float()
@@ -160,7 +166,7 @@ def sliding_window_probs(runner, image: torch.Tensor, roi, *, num_classes: int, 
         tile = x[None].to(device) if x.device != device else x[None]
         logits = runner(tile)[0].float()
         crop = tuple(slice(a, a + n) for (a, _), n in zip(pads, spatial))
-        return torch.softmax(logits[(slice(None), *crop)], dim=0).to("cpu", out_dtype)
+        return activate(logits[(slice(None), *crop)], 0).to("cpu", out_dtype)
     imp = importance_map(roi, blend, acc_dev)
     imp_run = imp if acc_dev == device else imp.to(device)
     channels = groups * num_classes
@@ -180,9 +186,9 @@ def sliding_window_probs(runner, image: torch.Tensor, roi, *, num_classes: int, 
         ys = slice(pads[1][0], pads[1][0] + spatial[1])
         logits = acc[:, xs, ys, a:b] / wsum[:, xs, ys, a:b]
         if groups > 1:
-            p = torch.softmax(logits.view(groups, num_classes, *logits.shape[1:]), dim=1).mean(0)
+            p = activate(logits.view(groups, num_classes, *logits.shape[1:]), 1).mean(0)
         else:
-            p = torch.softmax(logits, dim=0)
+            p = activate(logits, 0)
         out[..., lo - pads[2][0]: hi - pads[2][0]] = p.to("cpu", out_dtype)
 
     def run(batch: list[tuple[int, int, int]]) -> None:
@@ -233,18 +239,22 @@ def channel_argmax(values: torch.Tensor) -> torch.Tensor:
     return index
 
 
-def argmax_labels(probs: torch.Tensor, dtype=np.uint8, chunk_voxels: int = 1 << 22) -> np.ndarray:
-    """Argmax over channels of ``(C, X, Y, Z)``, slab by slab (no full-volume int64 index array)."""
+def argmax_labels(probs: torch.Tensor, dtype=np.uint8, chunk_voxels: int = 1 << 22, decode=None) -> np.ndarray:
+    """Argmax over channels of ``(C, X, Y, Z)`` (or ``decode``), slab by slab (no full-volume int64 index array)."""
+    decode = decode or channel_argmax
     spatial = probs.shape[1:]
     out = np.empty(tuple(spatial), dtype=dtype)
     for z0, z1 in last_axis_slabs(spatial, chunk_voxels):
-        out[..., z0:z1] = channel_argmax(probs[..., z0:z1]).numpy().astype(dtype, copy=False)
+        out[..., z0:z1] = decode(probs[..., z0:z1]).numpy().astype(dtype, copy=False)
     return out
 
 
 def labels_on_source_grid(probs: torch.Tensor, processed_affine, source_affine, source_shape, *,
-                          dtype=np.uint8, chunk_voxels: int = 1 << 21) -> np.ndarray:
+                          dtype=np.uint8, chunk_voxels: int = 1 << 21, decode=None) -> np.ndarray:
     """Labels on the source grid from probabilities on the processed grid, in bounded memory.
+
+    ``decode`` turns probabilities ``(C, ...)`` into labels (default: the argmax; region models paint
+    their thresholded regions, :func:`medseg.core.regions.regions_to_labels`).
 
     Same mapping as :func:`to_source_grid` followed by an argmax: exact index permutation/flip
     when the grids share voxel centres (argmax first, then the labels are re-indexed), otherwise
@@ -256,11 +266,12 @@ def labels_on_source_grid(probs: torch.Tensor, processed_affine, source_affine, 
     src = torch.as_tensor(np.asarray(source_affine), dtype=torch.float64)
     shape = tuple(int(s) for s in source_shape)
     plain = probs.as_tensor() if isinstance(probs, MetaTensor) else probs
+    decode = decode or channel_argmax
     if tuple(plain.shape[1:]) == shape and torch.allclose(proc, src, atol=1e-6):
-        return argmax_labels(plain, dtype)
+        return argmax_labels(plain, dtype, decode=decode)
     exact = _index_map(proc, src, plain.shape[1:], shape)
     if exact is not None:
-        labels = torch.from_numpy(argmax_labels(plain, dtype))
+        labels = torch.from_numpy(argmax_labels(plain, dtype, decode=decode))
         return exact(labels[None])[0].numpy()
     m = torch.linalg.inv(proc) @ src  # source index -> processed index
     psize = [int(s) for s in plain.shape[1:]]
@@ -282,5 +293,5 @@ def labels_on_source_grid(probs: torch.Tensor, processed_affine, source_affine, 
         grid = torch.stack([coords[2], coords[1], coords[0]], dim=-1)[None]  # grid_sample wants (z, y, x) order
         vals = torch.nn.functional.grid_sample(block, grid, mode="bilinear", padding_mode="border",
                                                align_corners=True)[0]
-        out[..., k0:k0 + vals.shape[-1]] = channel_argmax(vals).numpy().astype(dtype, copy=False)
+        out[..., k0:k0 + vals.shape[-1]] = decode(vals).numpy().astype(dtype, copy=False)
     return out

@@ -57,7 +57,7 @@ def export_model(model: str | Path | None, output: str | Path, fmt: str = "onnx"
                           fix="export the .pt checkpoint it came from")
     module = Ensemble([n.float().eval() for n in loaded.nets]).eval()
     roi = window_size(loaded.cfg, loaded.cfg.inference.roi_size or loaded.cfg.patch.size, loaded.spec.dims)
-    example = torch.randn(2, 1, *roi)
+    example = torch.randn(2, loaded.in_channels, *roi)
     payload = json.dumps(_payload(loaded, fmt), sort_keys=True)
     if fmt == "onnx":
         return atomic_write(output, lambda tmp: _write_onnx(module, example, tmp, payload, opset))

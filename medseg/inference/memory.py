@@ -98,8 +98,9 @@ class MemoryPlan:
 
 def plan_memory(shape, affine, cfg, *, num_classes: int, device: torch.device | str = "cpu",
                 source_itemsize: int = 4, groups: int = 1, tta_passes: int = 0, sw_batch_size: int | None = None,
-                roi=None, amp: bool = True, param_bytes: int = 0, check: bool = True) -> MemoryPlan:
-    """Estimate peak memory for predicting one volume and choose how to run it (see module doc)."""
+                roi=None, amp: bool = True, param_bytes: int = 0, check: bool = True, channels: int = 1) -> MemoryPlan:
+    """Estimate peak memory for predicting one volume and choose how to run it (see module doc).
+    ``channels``: the input sequences (each is read, normalised and windowed)."""
     from medseg.inference.engine import window_size
     from medseg.models.registry import get_spec
 
@@ -116,13 +117,13 @@ def plan_memory(shape, affine, cfg, *, num_classes: int, device: torch.device | 
     resampled = cfg.preprocess.spacing is not None
 
     # host phases (the loaded source array is resident throughout)
-    base = n_src * source_itemsize
+    base = n_src * source_itemsize * channels
     # float32 copy (and a reoriented copy) of the source, resampled image, slab grids, z-score mask and output
-    preprocess = 8 * n_src + 4 * n_proc + (4 * n_proc if resampled else 0) + 5 * n_proc
+    preprocess = channels * (8 * n_src + 4 * n_proc + (4 * n_proc if resampled else 0)) + 5 * n_proc
     window_batch = sw_batch_size or cfg.inference.sw_batch_size
     act = window_activation_bytes(cfg, roi, groups * num_classes)
     on_cpu = device.type == "cpu"
-    infer = (4 * n_pad + num_classes * n_proc * pbytes * (2 if (tta_passes or groups > 1) else 1) + 2 * slab
+    infer = (4 * n_pad * channels + num_classes * n_proc * pbytes * (2 if (tta_passes or groups > 1) else 1) + 2 * slab
              + (window_batch * act * groups if on_cpu else 0))
     invert = num_classes * n_proc * pbytes + n_src + (24 << 20) * num_classes
     # the process itself (libraries, model) counts too: peak resident memory is what a job scheduler sees
@@ -147,8 +148,8 @@ def plan_memory(shape, affine, cfg, *, num_classes: int, device: torch.device | 
         else:
             batch = sw_batch_size
         window_batch = int(batch)
-        image_on_device = budget is None or fixed + 4 * n_pad + window_batch * act_dev * groups <= budget
-        device_peak = fixed + window_batch * act_dev * groups + (4 * n_pad if image_on_device else 0)
+        image_on_device = budget is None or fixed + 4 * n_pad * channels + window_batch * act_dev * groups <= budget
+        device_peak = fixed + window_batch * act_dev * groups + (4 * n_pad * channels if image_on_device else 0)
         if budget is not None and device_peak > budget and check:
             raise ResourceError("the model does not fit the GPU even one window at a time", path=None,
                                 expected=f"at most {_fmt(budget)} of GPU memory",

@@ -13,10 +13,22 @@ import torch
 from medseg.core.config import Config, check_overlap
 from medseg.core.errors import ConfigError, MedsegError, UnsupportedInputError
 from medseg.core.runtime import resolve_device
-from medseg.inference.engine import labels_on_source_grid, sliding_window_probs, to_source_grid, window_size
+from medseg.inference.engine import (
+    channel_argmax,
+    labels_on_source_grid,
+    sliding_window_probs,
+    to_source_grid,
+    window_size,
+)
 from medseg.inference.postprocess import apply_postprocessing
 from medseg.io.volume import Volume, load_volume, save_volume
 from medseg.models.loading import EXPORT_SUFFIXES, LoadedModel, load_model
+from medseg.preprocessing.pipeline import foreground_box
+
+def _case_label(vol: Volume) -> str:
+    """How messages name the case of ``vol``: its file name (a DICOM folder's name may hold patient data)."""
+    return Path(vol.source).name if vol.source and vol.meta.get("format") != "dicom" else "input"
+
 
 @dataclass
 class Prediction:
@@ -103,7 +115,8 @@ class Predictor:
 
         params = sum(p.numel() * 4 for n in self.nets for p in n.parameters())
         try:
-            plan = plan_memory(vol.shape, vol.affine, self.cfg, num_classes=self.cfg.num_classes,
+            plan = plan_memory(vol.shape, vol.affine, self.cfg, num_classes=self.cfg.out_channels,
+                               channels=self.cfg.in_channels,
                                device=self.runner.device, source_itemsize=vol.array.dtype.itemsize,
                                groups=self.runner.groups, tta_passes=len(self.tta_axes),
                                sw_batch_size=self._sw_batch_size, amp=self.amp, param_bytes=params,
@@ -126,17 +139,44 @@ class Predictor:
                                         expected="finite intensities", found=f"{bad} non-finite voxels",
                                         fix="repair or mask the image before segmenting it")
         plan = plan or self.plan(vol)
-        item = self.transforms({"image": vol})
+        item = self.transforms({"image": vol, "name": _case_label(vol)})
         image = item["image"]
         del item
-        probs = self._probs(image, plan)
+        box = foreground_box(image) if self.cfg.preprocess.crop_foreground else None
+        if self.cfg.preprocess.crop_foreground and box is None:  # nothing but background
+            return self._background(image), image
+        work = torch.as_tensor(image)[(slice(None), *box)] if box is not None else image
+        probs = self._probs(work, plan)
         for axis in self.tta_axes:  # each mirrored pass is flipped back and averaged
-            flipped = torch.flip(torch.as_tensor(image), dims=[1 + axis])
+            flipped = torch.flip(torch.as_tensor(work), dims=[1 + axis])
             probs += torch.flip(self._probs(flipped, plan), dims=[1 + axis])
             del flipped
         if self.tta_axes:
             probs /= 1 + len(self.tta_axes)
+        if box is not None:  # outside the foreground box: background
+            full = self._background(image, probs.dtype)
+            full[(slice(None), *box)] = probs
+            probs = full
         return probs, image
+
+    def _background(self, image, dtype=torch.float32) -> torch.Tensor:
+        """Probabilities of pure background on ``image``'s grid (all regions off; class 0 certain)."""
+        probs = torch.zeros((self.cfg.out_channels, *image.shape[1:]), dtype=dtype)
+        if not self.cfg.regions:
+            probs[0] = 1
+        return probs
+
+    @property
+    def activation(self) -> str:
+        return "sigmoid" if self.cfg.regions else "softmax"
+
+    def decode(self, probs: torch.Tensor) -> torch.Tensor:
+        """Labels from probabilities ``(C, ...)``: the argmax, or a region model's regions painted in order."""
+        if self.cfg.regions:
+            from medseg.core.regions import regions_to_labels
+
+            return regions_to_labels(probs, self.cfg.region_values())
+        return channel_argmax(probs)
 
     def probabilities(self, vol: Volume) -> torch.Tensor:
         """Class probabilities ``(C, X, Y, Z)`` (float32) on the source grid of ``vol``."""
@@ -147,7 +187,8 @@ class Predictor:
         roi = window_size(self.cfg, image.shape[1:], self.spec.dims)
         run_dev = self.runner.device
         return sliding_window_probs(
-            self.runner, image, roi, num_classes=self.cfg.num_classes, overlap=self.cfg.inference.overlap,
+            self.runner, image, roi, num_classes=self.cfg.out_channels, overlap=self.cfg.inference.overlap,
+            activation=self.activation,
             blend=self.cfg.inference.blend, sw_batch_size=plan.sw_batch_size, device=run_dev,
             out_dtype=plan.probs_dtype, groups=self.runner.groups,
             accumulate_on=run_dev if plan.accumulate_on == "device" else torch.device("cpu"),
@@ -168,7 +209,7 @@ class Predictor:
 
             save_probabilities(probabilities_to, probs, image.affine)
         dtype = np.uint8 if self.cfg.num_classes <= 256 else np.uint16
-        labels = labels_on_source_grid(probs, image.affine, vol.affine, vol.shape, dtype=dtype)
+        labels = labels_on_source_grid(probs, image.affine, vol.affine, vol.shape, dtype=dtype, decode=self.decode)
         del probs, image
         labels = apply_postprocessing(labels, self.cfg.inference.postprocess)
         return vol.with_array(labels, kind="labels", label_names=self.labels)

@@ -43,6 +43,9 @@ class SelectionRules:
     slice_thickness: list[float] | None = None
     contrast: str = "any"
     pick: str = "all"
+    sequences: dict[str, dict] | None = None
+    """Models that take several sequences: per sequence name, rules (the keys above) that pick its series in
+    each study, over the shared ones; e.g. ``{flair: {description_include: flair}, t1c: {contrast: with}}``."""
 
     def validate(self, source: str = "rules") -> None:
         for name in ("description_include", "description_exclude"):
@@ -62,6 +65,11 @@ class SelectionRules:
         if self.pick not in ("largest", "first", "all"):
             raise ConfigError("bad 'pick' in rules", path=source, expected="largest | first | all",
                               found=repr(self.pick), fix="use one of those")
+        for name, overrides in (self.sequences or {}).items():
+            if not isinstance(overrides, dict):
+                raise ConfigError(f"rules for sequence '{name}' must be a mapping", path=source,
+                                  found=repr(overrides), fix="e.g. sequences: {flair: {description_include: flair}}")
+            rules_for_sequence(self, name).validate(f"{source} (sequences.{name})")
         if self.slice_thickness is not None and len(self.slice_thickness) != 2:
             raise ConfigError("'slice_thickness' must be [min, max] in mm", path=source,
                               found=str(self.slice_thickness), fix="e.g. slice_thickness: [0.5, 3.0]")
@@ -89,6 +97,22 @@ def load_rules(path: str | Path | None) -> SelectionRules:
     rules = dataclass_from_dict(SelectionRules, data, str(path))
     rules.validate(str(path))
     return rules
+
+
+def rules_for_sequence(rules: SelectionRules, name: str) -> SelectionRules:
+    """The rules that pick sequence ``name``'s series: ``rules.sequences[name]`` over the shared rules; one
+    series per study (``pick: all`` becomes ``largest``)."""
+    from medseg.core.config import dataclass_from_dict
+
+    shared = {k: v for k, v in dataclasses.asdict(rules).items() if k != "sequences"}
+    own = dict((rules.sequences or {}).get(name) or {})
+    for key in ("modality", "body_part", "orientation"):
+        if isinstance(own.get(key), str):
+            own[key] = [own[key]]
+    out = dataclass_from_dict(SelectionRules, {**shared, **own}, f"rules (sequences.{name})")
+    if out.pick == "all":
+        out.pick = "largest"
+    return out
 
 
 def orientation_name(iop: Any, tol_deg: float = 20.0) -> str:

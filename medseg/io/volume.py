@@ -71,6 +71,11 @@ class Volume:
         return tuple(int(s) for s in self.array.shape[:3])
 
     @property
+    def channels(self) -> int:
+        """Sequences stacked on a fourth axis (``(X, Y, Z, C)``, as MSD stores them); 1 for a 3D array."""
+        return int(self.array.shape[3]) if self.array.ndim == 4 else 1
+
+    @property
     def spacing(self) -> np.ndarray:
         return np.sqrt((self.affine[:3, :3] ** 2).sum(axis=0))
 
@@ -97,6 +102,17 @@ class Volume:
                       meta={**self.meta, **meta})
 
 
+def background_value(array) -> float:
+    """The value that fills the background of an image: the value all eight corner voxels share, else 0.
+
+    Skull-stripped MR has 0 there; images normalised after skull stripping keep a constant fill that is
+    not 0 (BraTS 2015's are about -3). Corners that differ (an unmasked image) give 0."""
+    a = array[..., 0] if getattr(array, "ndim", 3) == 4 else array
+    corners = [a[i, j, k] for i in (0, -1) for j in (0, -1) for k in (0, -1)]
+    first = float(corners[0])
+    return first if all(float(c) == first for c in corners) else 0.0
+
+
 def same_grid(a: Volume, b: Volume, atol: float = 1e-4) -> bool:
     return a.shape == b.shape and np.allclose(a.affine, b.affine, atol=atol)
 
@@ -119,7 +135,7 @@ def check_same_grid(out: Volume, ref: Volume, what: str = "output", atol: float 
 # reading
 
 
-def _squeeze_to_3d(array: np.ndarray, path: Path) -> np.ndarray:
+def _squeeze_to_3d(array: np.ndarray, path: Path, channels: bool = False) -> np.ndarray:
     if array.size == 0 or array.ndim < 2:
         raise UnsupportedInputError("image has no voxels or fewer than two dimensions", path=path,
                                     expected="a 3D volume", found=f"shape {array.shape}",
@@ -130,6 +146,8 @@ def _squeeze_to_3d(array: np.ndarray, path: Path) -> np.ndarray:
                                     fix="use a 2D model for 2D images, or stack slices into a volume")
     while array.ndim > 3 and array.shape[-1] == 1:
         array = array[..., 0]
+    if channels and array.ndim == 4:
+        return array
     if array.ndim > 3:
         raise UnsupportedInputError("image has more than one channel or time point", path=path,
                                     expected="a single 3D volume", found=f"shape {array.shape}",
@@ -155,8 +173,11 @@ def check_finite_geometry(affine: np.ndarray, path: Path) -> None:
                                   fix="repair the header (pixdim / space directions)")
 
 
-def load_volume(path: str | Path, *, dtype: Any = None) -> Volume:
-    """Read a NIfTI, NRRD or MetaImage volume with its geometry."""
+def load_volume(path: str | Path, *, dtype: Any = None, channels: bool = False) -> Volume:
+    """Read a NIfTI, NRRD or MetaImage volume with its geometry.
+
+    ``channels``: also take a 4D image, its fourth axis being the sequences of one case (MSD layout);
+    the array is then ``(X, Y, Z, C)``. Otherwise a 4D image is refused."""
     path = Path(path)
     if not path.exists():
         raise InputNotFoundError("file not found", path=path, expected="an existing NIfTI or NRRD file",
@@ -169,16 +190,16 @@ def load_volume(path: str | Path, *, dtype: Any = None) -> Volume:
     if path.stat().st_size == 0:
         raise UnreadableFileError("file is empty (0 bytes)", path=path, fix="re-export or re-copy the file")
     if suffix in NIFTI_SUFFIXES:
-        vol = _load_nifti(path)
+        vol = _load_nifti(path, channels)
     else:
-        vol = _load_itk(path)
+        vol = _load_itk(path, channels)
     check_finite_geometry(vol.affine, path)
     if dtype is not None:
         vol.array = vol.array.astype(dtype, copy=False)
     return vol
 
 
-def _load_nifti(path: Path) -> Volume:
+def _load_nifti(path: Path, channels: bool = False) -> Volume:
     import nibabel as nib
 
     try:
@@ -196,9 +217,9 @@ def _load_nifti(path: Path) -> Volume:
         raise UnreadableFileError("cannot read NIfTI file", path=path, expected="a complete NIfTI-1/2 file",
                                   found=f"{type(exc).__name__}: {exc}".splitlines()[0][:200],
                                   fix="re-export the file; it may be truncated or not NIfTI") from None
-    array = _squeeze_to_3d(np.asarray(array), path)
+    array = _squeeze_to_3d(np.asarray(array), path, channels)
     if int(img.header.get("sform_code", 0)) <= 0:  # the grid comes from pixdim: nibabel silently "fixes" bad ones
-        _check_raw_pixdim(path, len(array.shape))
+        _check_raw_pixdim(path, 3)
     affine = img.affine
     return Volume(array, affine, source=str(path), header=img.header.copy(), meta={"format": "nifti"})
 
@@ -271,7 +292,7 @@ def _check_raw_pixdim(path: Path, ndim: int) -> None:
                                   fix="repair the header (e.g. nibabel or fslchpixdim), or re-export the image")
 
 
-def _load_itk(path: Path) -> Volume:
+def _load_itk(path: Path, channels: bool = False) -> Volume:
     import SimpleITK as sitk
 
     try:
@@ -302,6 +323,11 @@ def _load_itk(path: Path) -> Volume:
         size = img.GetSize()
         if all(s == 1 for s in size[3:]):
             img = img[:, :, :, 0] if dim == 4 else img
+        elif channels and dim == 4:
+            parts = [img[:, :, :, c] for c in range(size[3])]
+            array = np.stack([sitk.GetArrayFromImage(p).transpose(2, 1, 0) for p in parts], axis=-1)
+            affine = affine_from_itk(parts[0].GetSpacing(), parts[0].GetOrigin(), parts[0].GetDirection())
+            return Volume(np.ascontiguousarray(array), affine, source=str(path), meta={"format": "itk"})
         else:
             raise UnsupportedInputError("image has more than three dimensions", path=path,
                                         expected="a single 3D volume", found=f"size {size}",

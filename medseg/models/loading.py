@@ -143,7 +143,7 @@ class LoadedModel:
 
     @property
     def in_channels(self) -> int:
-        return 3 if self.cfg.task == "image2d" else 1
+        return self.cfg.in_channels
 
 
 def load_model(ref: "str | Path | LoadedModel | None") -> LoadedModel:
@@ -165,7 +165,7 @@ def _member(loaded: LoadedModel, state: dict, model_cfg: dict) -> torch.nn.Modul
     cfg, payload = loaded.cfg, loaded.payload
     model = cfg.model if model_cfg == payload["config"]["model"] else \
         from_dict({**payload["config"], "model": model_cfg}, source=str(loaded.path)).model
-    net = build_model(model, loaded.in_channels, cfg.num_classes)
+    net = build_model(model, loaded.in_channels, cfg.out_channels)
     try:
         net.load_state_dict(state)
     except RuntimeError as exc:

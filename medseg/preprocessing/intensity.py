@@ -14,6 +14,7 @@ from monai.transforms import MapTransform, Transform
 
 from medseg.core.config import CT_PRESETS, INTENSITY_MODES
 from medseg.core.errors import ConfigError
+from medseg.io.volume import background_value
 
 def ct_window_bounds(preset: str | None = None, window: Sequence[float] | None = None) -> tuple[float, float]:
     """(low, high) HU bounds for a preset name or an explicit ``[level, width]``."""
@@ -78,7 +79,12 @@ def _slab_mean_std(plain: torch.Tensor, mask: torch.Tensor | None, slab_voxels: 
 
 
 class ZScore(Transform):
-    """Zero mean, unit variance; over non-zero voxels only when ``nonzero`` (zeros stay zero)."""
+    """Zero mean, unit variance, per channel (each MRI sequence on its own, as nnU-Net normalises MR).
+
+    With ``nonzero`` the statistics cover the foreground only, the voxels that differ from the image's
+    background fill (:func:`medseg.io.volume.background_value`: 0 for skull-stripped MR, the constant
+    of an image normalised after stripping), and the background becomes 0. So raw scanner intensities and
+    an already normalised copy of the same scan give the same input."""
 
     one_pass_voxels = 1 << 24  # above this, statistics are gathered slab by slab ...
     slab_voxels = 1 << 22  # ... of about this many voxels
@@ -91,7 +97,12 @@ class ZScore(Transform):
         img = _as_float(img)
         if isinstance(img, torch.Tensor):
             return self._torch(img)
-        mask = (img != 0) if self.nonzero else np.ones(img.shape, bool)
+        if img.ndim == 4:  # channel first
+            return np.stack([self._numpy(c) for c in img])
+        return self._numpy(img)
+
+    def _numpy(self, img: np.ndarray) -> np.ndarray:
+        mask = (img != background_value(img)) if self.nonzero else np.ones(img.shape, bool)
         if int(mask.sum()) == 0:
             return img * 0
         vals = img[mask]
@@ -108,10 +119,20 @@ class ZScore(Transform):
         from monai.data import MetaTensor
 
         plain = img.as_tensor() if isinstance(img, MetaTensor) else img  # no per-operation metadata work
-        mask = (plain != 0) if self.nonzero else None
+        if plain.ndim == 4 and plain.shape[0] > 1:
+            out = torch.cat([self._channel(plain[c:c + 1]) for c in range(plain.shape[0])])
+        else:
+            out = self._channel(plain)
+        if isinstance(img, MetaTensor):
+            out = MetaTensor(out, meta=img.meta, applied_operations=img.applied_operations)
+        return out
+
+    def _channel(self, plain: torch.Tensor) -> torch.Tensor:
+        spatial = plain[0] if plain.ndim == 4 else plain
+        mask = (plain != background_value(spatial)) if self.nonzero else None
         count = int(mask.sum()) if mask is not None else plain.numel()
         if count == 0:
-            return img * 0
+            return plain * 0
         if plain.numel() <= self.one_pass_voxels:  # small: one pass, as the numpy path computes it
             vals = plain[mask] if mask is not None else plain.reshape(-1)
             mean, std = float(vals.mean()), float(vals.std(unbiased=False))
@@ -122,8 +143,6 @@ class ZScore(Transform):
         out.div_(std)
         if mask is not None:
             out.mul_(mask)
-        if isinstance(img, MetaTensor):
-            out = MetaTensor(out, meta=img.meta, applied_operations=img.applied_operations)
         return out
 
 

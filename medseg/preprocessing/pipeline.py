@@ -27,13 +27,15 @@ from monai.transforms import (
     SpatialPadd,
 )
 
-from medseg.io.volume import Volume, load_volume
+from medseg.io.volume import Volume, background_value, load_volume
 from medseg.preprocessing.intensity import intensity_transform
 
 
 def volume_to_metatensor(vol: Volume, dtype=torch.float32) -> MetaTensor:
-    """Channel-first MetaTensor ``(1, X, Y, Z)`` carrying the volume's affine."""
-    data = torch.as_tensor(np.ascontiguousarray(vol.array)).to(dtype)[None]
+    """Channel-first MetaTensor ``(C, X, Y, Z)`` carrying the volume's affine (C = 1 for a 3D array; the
+    sequences of a ``(X, Y, Z, C)`` array otherwise)."""
+    data = torch.as_tensor(np.ascontiguousarray(vol.array)).to(dtype)
+    data = data.permute(3, 0, 1, 2).contiguous() if data.ndim == 4 else data[None]
     affine = torch.as_tensor(vol.affine, dtype=torch.float64)
     meta = {
         "original_affine": affine.clone(),
@@ -44,24 +46,61 @@ def volume_to_metatensor(vol: Volume, dtype=torch.float32) -> MetaTensor:
     return MetaTensor(data, affine=affine, meta=meta)
 
 
+def load_case_image(value, channels: list[str] | None = None, reference: str | None = None,
+                    case: str = "case") -> Volume:
+    """The image of a case as one Volume: a file or Volume (one sequence, or a 4D image holding all of them in
+    ``channels`` order), or a list/mapping of one file per sequence, read onto the ``reference`` sequence's grid."""
+    from medseg.io.sequences import load_sequences, split_channels
+
+    names = list(channels or ["image"])
+    if isinstance(value, dict):
+        missing = [n for n in names if n not in value]
+        if missing:
+            from medseg.core.errors import DataError
+
+            raise DataError(f"case {case} has no {missing[0]} sequence", expected=", ".join(names),
+                            found=", ".join(value) or "none", fix=f"give the {missing[0]} file")
+        return load_sequences({n: value[n] for n in names}, reference or names[0], case)
+    if isinstance(value, (list, tuple)):
+        if len(value) == 1:
+            value = value[0]
+        else:
+            if len(value) != len(names):
+                from medseg.core.errors import DataError
+
+                raise DataError(f"case {case} has {len(value)} sequence files, the model takes {len(names)}",
+                                expected=f"{len(names)} ({', '.join(names)})", found=str(len(value)),
+                                fix="give one file per sequence, in data.channels order")
+            return load_sequences(dict(zip(names, value)), reference or names[0], case)
+    vol = value if isinstance(value, Volume) else load_volume(value, channels=len(names) > 1)
+    if len(names) > 1 or vol.channels > 1:
+        vol = split_channels(vol, names, case)
+    return vol
+
+
 class LoadVolumed(MapTransform):
     """Load file paths under ``keys`` with :func:`medseg.io.load_volume` (geometry kept).
 
-    Labels (``label_keys``) are read as integers, images as float32.
+    Labels (``label_keys``) are read as integers, images as float32. An image of several sequences (a
+    list of files, a mapping from sequence name to file, or a 4D file) becomes ``(C, X, Y, Z)`` on the
+    ``reference`` sequence's grid; ``channels`` names the sequences in the model's order.
     """
 
-    def __init__(self, keys, label_keys=(), allow_missing_keys: bool = False) -> None:
+    def __init__(self, keys, label_keys=(), allow_missing_keys: bool = False, channels: list[str] | None = None,
+                 reference: str | None = None) -> None:
         super().__init__(keys, allow_missing_keys)
         self.label_keys = set(label_keys)
+        self.channels = channels
+        self.reference = reference
 
     def __call__(self, data: Mapping[Hashable, object]) -> dict:
         d = dict(data)
         for key in self.key_iterator(d):
             value = d[key]
-            if isinstance(value, Volume):
-                vol = value
+            if key in self.label_keys:
+                vol = value if isinstance(value, Volume) else load_volume(value)
             else:
-                vol = load_volume(value)
+                vol = load_case_image(value, self.channels, self.reference, str(d.get("name", "case")))
             if key in self.label_keys:
                 d[key] = volume_to_metatensor(vol, dtype=torch.float32).round()
             else:
@@ -73,7 +112,8 @@ def preprocess_transforms(cfg, *, with_label: bool, train: bool = False) -> list
     """Deterministic steps: load, reorient, resample, normalise (and crop for training)."""
     keys = ["image", "label"] if with_label else ["image"]
     pp = cfg.preprocess
-    steps: list = [LoadVolumed(keys, label_keys=["label"] if with_label else [])]
+    steps: list = [LoadVolumed(keys, label_keys=["label"] if with_label else [], channels=cfg.channel_names,
+                               reference=cfg.reference_channel)]
     if pp.orientation:
         steps.append(Orientationd(keys, axcodes=pp.orientation, labels=(("L", "R"), ("P", "A"), ("I", "S"))))
     if pp.spacing is not None:
@@ -83,8 +123,32 @@ def preprocess_transforms(cfg, *, with_label: bool, train: bool = False) -> list
     if norm is not None:
         steps.append(norm)
     if train and pp.crop_foreground:
-        steps.append(CropForegroundd(keys, source_key="image", allow_smaller=True))
+        steps.append(CropForegroundd(keys, source_key="image", select_fn=foreground_mask, allow_smaller=True))
     return steps
+
+
+def foreground_mask(image) -> torch.Tensor:
+    """Voxels where any channel differs from its background fill (0 after ``nonzero`` z-scoring), shaped
+    like ``image`` (MONAI's ``CropForeground`` selection function)."""
+    x = torch.as_tensor(image)
+    mask = torch.zeros_like(x[:1], dtype=torch.bool)
+    for c in range(x.shape[0]):
+        mask |= x[c:c + 1] != background_value(x[c])
+    return mask.expand_as(x)
+
+
+def foreground_box(image, margin: int = 0) -> tuple[slice, ...] | None:
+    """The bounding box (spatial slices) of :func:`foreground_mask` grown by ``margin`` voxels, or None when
+    the image has no foreground."""
+    mask = foreground_mask(image)[0]
+    if not bool(mask.any()):
+        return None
+    box = []
+    for axis in range(mask.ndim):
+        other = tuple(a for a in range(mask.ndim) if a != axis)
+        idx = torch.nonzero(mask.any(dim=other)).flatten()
+        box.append(slice(max(int(idx[0]) - margin, 0), min(int(idx[-1]) + 1 + margin, mask.shape[axis])))
+    return tuple(box)
 
 
 def train_transforms(cfg) -> Compose:

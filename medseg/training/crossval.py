@@ -23,9 +23,10 @@ from medseg.core.config import Config
 from medseg.preprocessing.datasets import kfold_split, training_pool
 from medseg.core.errors import CheckpointError, DataError, InputNotFoundError
 from medseg.inference.probabilities import SUFFIX as PROBS_SUFFIX
+from medseg.preprocessing.pipeline import load_case_image
 from medseg.io.volume import atomic_write, load_volume, save_volume
 from medseg.inference.postprocess import apply_postprocessing
-from medseg.evaluation.choose import choose_postprocessing, mean_dice_per_class
+from medseg.evaluation.choose import choose_postprocessing, mean_dice_per_class, mean_dice_per_region
 
 
 @dataclass
@@ -75,20 +76,30 @@ def predict_fold_validation(cfg: Config, fold_dir: Path, *, device: str = "auto"
     cases = {}
     with progress_bar(f"validate fold {cfg.data.fold}", total=len(val_cases), enabled=progress) as advance:
         for case in val_cases:
-            vol = load_volume(case.image)
+            vol = load_case_image(case.image, cfg.channel_names, cfg.reference_channel, case.name)
             pred = predictor.predict_volume(vol, probabilities_to=out_dir / f"{case.name}{PROBS_SUFFIX}"
                                             if save_probabilities else None)
             save_volume(pred, out_dir / f"{case.name}.nii.gz", reference=vol)
             ref = load_volume(case.label).array
-            d = mean_dice_per_class([(np.asarray(pred.array), np.rint(ref).astype(np.int64))], classes)
-            cases[case.name] = {str(c): d[c] for c in classes}
+            pair = [(np.asarray(pred.array), np.rint(ref).astype(np.int64))]
+            if cfg.regions:
+                cases[case.name] = mean_dice_per_region(pair, cfg.regions)
+            else:
+                d = mean_dice_per_class(pair, classes)
+                cases[case.name] = {str(c): d[c] for c in classes}
             advance()
     _write_json(out_dir / "dice.json", cases)
     return cases
 
 
 def pooled_dice(pairs: list, cfg: Config) -> dict[str, float]:
-    """Mean Dice per label name over ``(prediction, reference)`` pairs, and their mean (4 decimals)."""
+    """Mean Dice per label name (per region for a region model) over ``(prediction, reference)`` pairs, and
+    their mean (4 decimals)."""
+    if cfg.regions:
+        d = mean_dice_per_region(pairs, cfg.regions)
+        out = {k: round(float(v), 4) for k, v in d.items()}
+        out["mean"] = round(float(np.nanmean(list(d.values()))), 4)
+        return out
     d = mean_dice_per_class(pairs, [c for c in cfg.labels if c])
     out = {cfg.labels.get(c, str(c)): round(float(v), 4) for c, v in d.items()}
     out["mean"] = round(float(np.nanmean(list(d.values()))), 4)
@@ -116,7 +127,11 @@ def pool_and_choose_postprocessing(pairs: list, cfg: Config) -> tuple[dict, dict
     """Pooled Dice of all out-of-fold ``pairs``, the postprocessing that helps on them, the pooled Dice after it
     and the trial report (as nnU-Net chooses it: on the cross-validation predictions, never on a test set)."""
     classes = [c for c in cfg.labels if c]
-    chosen, report = choose_postprocessing(pairs, classes)
+    if cfg.regions:  # the written labels, scored as regions
+        classes = sorted(set(cfg.region_values()))
+        chosen, report = choose_postprocessing(pairs, classes, score=lambda ps: mean_dice_per_region(ps, cfg.regions))
+    else:
+        chosen, report = choose_postprocessing(pairs, classes)
     post_pairs = [(apply_postprocessing(p, chosen), r) for p, r in pairs]
     trials = [{**t, "dice": {str(c): round(v, 5) for c, v in t["dice"].items()}} for t in report["trials"]]
     return pooled_dice(pairs, cfg), chosen, pooled_dice(post_pairs, cfg), trials

@@ -49,10 +49,32 @@ class TrainResult:
     history: list = field(default_factory=list)
 
 
+class RegionLoss(torch.nn.Module):
+    """Region-based training (nnU-Net's): the label map becomes one binary target per region, and each
+    sigmoid output gets a soft Dice term plus (``dicece``) binary cross-entropy."""
+
+    def __init__(self, regions, with_bce: bool = True, batch: bool = False) -> None:
+        from monai.losses import DiceLoss
+
+        super().__init__()
+        self.regions = regions
+        self.dice = DiceLoss(sigmoid=True, include_background=True, batch=batch)
+        self.bce = torch.nn.BCEWithLogitsLoss() if with_bce else None
+
+    def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        from medseg.core.regions import labels_to_regions
+
+        target = labels_to_regions(labels, self.regions)
+        loss = self.dice(logits, target)
+        return loss + self.bce(logits.float(), target) if self.bce is not None else loss
+
+
 def _loss(cfg: Config):
     from monai.losses import DiceCELoss, DiceLoss
 
     batch = bool(cfg.train.batch_dice)
+    if cfg.regions:
+        return RegionLoss(cfg.regions, with_bce=cfg.train.loss == "dicece", batch=batch)
     if cfg.train.loss == "dice":
         return DiceLoss(to_onehot_y=True, softmax=True, include_background=False, batch=batch)
     return DiceCELoss(to_onehot_y=True, softmax=True, include_background=False, batch=batch)
@@ -141,20 +163,42 @@ def _check_labels(label: torch.Tensor, cfg: Config, what: str) -> None:
                         fix="fix the labels or the 'labels' mapping; 'medseg verify-data' lists the files")
 
 
+def dice_per_region(probs: torch.Tensor, label: torch.Tensor, regions) -> np.ndarray:
+    """Dice per region between sigmoid outputs (> 0.5) and the regions of an integer label map; NaN where both
+    are empty."""
+    from medseg.core.regions import region_masks
+
+    out = np.full(len(regions), np.nan)
+    for r, ref in enumerate(region_masks(label, regions)):
+        p = probs[r] > 0.5
+        denom = int(p.sum()) + int(ref.sum())
+        if denom:
+            out[r] = 2.0 * int((p & ref).sum()) / denom
+    return out
+
+
+def score_names(cfg: Config) -> list[str]:
+    """What validation Dice is reported for: the regions, or the foreground labels."""
+    return [r.name for r in cfg.regions] if cfg.regions else [cfg.labels.get(c, str(c)) for c in range(1, cfg.num_classes)]
+
+
 def validate(model, val_ds, cfg: Config, device, dims: int) -> np.ndarray:
-    """Mean Dice per class over the validation cases, predicted by the sliding window ``predict`` uses."""
+    """Mean Dice per class (or region) over the validation cases, predicted by the sliding window ``predict`` uses."""
     model.eval()
     runner = TorchRunner([model], device, amp=cfg.train.amp, amp_dtype=cfg.train.amp_dtype)
     scores = []
     for i in range(len(val_ds)):
         item = val_ds[i]
         image = item["image"]
-        probs = sliding_window_probs(runner, image, window_size(cfg, image.shape[1:], dims), num_classes=cfg.num_classes,
+        probs = sliding_window_probs(runner, image, window_size(cfg, image.shape[1:], dims), num_classes=cfg.out_channels,
                                      overlap=cfg.inference.overlap, blend=cfg.inference.blend,
-                                     sw_batch_size=cfg.inference.sw_batch_size, device=device)
-        pred = channel_argmax(probs).long()
+                                     sw_batch_size=cfg.inference.sw_batch_size, device=device,
+                                     activation="sigmoid" if cfg.regions else "softmax")
         label = torch.as_tensor(item["label"])[0].round().long()
-        scores.append(dice_per_class(pred, label, cfg.num_classes))
+        if cfg.regions:
+            scores.append(dice_per_region(probs, label, cfg.regions))
+        else:
+            scores.append(dice_per_class(channel_argmax(probs).long(), label, cfg.num_classes))
     model.train()
     return np.nanmean(np.stack(scores), axis=0) if scores else np.array([])
 
@@ -240,7 +284,7 @@ def train(cfg: Config, *, resume: bool = False, progress: bool = True, log=None)
         atomic_write(out / "split.json", lambda p: Path(p).write_text(json.dumps(split, indent=1)))
         save_config(cfg, out / "config.yaml")
 
-    model = build_model(cfg.model, 1, cfg.num_classes).to(device)
+    model = build_model(cfg.model, cfg.in_channels, cfg.out_channels).to(device)
     loss_fn = _loss(cfg)
     opt = make_optimizer(model, tc)
     sched = torch.optim.lr_scheduler.PolynomialLR(opt, total_iters=max(1, tc.epochs), power=0.9)
@@ -330,7 +374,7 @@ def train(cfg: Config, *, resume: bool = False, progress: bool = True, log=None)
                     _check_labels(torch.as_tensor(val_ds[j]["label"]), cfg, f"validation case {val_cases[j].name}")
                 dice = validate(ema.model if ema else model, val_ds, cfg, device, spec.dims)
                 model.train()
-                record["val_dice"] = {cfg.labels.get(c, str(c)): round(float(d), 4) for c, d in zip(range(1, cfg.num_classes), dice)}
+                record["val_dice"] = {name: round(float(d), 4) for name, d in zip(score_names(cfg), dice)}
                 record["val_mean_dice"] = round(float(np.nanmean(dice)), 4)
                 if record["val_mean_dice"] > best:
                     best, best_epoch = record["val_mean_dice"], epoch

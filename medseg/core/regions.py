@@ -1,0 +1,58 @@
+"""Regions: overlapping structures made of label values (nnU-Net's region-based training).
+
+A brain tumour's labels are nested regions: whole tumour (every tumour label) contains the
+tumour core, which contains the enhancing tumour. A region model has one sigmoid output per
+region (``regions:`` in the config) and learns each as a whole, which scores better on nested
+structures than one softmax over the labels. Its output is written back as an ordinary label
+map: regions are painted in the listed order (largest first), each with its value
+(:meth:`medseg.core.config.Config.region_values`), so a later, inner region overwrites the
+outer one where both are present.
+
+Works on numpy arrays and torch tensors alike.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def _isin(labels: Any, values: list[int]) -> Any:
+    import numpy as np
+
+    if hasattr(labels, "new_tensor"):  # torch
+        import torch
+
+        return torch.isin(labels, labels.new_tensor(list(values)))
+    return np.isin(labels, list(values))
+
+
+def region_masks(labels: Any, regions) -> list:
+    """One boolean mask per region: the voxels whose label is one of the region's labels."""
+    return [_isin(labels, r.labels) for r in regions]
+
+
+def labels_to_regions(labels: Any, regions) -> Any:
+    """Channel-first region targets: labels ``(1, ...)`` or ``(B, 1, ...)`` -> float ``(R, ...)`` / ``(B, R, ...)``."""
+    import torch
+
+    lab = labels.round().long() if labels.is_floating_point() else labels
+    return torch.cat([_isin(lab, r.labels) for r in regions], dim=1 if lab.ndim == 5 else 0).float()
+
+
+def regions_to_labels(masks: Any, values: list[int], dtype=None) -> Any:
+    """A label map from region masks (``(R, ...)``, boolean or probabilities > 0.5), painted in order."""
+    import numpy as np
+
+    if hasattr(masks, "new_tensor"):
+        import torch
+
+        on = masks > 0.5 if masks.is_floating_point() else masks.bool()
+        out = torch.zeros(masks.shape[1:], dtype=torch.uint8 if max(values, default=0) < 256 else torch.int32)
+        for r, v in enumerate(values):
+            out[on[r]] = int(v)
+        return out
+    on = masks > 0.5 if np.asarray(masks).dtype.kind == "f" else np.asarray(masks, bool)
+    out = np.zeros(on.shape[1:], dtype=dtype or (np.uint8 if max(values, default=0) < 256 else np.int32))
+    for r, v in enumerate(values):
+        out[on[r]] = v
+    return out
