@@ -145,7 +145,8 @@ def predict(
                                        "was trained to mirror (about 2x the time; default: the model's inference.tta)."),
     anonymize: bool = typer.Option(False, "--anonymize", help=ANONYMIZE_HELP),
     stats: Optional[str] = typer.Option(None, "--stats", help="Also write <name>.lesions.csv|json: per-lesion volume (mL), "
-                                        "longest diameter (mm), centroid (RAS and LPS)."),
+                                        "longest diameter and RECIST long/short axes (mm), centroid (RAS and LPS); "
+                                        "per region for region models, with a case summary."),
     backend: str = typer.Option("auto", "--backend", help=BACKEND_HELP),
     amp: str = typer.Option("fp16", "--amp", help=AMP_HELP),
     compile_: bool = typer.Option(False, "--compile", help="torch.compile the model (torch backend; pays off on GPUs)."),
@@ -560,13 +561,22 @@ def models() -> None:
     for spec in MODELS.values():
         t.add_row(spec.name, f"{spec.dims}D", spec.description)
     con.print(t)
+    from medseg.models.loading import model_config
+
     b = Table(title="bundled trained models (--model NAME)")
     b.add_column("name")
+    b.add_column("inputs (in order)")
+    b.add_column("outputs")
     b.add_column("size")
     b.add_column("file (model card: same name, .md)")
     for name, path in bundled_models().items():
-        b.add_row(name + (" (default)" if name == DEFAULT_MODEL else ""), f"{path.stat().st_size / 1e6:.1f} MB",
-                  str(path))
+        cfg = model_config(path)
+        outputs = ("regions: " + ", ".join(r.name for r in cfg.regions)) if cfg.regions else \
+            "labels: " + ", ".join(v for k, v in cfg.labels.items() if k)
+        inputs = ", ".join(f"{n}{' (reference grid)' if n == cfg.reference_channel and cfg.in_channels > 1 else ''}"
+                           for n in cfg.channel_names) if cfg.data.channels else f"one {cfg.modality} image"
+        b.add_row(name + (" (default)" if name == DEFAULT_MODEL else ""), inputs, outputs,
+                  f"{path.stat().st_size / 1e6:.1f} MB", str(path))
     con.print(b)
 
 

@@ -111,6 +111,26 @@ def test_build_command_several_formats_python_module_and_defaults():
         msl.build_command(["medseg"], "a.nii.gz", "o", formats=("png",))
 
 
+def test_build_command_for_several_sequences_and_finding_the_output(tmp_path):
+    cmd = msl.build_command(["medseg"], None, "/t/out", model="glioma", device="cpu",
+                            channels={"flair": "/t/in/FLAIR.nii.gz", "t1c": "/t/in/T1 post.nii.gz"})
+    assert cmd == ["medseg", "predict", "--channel", "flair=/t/in/FLAIR.nii.gz", "--channel", "t1c=/t/in/T1 post.nii.gz",
+                   "-o", "/t/out", "--model", "glioma", "--device", "cpu", "--format", "seg.nrrd"]
+    assert msl.parse_sequence_names(" flair, t1c ") == ["flair", "t1c"]
+    assert msl.parse_sequence_names("") == []
+    with pytest.raises(ValueError, match="differ"):
+        msl.parse_sequence_names("flair flair")
+    out = tmp_path / "output"
+    assert msl.find_output(out) is None  # not written (yet)
+    out.mkdir()
+    (out / "FLAIR.seg.nrrd").write_bytes(b"NRRD0004\n")
+    (out / "FLAIR.nii.gz").write_bytes(b"x")
+    assert msl.find_output(out) == out / "FLAIR.seg.nrrd"
+    assert msl.find_output(out, "nifti") == out / "FLAIR.nii.gz"
+    (out / "other.seg.nrrd").write_bytes(b"NRRD0004\n")
+    assert msl.find_output(out) is None  # ambiguous: never load the wrong one
+
+
 def test_safe_name_split_command_and_environment(tmp_path):
     assert msl.safe_name("MR head (T1) / 2") == "MR_head_T1_2"
     assert msl.safe_name("../") == "volume"

@@ -23,7 +23,7 @@ from filelock import FileLock
 from filelock import Timeout as LockTimeout
 
 from medseg.core.errors import ConfigError, InputNotFoundError, MedsegError, OutputError
-from medseg.io.sources import InputItem, discover
+from medseg.io.sources import InputItem
 from medseg.io.volume import atomic_write, check_writable_folder
 from medseg.core.privacy import path_token, redact
 
@@ -182,7 +182,7 @@ def run_batch(root: str | Path, outdir: str | Path, *, model: str | None = None,
     input by a hash of its path relative to ``root`` (:func:`medseg.core.privacy.path_token`), as
     folder names often hold patient names. ``anonymize`` de-identifies DICOM SEG outputs.
     """
-    from medseg.apps.run import default_format, run_items
+    from medseg.apps.run import default_format, discover_inputs, run_items
     from medseg.core.labels import infos_from_config
     from medseg.core.progress import progress_bar
     from medseg.inference.predictor import Predictor
@@ -210,7 +210,10 @@ def run_batch(root: str | Path, outdir: str | Path, *, model: str | None = None,
         return redact(text, {str(p): shown(p), str(p.resolve()): shown(p), str(r): "ROOT", str(r.resolve()): "ROOT"})
 
     t_start = time.perf_counter()
-    items, skipped = discover([root], rules, mirror_root=root if root.is_dir() else root.parent)
+    from medseg.models.loading import model_config
+
+    cfg = model_config(model)  # a model of several sequences segments cases, not series
+    items, skipped = discover_inputs([root], cfg, rules, mirror_root=root if root.is_dir() else root.parent)
     items = [it for it in items if in_shard(it.key, shard_t)]
     skipped = [s for s in skipped if in_shard(s.key, shard_t)]
     outdir.mkdir(parents=True, exist_ok=True)

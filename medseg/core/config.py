@@ -327,15 +327,9 @@ class Config:
 
     def region_values(self) -> list[int]:
         """The label value each region writes back (:attr:`RegionConfig.value`, or its default)."""
-        out = []
-        for i, r in enumerate(self.regions):
-            if r.value is not None:
-                out.append(int(r.value))
-                continue
-            later = {v for q in self.regions[i + 1:] for v in q.labels}
-            own = sorted(set(r.labels) - later) or sorted(r.labels)
-            out.append(int(own[0]))
-        return out
+        from medseg.core.regions import region_values
+
+        return region_values(self.regions)
 
     def validate(self, source: str = "config") -> None:
         if 0 not in self.labels:

@@ -26,6 +26,20 @@ def _isin(labels: Any, values: list[int]) -> Any:
     return np.isin(labels, list(values))
 
 
+def region_values(regions) -> list[int]:
+    """The label value each region writes back: its ``value``, or the smallest of its labels that no later
+    region lists (so regions listed from largest to smallest give back the labels they came from)."""
+    out = []
+    for i, r in enumerate(regions):
+        if r.value is not None:
+            out.append(int(r.value))
+            continue
+        later = {v for q in regions[i + 1:] for v in q.labels}
+        own = sorted(set(r.labels) - later) or sorted(r.labels)
+        out.append(int(own[0]))
+    return out
+
+
 def region_masks(labels: Any, regions) -> list:
     """One boolean mask per region: the voxels whose label is one of the region's labels."""
     return [_isin(labels, r.labels) for r in regions]

@@ -340,10 +340,11 @@ def lesion_table(labels: Volume, names: dict[int, str] | None = None, connectivi
     value the region writes."""
     array = np.asarray(labels.array)
     if regions:
+        from medseg.core.regions import region_values
+
         table = []
-        for r in regions:
+        for r, value in zip(regions, region_values(regions)):
             labelled, n = label_components(np.isin(array, r.labels), connectivity)
-            value = r.value if r.value is not None else min(r.labels)
             table += describe_components(labelled, n, labels.affine, label=value, name=r.name)
         return table
     if classes is None:

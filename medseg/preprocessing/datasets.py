@@ -264,7 +264,7 @@ def kfold_split(cases: list[Case], folds: int, fold: int, seed: int) -> tuple[li
     """Fold ``fold`` of a deterministic ``folds``-way split: every case is validated in exactly one fold."""
     ordered = sorted(cases, key=lambda c: c.name)
     if folds < 2 or not 0 <= fold < folds:
-        raise DataError("invalid cross-validation fold", expected=f"0 <= fold < folds, folds >= 2",
+        raise DataError("invalid cross-validation fold", expected="0 <= fold < folds, folds >= 2",
                         found=f"fold {fold} of {folds}", fix="e.g. --folds 5")
     if len(ordered) < folds:
         raise DataError("too few cases for cross-validation", expected=f"at least {folds} cases",

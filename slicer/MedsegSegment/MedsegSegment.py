@@ -66,6 +66,23 @@ class MedsegSegmentWidget(ScriptedLoadableModuleWidget):
         self.inputSelector.setMRMLScene(slicer.mrmlScene)
         self.inputSelector.setToolTip("Volume to segment.")
         form.addRow("Input volume:", self.inputSelector)
+        self.sequencesEdit = qt.QLineEdit("")
+        self.sequencesEdit.setPlaceholderText("one volume: leave empty; several: e.g. flair, t1c")
+        self.sequencesEdit.setToolTip("Models that take several MRI sequences (see 'medseg models', e.g. glioma: "
+                                      "flair, t1c): their names in order. The input volume is the first; "
+                                      "choose the others below. The result lies on the model's reference grid.")
+        form.addRow("Sequences:", self.sequencesEdit)
+        self.extraSelectors = []
+        for i in range(2, 5):
+            sel = slicer.qMRMLNodeComboBox()
+            sel.nodeTypes = ["vtkMRMLScalarVolumeNode"]
+            sel.selectNodeUponCreation = False
+            sel.addEnabled = sel.removeEnabled = False
+            sel.noneEnabled = True
+            sel.setMRMLScene(slicer.mrmlScene)
+            sel.setToolTip(f"Volume of the {i}th sequence named above (co-registered with the input volume).")
+            form.addRow(f"Sequence {i}:", sel)
+            self.extraSelectors.append(sel)
         self.modelEdit = qt.QLineEdit(msl.DEFAULT_MODEL)
         self.modelEdit.setToolTip("Bundled model name (see 'medseg models') or path of a .pt model.")
         form.addRow("Model:", self.modelEdit)
@@ -140,8 +157,14 @@ class MedsegSegmentWidget(ScriptedLoadableModuleWidget):
             return
         qt.QSettings().setValue(SETTING_EXECUTABLE, self.executableEdit.text.strip())
         try:
+            names = msl.parse_sequence_names(self.sequencesEdit.text)
+            nodes = [node] + [sel.currentNode() for sel in self.extraSelectors][:max(0, len(names) - 1)]
+            if names and (len(names) > 1 + len(self.extraSelectors) or any(n is None for n in nodes)):
+                raise ValueError(f"choose one volume for each of the {len(names)} sequences: {', '.join(names)}")
+            sequences = dict(zip(names, nodes)) if len(names) > 1 else None
             self.job, work = self.logic.start(node, self.modelEdit.text, self.deviceCombo.currentText,
-                                              self.executableEdit.text, self.timeoutSpin.value * 60 or None)
+                                              self.executableEdit.text, self.timeoutSpin.value * 60 or None,
+                                              sequences=sequences)
         except (RuntimeError, ValueError, OSError) as exc:  # MedsegNotFound is a RuntimeError
             slicer.util.errorDisplay(str(exc), windowTitle="medseg")
             return
@@ -174,6 +197,10 @@ class MedsegSegmentWidget(ScriptedLoadableModuleWidget):
     def onFinished(self, result):
         work, node = self.run
         try:
+            if result.success and result.output_path is None:  # several sequences: medseg named the output
+                result.output_path = msl.find_output(os.path.join(str(work), "output"))
+                if result.output_path is None:
+                    result.success, result.error = False, "medseg finished but wrote no segmentation"
             if result.success:
                 seg = self.logic.loadResult(result.output_path, node)
                 info = msl.describe_segments(result.output_path)
@@ -216,16 +243,23 @@ class MedsegSegmentLogic(ScriptedLoadableModuleLogic):
             raise RuntimeError(f"Slicer could not write {node.GetName()} to {path}")
         return path
 
-    def start(self, node, model, device, setting="", timeout=None, fmt="seg.nrrd"):
-        """Export ``node`` and start medseg on it; returns (MedsegJob, work folder)."""
+    def start(self, node, model, device, setting="", timeout=None, fmt="seg.nrrd", sequences=None):
+        """Export ``node`` (or every volume of ``sequences``, ``{name: node}``) and start medseg on it; returns
+        (MedsegJob, work folder). With several sequences the job's output path is found when it ends."""
         cmd = self.findExecutable(setting)
         work = msl.make_work_dir()
         try:
-            path = self.exportVolume(node, work)
             out_dir = os.path.join(str(work), "output")
-            command = msl.build_command(cmd, path, out_dir, model=model, device=device, formats=(fmt,))
-            job = msl.MedsegJob(command, msl.expected_output(path, out_dir, fmt), log_dir=work,
-                                timeout=timeout, env=self.environment())
+            if sequences:
+                files = {name: self.exportVolume(seq_node, work) for name, seq_node in sequences.items()}
+                command = msl.build_command(cmd, None, out_dir, model=model, device=device, formats=(fmt,),
+                                            channels=files)
+                expected = None
+            else:
+                path = self.exportVolume(node, work)
+                command = msl.build_command(cmd, path, out_dir, model=model, device=device, formats=(fmt,))
+                expected = msl.expected_output(path, out_dir, fmt)
+            job = msl.MedsegJob(command, expected, log_dir=work, timeout=timeout, env=self.environment())
         except Exception:
             msl.cleanup_work_dir(work)
             raise
@@ -239,15 +273,18 @@ class MedsegSegmentLogic(ScriptedLoadableModuleLogic):
             seg.SetReferenceImageGeometryParameterFromVolumeNode(node)
         return seg
 
-    def process(self, node, model=msl.DEFAULT_MODEL, device="auto", setting="", timeout=None):
+    def process(self, node, model=msl.DEFAULT_MODEL, device="auto", setting="", timeout=None, sequences=None):
         """Blocking run (for scripts and tests); returns (RunResult, segmentation node or None)."""
-        job, work = self.start(node, model, device, setting, timeout)
+        job, work = self.start(node, model, device, setting, timeout, sequences=sequences)
         try:
             while not job.finished:
                 for line in job.poll():
                     logging.info(line)
                 slicer.app.processEvents()
                 time.sleep(0.2)
+            if job.result.success and job.result.output_path is None:
+                job.result.output_path = msl.find_output(os.path.join(str(work), "output"))
+                job.result.success = job.result.output_path is not None
             return job.result, (self.loadResult(job.result.output_path, node) if job.result.success else None)
         finally:
             msl.cleanup_work_dir(work)

@@ -114,14 +114,35 @@ def expected_output(input_path, output_dir, fmt: str = "seg.nrrd") -> Path:
 
 
 def build_command(executable: Sequence[str], input_path, output_dir, model: str = DEFAULT_MODEL,
-                  device: str = "auto", formats: Sequence[str] = ("seg.nrrd",)) -> list:
-    """``medseg predict INPUT -o OUTDIR --model MODEL --device DEVICE --format F...`` as a list."""
+                  device: str = "auto", formats: Sequence[str] = ("seg.nrrd",),
+                  channels: Optional[Mapping[str, object]] = None) -> list:
+    """``medseg predict INPUT -o OUTDIR --model MODEL --device DEVICE --format F...`` as a list.
+
+    ``channels`` (``{sequence name: file}``, for a model that takes several sequences, e.g. ``flair`` and
+    ``t1c``) replaces INPUT by ``--channel NAME=FILE`` for each sequence."""
     bad = [f for f in formats if f not in FORMATS]
     if bad:
         raise ValueError(f"unknown format(s) {bad}; use {', '.join(FORMATS)}")
     exe = [str(executable)] if isinstance(executable, (str, Path)) else list(executable)
-    return exe + ["predict", str(input_path), "-o", str(output_dir), "--model", model.strip() or DEFAULT_MODEL,
+    inputs = [arg for name, path in (channels or {}).items() for arg in ("--channel", f"{name}={path}")] \
+        if channels else [str(input_path)]
+    return exe + ["predict", *inputs, "-o", str(output_dir), "--model", model.strip() or DEFAULT_MODEL,
                   "--device", device] + [arg for fmt in formats for arg in ("--format", fmt)]
+
+
+def parse_sequence_names(text: str) -> list:
+    """``"flair, t1c"`` -> ``["flair", "t1c"]``: the model's sequence names, in the order the volumes are chosen."""
+    names = [n.strip() for n in re.split(r"[,\s]+", text or "") if n.strip()]
+    if len(set(names)) != len(names):
+        raise ValueError(f"sequence names must differ: {', '.join(names)}")
+    return names
+
+
+def find_output(output_dir, fmt: str = "seg.nrrd") -> Optional[Path]:
+    """The one output medseg wrote into ``output_dir`` in format ``fmt`` (its name comes from medseg)."""
+    found = sorted(p for p in Path(output_dir).glob("*" + FORMATS[fmt]) if p.is_file()) \
+        if Path(output_dir).is_dir() else []
+    return found[0] if len(found) == 1 else None
 
 
 def safe_name(name: str) -> str:
