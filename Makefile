@@ -33,6 +33,8 @@ bundle-model: $(STAMP)
 		--set inference.overlap=0.25
 	$(BIN)/medseg pack-model runs/cv_dynunet/fold_0/best.pt runs/bundle_w24/best.pt \
 		medseg/assets/models/hippocampus.pt --int8 --set inference.overlap=0.25 --set inference.tta=true
+	$(BIN)/medseg train configs/glioma.yaml --folds 4 --set train.output_dir=runs/glioma_cv
+	$(BIN)/medseg pack-model runs/glioma_cv medseg/assets/models/glioma.pt --int8
 
 benchmark: $(STAMP)
 	$(BIN)/python benchmarks/hippocampus.py

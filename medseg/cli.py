@@ -315,7 +315,7 @@ def verify_data(
     n, problems = verify_dataset(dataset, config=_config_of(config) if config else None)
     con = _console(stderr=False)
     for p in problems:
-        con.print(str(p), markup=False)
+        con.print(str(p), markup=False, soft_wrap=True)  # one line per problem, also when piped
     errors = [p for p in problems if p.severity == "error"]
     con.print(f"{n} case(s) checked: {len(errors)} error(s), {len(problems) - len(errors)} warning(s)")
     if errors:

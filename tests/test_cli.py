@@ -88,13 +88,13 @@ def test_train_geometry_mismatch_is_caught(tmp_path):
     proc = run_cli("verify-data", root)
     assert proc.returncode == 1
     assert "shape (16, 16, 12) differs from image shape (16, 16, 16)" in " ".join(proc.stdout.split())
-    assert "3 pair(s) checked: 3 error(s)" in proc.stdout
+    assert "3 case(s) checked: 3 error(s)" in proc.stdout
 
 
 def test_verify_data_clean_dataset(hippo_data):
     proc = run_cli("verify-data", hippo_data, "--config", REPO / "configs" / "hippocampus.yaml")
     assert proc.returncode == 0, proc.stdout
-    assert "6 pair(s) checked: 0 error(s), 0 warning(s)" in proc.stdout
+    assert "6 case(s) checked: 0 error(s), 0 warning(s)" in proc.stdout
 
 
 def test_evaluate_unpaired_folders(tmp_path):

@@ -23,14 +23,16 @@ class Problem:
     message: str
     severity: str = "error"  # or "warning"
     case: str | None = None
+    fix: str | None = None
 
     def __str__(self) -> str:
         where = f"case {self.case}: " if self.case else ""
-        return f"{self.severity}: {where}{self.file}: {self.message}"
+        return f"{self.severity}: {where}{self.file}: {self.message}" + (f"; fix: {self.fix}" if self.fix else "")
 
 
 def _from_error(exc: MedsegError, case: str | None = None) -> Problem:
-    return Problem(str(exc.path or ""), exc.problem + (f" ({exc.found})" if exc.found else ""), case=case)
+    return Problem(str(exc.path or ""), exc.problem + (f" ({exc.found})" if exc.found else ""), case=case,
+                   fix=getattr(exc, "fix", None))
 
 
 def verify_dataset(root: str | Path, labels: dict[int, str] | None = None, *, config=None, progress: bool = True,
