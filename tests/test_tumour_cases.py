@@ -157,3 +157,23 @@ def test_glioma_config_reads_the_shared_cases(shared_data):
     for case in cases:
         names = [Path(f).name for f in case.files]
         assert names[0].startswith("Flair") and names[1].startswith("T1c") and "OTMultiClass" in case.label
+
+
+def test_exported_region_model_carries_its_sequences_and_predicts_alike(tmp_path):
+    """An exported model (TorchScript) keeps the sequence names and order and the regions, and predicts the same
+    labels as its checkpoint."""
+    from medseg.inference.export import export_model
+    from medseg.inference.predictor import Predictor
+    from medseg.io.volume import Volume
+    from medseg.models.loading import model_config
+
+    ck = region_checkpoint(tmp_path / "m.pt", "unet3d", channels=("t2w", "t1c"))
+    ts = export_model(ck, tmp_path / "m.ts", "torchscript")
+    cfg = model_config(ts)
+    assert cfg.channel_names == ["t2w", "t1c"] and [r.name for r in cfg.regions] == [r["name"] for r in BRATS_REGIONS]
+    rng = np.random.default_rng(0)
+    case = Volume(rng.normal(size=(40, 36, 20, 2)).astype(np.float32), np.diag([1.0, 1.2, 2.5, 1.0]))
+    a = Predictor(ck, device="cpu").predict_volume(case)
+    b = Predictor(ts, device="cpu").predict_volume(case)
+    assert a.shape == (40, 36, 20) and np.array_equal(a.affine, case.affine)
+    assert (np.asarray(a.array) == np.asarray(b.array)).mean() > 0.999
