@@ -25,6 +25,28 @@ from medseg.io.volume import Volume, load_volume, save_volume
 from medseg.models.loading import EXPORT_SUFFIXES, LoadedModel, load_model
 from medseg.preprocessing.pipeline import foreground_box
 
+def background_probabilities(cfg: Config, spatial, dtype=torch.float32) -> torch.Tensor:
+    """Probabilities of pure background (all regions off; class 0 certain) on a grid of shape ``spatial``."""
+    probs = torch.zeros((cfg.out_channels, *spatial), dtype=dtype)
+    if not cfg.regions:
+        probs[0] = 1
+    return probs
+
+
+def on_foreground(cfg: Config, image, run) -> torch.Tensor:
+    """``run(image)``, or with ``preprocess.crop_foreground`` ``run`` on the foreground's bounding box only and
+    background outside it: what prediction and validation during training both do."""
+    if not cfg.preprocess.crop_foreground:
+        return run(image)
+    box = foreground_box(image)
+    if box is None:  # nothing but background
+        return background_probabilities(cfg, image.shape[1:])
+    probs = run(torch.as_tensor(image)[(slice(None), *box)])
+    full = background_probabilities(cfg, image.shape[1:], probs.dtype)
+    full[(slice(None), *box)] = probs
+    return full
+
+
 def _case_label(vol: Volume) -> str:
     """How messages name the case of ``vol``: its file name (a DICOM folder's name may hold patient data)."""
     return Path(vol.source).name if vol.source and vol.meta.get("format") != "dicom" else "input"
@@ -155,29 +177,18 @@ class Predictor:
             raise
         image = item["image"]
         del item
-        box = foreground_box(image) if self.cfg.preprocess.crop_foreground else None
-        if self.cfg.preprocess.crop_foreground and box is None:  # nothing but background
-            return self._background(image), image
-        work = torch.as_tensor(image)[(slice(None), *box)] if box is not None else image
-        probs = self._probs(work, plan)
-        for axis in self.tta_axes:  # each mirrored pass is flipped back and averaged
-            flipped = torch.flip(torch.as_tensor(work), dims=[1 + axis])
-            probs += torch.flip(self._probs(flipped, plan), dims=[1 + axis])
-            del flipped
-        if self.tta_axes:
-            probs /= 1 + len(self.tta_axes)
-        if box is not None:  # outside the foreground box: background
-            full = self._background(image, probs.dtype)
-            full[(slice(None), *box)] = probs
-            probs = full
-        return probs, image
 
-    def _background(self, image, dtype=torch.float32) -> torch.Tensor:
-        """Probabilities of pure background on ``image``'s grid (all regions off; class 0 certain)."""
-        probs = torch.zeros((self.cfg.out_channels, *image.shape[1:]), dtype=dtype)
-        if not self.cfg.regions:
-            probs[0] = 1
-        return probs
+        def run(work) -> torch.Tensor:
+            probs = self._probs(work, plan)
+            for axis in self.tta_axes:  # each mirrored pass is flipped back and averaged
+                flipped = torch.flip(torch.as_tensor(work), dims=[1 + axis])
+                probs += torch.flip(self._probs(flipped, plan), dims=[1 + axis])
+                del flipped
+            if self.tta_axes:
+                probs /= 1 + len(self.tta_axes)
+            return probs
+
+        return on_foreground(self.cfg, image, run), image
 
     @property
     def activation(self) -> str:
@@ -186,9 +197,9 @@ class Predictor:
     def decode(self, probs: torch.Tensor) -> torch.Tensor:
         """Labels from probabilities ``(C, ...)``: the argmax, or a region model's regions painted in order."""
         if self.cfg.regions:
-            from medseg.core.regions import regions_to_labels
+            from medseg.core.regions import region_parents, regions_to_labels
 
-            return regions_to_labels(probs, self.cfg.region_values())
+            return regions_to_labels(probs, self.cfg.region_values(), parents=region_parents(self.cfg.regions))
         return channel_argmax(probs)
 
     def probabilities(self, vol: Volume) -> torch.Tensor:

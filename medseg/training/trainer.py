@@ -18,6 +18,7 @@ from medseg.preprocessing.verify import check_training_inputs
 from medseg.core.errors import CheckpointError, DataError
 from medseg.inference.backends import TorchRunner
 from medseg.inference.engine import channel_argmax, sliding_window_probs, window_size
+from medseg.inference.predictor import on_foreground
 from medseg.core.runtime import autocast
 from medseg.io.volume import atomic_write, remove_partial_files
 from medseg.models.registry import build_model, get_spec
@@ -190,10 +191,10 @@ def validate(model, val_ds, cfg: Config, device, dims: int) -> np.ndarray:
     for i in range(len(val_ds)):
         item = val_ds[i]
         image = item["image"]
-        probs = sliding_window_probs(runner, image, window_size(cfg, image.shape[1:], dims), num_classes=cfg.out_channels,
-                                     overlap=cfg.inference.overlap, blend=cfg.inference.blend,
-                                     sw_batch_size=cfg.inference.sw_batch_size, device=device,
-                                     activation="sigmoid" if cfg.regions else "softmax")
+        probs = on_foreground(cfg, image, lambda work: sliding_window_probs(  # cropped as predict crops
+            runner, work, window_size(cfg, work.shape[1:], dims), num_classes=cfg.out_channels,
+            overlap=cfg.inference.overlap, blend=cfg.inference.blend, sw_batch_size=cfg.inference.sw_batch_size,
+            device=device, activation="sigmoid" if cfg.regions else "softmax"))
         label = torch.as_tensor(item["label"])[0].round().long()
         if cfg.regions:
             scores.append(dice_per_region(probs, label, cfg.regions))
