@@ -4,8 +4,9 @@ beside a plain MONAI script running the same networks on the same cases.
     python benchmarks/glioma.py --cv runs/glioma_cv            # after: medseg train configs/glioma.yaml --folds 4
     python benchmarks/glioma.py --cv runs/glioma_cv --time     # also time medseg and the plain script per case
 
-Cross-validation: each fold's held-out case (predicted by the fold's final weights into
-``fold_I/validation``) is scored per region (whole tumour, tumour core, enhancing tumour): Dice,
+Cross-validation: each fold's held-out case, predicted afresh by the fold's final weights
+(``fold_I/best.pt`` under ``train.keep: last``), is scored per region (whole tumour, tumour core,
+enhancing tumour): Dice,
 HD95, volumes, BraTS 2023 lesion-wise Dice and HD95. Timing: ``medseg predict CASE_FOLDER --model
 MODEL`` as a whole process (imports, model load, reading both sequences, prediction, writing), one run
 per case, against ``plain_monai`` below (LoadImage, Orientation, Spacing, NormalizeIntensity per channel
@@ -42,10 +43,13 @@ torch.set_num_threads(int(sys.argv[5]))
 ck = torch.load(model_path, map_location="cpu", weights_only=True)
 m = ck["config"]["model"]
 nets = []
-for state in [ck["state_dict"], *ck.get("ensemble", [])]:
+scales = [ck.get("quant_scales") or {}, *(ck.get("ensemble_quant_scales") or [{}] * len(ck.get("ensemble", [])))]
+for state, sc in zip([ck["state_dict"], *ck.get("ensemble", [])], scales):
     net = DynUNet(3, 2, 3, kernel_size=[3] * len(m["channels"]), strides=[1, *m["strides"]],
                   upsample_kernel_size=m["strides"], filters=m["channels"], norm_name="instance", res_block=False)
-    net.load_state_dict({k: v.float() for k, v in state.items()})
+    # int8 weights (pack-model --int8) carry one float scale per output channel
+    net.load_state_dict({k: v.float() * sc[k].float().view(-1, *[1] * (v.dim() - 1)) if k in sc else v.float()
+                         for k, v in state.items()})
     nets.append(net.eval())
 pre = Compose([LoadImaged(["flair", "t1c"]), EnsureChannelFirstd(["flair", "t1c"]),
                ConcatItemsd(["flair", "t1c"], "image"), Orientationd("image", axcodes="RAS"),
@@ -69,20 +73,40 @@ SaveImage(output_dir=out_dir, output_postfix="", separate_folder=False, print_lo
 
 
 def cv_scores(cv_dir: Path, config: Path) -> dict:
+    """Each fold's held-out cases predicted afresh (this code; the fold's ``best.pt``, its final weights under
+    ``train.keep: last``, as the packed model holds them) and scored per region."""
+    from medseg.apps.run import predict
     from medseg.core.config import load_config
     from medseg.evaluation.metrics import evaluate
 
     cfg = load_config(config)
     with tempfile.TemporaryDirectory() as tmp:
         preds, refs = Path(tmp) / "pred", Path(tmp) / "ref"
-        preds.mkdir()
         refs.mkdir()
         for fold in sorted(cv_dir.glob("fold_*")):
-            for p in sorted((fold / "validation").glob("*.nii.gz")):
-                (preds / p.name).symlink_to(p.resolve())
-                label = next((DATA / p.name[: -len(".nii.gz")]).glob("OTMultiClass*"))
-                (refs / p.name).symlink_to(label.resolve())
-        res = evaluate(preds, refs, names=dict(cfg.labels), regions=cfg.regions, progress=False)
+            held_out = json.loads((fold / "split.json").read_text())["validation"]
+            predict([DATA / name for name in held_out], preds, model=fold / "best.pt", device="cpu", progress=False)
+            for name in held_out:
+                label = next((DATA / name).glob("OTMultiClass*"))
+                (refs / f"{name}.nii.gz").symlink_to(label.resolve())
+        out = {"raw": _region_table(evaluate(preds, refs, names=dict(cfg.labels), regions=cfg.regions, progress=False))}
+        chosen = cv_dir / "postprocess.json"
+        if chosen.is_file():  # the postprocessing the cross-validation chose (and the packed model applies)
+            from medseg.inference.postprocess import apply_postprocessing
+            from medseg.io.volume import load_volume, save_volume
+
+            steps = json.loads(chosen.read_text())
+            post = Path(tmp) / "post"
+            for f in sorted(preds.glob("*.nii.gz")):
+                vol = load_volume(f)
+                save_volume(vol.with_array(apply_postprocessing(vol.array, steps)), post / f.name)
+            out["postprocessed"] = _region_table(evaluate(post, refs, names=dict(cfg.labels), regions=cfg.regions,
+                                                          progress=False))
+            out["postprocess"] = steps
+    return out
+
+
+def _region_table(res) -> dict:
     out = {}
     for r in res.classes:
         out[r] = {"cases": {cs.case: {"dice": round(cs.value("dice", r), 4), "hd95_mm": round(cs.value("hd95", r), 2),
@@ -92,9 +116,6 @@ def cv_scores(cv_dir: Path, config: Path) -> dict:
                   "mean_dice": round(res.mean("dice", r), 4), "mean_hd95_mm": round(res.mean("hd95", r), 2),
                   "mean_lesionwise_dice": round(res.mean("lesionwise_dice", r), 4),
                   "mean_lesionwise_hd95_mm": round(res.mean("lesionwise_hd95", r), 2)}
-    summary = cv_dir / "cv_summary.json"
-    if summary.is_file():
-        out["postprocess"] = json.loads(summary.read_text()).get("postprocess")
     return out
 
 
@@ -138,12 +159,11 @@ def main() -> None:
     result = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs", "threads": args.threads}
     if args.cv:
         result["cv"] = cv_scores(args.cv, args.config)
-        for region, d in result["cv"].items():
-            if region == "postprocess":
-                continue
-            print(f"{region:18s} Dice {d['mean_dice']:.4f}  HD95 {d['mean_hd95_mm']:6.2f} mm  lesion-wise Dice "
-                  f"{d['mean_lesionwise_dice']:.4f}  per case: "
-                  + ", ".join(f"{c} {v['dice']:.3f}" for c, v in d["cases"].items()))
+        for kind in ("raw", "postprocessed"):
+            for region, d in result["cv"].get(kind, {}).items():
+                print(f"{kind:13s} {region:18s} Dice {d['mean_dice']:.4f}  HD95 {d['mean_hd95_mm']:6.2f} mm  "
+                      f"lesion-wise Dice {d['mean_lesionwise_dice']:.4f}  per case: "
+                      + ", ".join(f"{c[-6:]} {v['dice']:.3f}" for c, v in d["cases"].items()))
     if args.time:
         result["time"] = timing(args.model, args.threads)
         for case, row in result["time"].items():
