@@ -177,3 +177,37 @@ def test_exported_region_model_carries_its_sequences_and_predicts_alike(tmp_path
     b = Predictor(ts, device="cpu").predict_volume(case)
     assert a.shape == (40, 36, 20) and np.array_equal(a.affine, case.affine)
     assert (np.asarray(a.array) == np.asarray(b.array)).mean() > 0.999
+
+
+@pytest.mark.slow
+def test_bundled_glioma_model_takes_raw_intensities_and_brats_2023_names(tmp_path, shared_data):
+    """The bundled glioma model on a BraTS 2015 case as given (normalised, background about -3) and on the same
+    case as a scanner would give it (raw intensities, background 0) under BraTS 2023 file names: the same
+    labels, on the FLAIR grid."""
+    import nibabel as nib
+
+    from medseg.apps.run import predict
+    from medseg.io.volume import load_volume
+
+    src = shared_data / "brats2015" / "brats_2013_pat0006_1"
+    raw = tmp_path / "BraTS-GLI-00006-000"
+    raw.mkdir()
+    brain = np.asanyarray(nib.load(str(src / "brainmask.nii.gz")).dataobj) > 0.5
+    for name, seq, (scale, shift) in (("Flair_subtrMeanDivStd", "t2f", (180.0, 600.0)),
+                                      ("T1c_subtrMeanDivStd", "t1c", (250.0, 900.0))):
+        img = nib.load(str(src / f"{name}.nii.gz"))
+        arr = np.asanyarray(img.dataobj).astype(np.float32)
+        scanner = np.where(brain, np.clip(arr * scale + shift, 1, None), 0).astype(np.int16)
+        nib.save(nib.Nifti1Image(scanner, img.affine, img.header), str(raw / f"{raw.name}-{seq}.nii.gz"))
+    for seq in ("t1n", "t2w"):  # the sequences the model does not take are left alone
+        (raw / f"{raw.name}-{seq}.nii.gz").symlink_to(raw / f"{raw.name}-t2f.nii.gz")
+    predict([src, raw], tmp_path / "out", model="glioma", device="cpu", progress=False)
+    a = load_volume(tmp_path / "out" / f"{src.name}.nii.gz")
+    b = load_volume(tmp_path / "out" / f"{raw.name}.nii.gz")
+    flair = load_volume(src / "Flair_subtrMeanDivStd.nii.gz")
+    for labels in (a, b):
+        assert labels.shape == flair.shape and np.allclose(labels.affine, flair.affine)
+    la, lb = np.asarray(a.array), np.asarray(b.array)
+    assert (la > 0).sum() > 10_000  # a tumour is found ...
+    both = (la > 0) | (lb > 0)
+    assert ((la == lb) & both).sum() / both.sum() > 0.95  # ... and the same one from raw intensities
