@@ -160,16 +160,8 @@ class Predictor:
             raise UnsupportedInputError("image contains NaN or Inf voxels", path=vol.source,
                                         expected="finite intensities", found=f"{bad} non-finite voxels",
                                         fix="repair or mask the image before segmenting it")
-        if vol.channels != self.cfg.in_channels:
-            from medseg.core.errors import DataError
-
-            names = ", ".join(self.cfg.channel_names)
-            raise DataError(f"the image has {vol.channels} sequence(s), the model takes {self.cfg.in_channels}",
-                            path=vol.source, expected=f"{self.cfg.in_channels} ({names})",
-                            found=f"{vol.channels}", fix=f"give a case of the model's sequences ({names}): a case "
-                            "folder, nnU-Net-named files or --channel NAME=FILE for each")
         plan = plan or self.plan(vol)
-        try:
+        try:  # a sequence count the model does not take is refused by the loading step (split_channels)
             item = self.transforms({"image": vol, "name": _case_label(vol)})
         except RuntimeError as exc:  # MONAI's Compose wraps errors raised inside a transform
             if isinstance(exc.__cause__, MedsegError):

@@ -160,11 +160,12 @@ def load_sequences(sources: dict, reference: str, case: str) -> Volume:
                             expected="one 3D volume per sequence", fix="split it into one file per sequence")
         vols[name] = vol
     ref = vols[reference]
-    arrays = []
+    arrays, resampled = [], []
     for name, vol in vols.items():
         if same_grid(vol, ref, atol=1e-3):
             arrays.append(np.asarray(vol.array, dtype=np.float32))
             continue
+        resampled.append(name)
         check_same_study(vol, ref, case, name, reference)
         cov = coverage(vol, ref)
         if cov < MIN_OVERLAP:
@@ -174,7 +175,7 @@ def load_sequences(sources: dict, reference: str, case: str) -> Volume:
                                 found=f"{cov:.0%} covered", fix="register the sequences to each other first, "
                                 "or check that the files belong to the same case")
         arrays.append(resample_onto(vol, ref))
-    meta = {**ref.meta, "channels": list(vols), "resampled": [n for n, v in vols.items() if not same_grid(v, ref, 1e-3)]}
+    meta = {**ref.meta, "channels": list(vols), "resampled": resampled}
     return Volume(np.stack(arrays, axis=-1), ref.affine.copy(), source=ref.source, header=ref.header, meta=meta)
 
 
@@ -192,7 +193,8 @@ def split_channels(vol: Volume, names: list[str], case: str) -> Volume:
     if vol.channels != len(names):
         raise DataError(f"case {case} has {vol.channels} sequence(s), the model takes {len(names)}", path=vol.source,
                         expected=f"{len(names)} ({', '.join(names)})", found=f"{vol.channels} on the fourth axis",
-                        fix="name the image's sequences under data.channels, in the order they are stored")
+                        fix="give the model's sequences (a case folder, nnU-Net-named files, or --channel NAME=FILE "
+                            "for each), or name a 4D image's sequences under data.channels in the order stored")
     vol.meta["channels"] = list(names)
     if vol.array.dtype != np.float32:
         vol.array = np.asarray(vol.array, dtype=np.float32)
