@@ -127,7 +127,10 @@ def timed(cmd: list[str]) -> float:
     return time.perf_counter() - t0
 
 
-def timing(model: str, threads: int) -> dict:
+def timing(model: str, threads: int, repeats: int = 1) -> dict:
+    """Whole-process seconds per case, medseg and the plain script alternating (A B, then B A, ...); medians."""
+    import statistics
+
     from medseg.models.loading import resolve_model
 
     model_path = resolve_model(model)
@@ -137,10 +140,15 @@ def timing(model: str, threads: int) -> dict:
         script.write_text(PLAIN_MONAI)
         for case in sorted(p for p in DATA.iterdir() if p.is_dir()):
             flair, t1c = next(case.glob("Flair*")), next(case.glob("T1c*"))
-            t_medseg = timed([sys.executable, "-m", "medseg", "predict", str(case), "-o", f"{tmp}/medseg",
-                              "--model", str(model_path), "--device", "cpu", "--threads", str(threads)])
-            t_plain = timed([sys.executable, str(script), str(flair), str(t1c), str(model_path), f"{tmp}/plain",
-                             str(threads)])
+            cmds = {"medseg": [sys.executable, "-m", "medseg", "predict", str(case), "-o", f"{tmp}/medseg",
+                               "--model", str(model_path), "--device", "cpu", "--threads", str(threads)],
+                    "plain": [sys.executable, str(script), str(flair), str(t1c), str(model_path), f"{tmp}/plain",
+                              str(threads)]}
+            times: dict = {"medseg": [], "plain": []}
+            for r in range(repeats):
+                for name in (["medseg", "plain"] if r % 2 == 0 else ["plain", "medseg"]):
+                    times[name].append(timed(cmds[name]))
+            t_medseg, t_plain = statistics.median(times["medseg"]), statistics.median(times["plain"])
             rows[case.name] = {"medseg_s": round(t_medseg, 2), "plain_monai_s": round(t_plain, 2),
                                "ratio": round(t_plain / t_medseg, 3)}
     return rows
@@ -153,6 +161,7 @@ def main() -> None:
     ap.add_argument("--time", action="store_true", help="time medseg and the plain MONAI script per case")
     ap.add_argument("--model", default="glioma", help="model to time (bundled name or .pt)")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=1, help="timed runs per tool and case (A B, then B A, ...)")
     args = ap.parse_args()
     if not DATA.is_dir():
         raise SystemExit(f"no BraTS data at {DATA} (set MEDSEG_DATA)")
@@ -165,7 +174,7 @@ def main() -> None:
                       f"lesion-wise Dice {d['mean_lesionwise_dice']:.4f}  per case: "
                       + ", ".join(f"{c[-6:]} {v['dice']:.3f}" for c, v in d["cases"].items()))
     if args.time:
-        result["time"] = timing(args.model, args.threads)
+        result["time"] = timing(args.model, args.threads, args.repeats)
         for case, row in result["time"].items():
             print(f"{case}: medseg {row['medseg_s']:.1f} s, plain MONAI {row['plain_monai_s']:.1f} s "
                   f"(plain/medseg {row['ratio']:.2f})")

@@ -1,18 +1,30 @@
-"""End-to-end predict speed: medseg versus the plain MONAI script, side by side in one run.
+"""Where medseg's time goes, and how it compares with the plain MONAI script a user would otherwise write.
 
-    python benchmarks/speed.py                      # all three cases, 2 repeats, JSON to speed.json
-    python benchmarks/speed.py --cases hippo,batch --hippo 20
+    python benchmarks/speed.py                                   # every case below, JSON to speed.json
+    python benchmarks/speed.py --cases hippo,stages,startup      # the quick ones (a few minutes on 2 cores)
+    python benchmarks/speed.py --cases ct --ct-shape 512,512,600 # the CT-size volume (about 10 min on 2 cores)
 
-Both tools run the same network with the same weights (the bundled hippocampus-fast model) and the
-same preprocessing; every timing is load + preprocess + infer + map back + write. Runs of the
-tools alternate (A B B A …) so that a busy machine slows both alike; medians are reported.
+Every comparison runs the tools alternately, A B then B A (then A B ...), and reports medians, so that a
+busy machine slows both alike. Cases:
 
-* ``hippo``: hippocampus volumes, one at a time in one process, model loaded once (per volume);
-* ``ct``: a synthetic 512x512x300 int16 CT volume at 0.8x0.8x1.0 mm (resampled to 1 mm);
-* ``batch``: 50 small volumes as a whole process each (``medseg predict DIR`` versus
-  ``python benchmarks/monai_plain.py DIR``): start-up and model load amortised over the batch.
-
-medseg also runs with ``--backend onnxruntime`` (exported once beforehand, not timed).
+* ``hippo``: ``medseg predict FOLDER`` with no flags (the default model, whatever the machine) and with
+  ``--model hippocampus-fast`` (one network; ``--single``) on a folder of hippocampus volumes, as whole
+  processes, against ``benchmarks/monai_plain.py`` on the same folder running (a) the tutorial network a user
+  would write, MONAI's ``UNet`` 16-128 (the weights of the first bundled model, read from git history; random
+  weights of that architecture where git is not at hand: the time does not depend on them), and (b) the
+  single model's network and weights. Ratio = plain / medseg (above 1: medseg is faster). ``--onnx`` adds
+  the single model through ONNX Runtime.
+* ``kernels``: one 40x56x40 window through each network at batch 1 and 2, with PyTorch's choice of
+  convolution kernel and with oneDNN forced (what medseg's torch backend does on the CPU).
+* ``stages``: the default model in one process over the same volumes: seconds per volume for reading,
+  preprocessing, the network, back to the input grid, writing (``Predictor.stage_seconds``).
+* ``startup``: ``python -c "import torch, monai"`` against medseg's start-up before the first volume
+  (importing the CLI and the run loop, loading and checking the default model), whole processes.
+* ``ct``: a synthetic int16 CT volume (default 512x512x600 at 0.8x0.8x1.0 mm) through ``medseg predict`` with no
+  flags, and through the plain MONAI script running the same network: seconds, seconds per million input
+  voxels, peak RSS of each process.
+* ``glioma``: ``medseg predict CASE_FOLDER --model glioma`` per BraTS case against a plain MONAI script running
+  the same four networks (``benchmarks/glioma.py``); needs ``../shared/data/brats2015``.
 """
 
 from __future__ import annotations
@@ -29,14 +41,17 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
-
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "benchmarks"))
 SHARED = REPO.parent / "shared" / "data" / "hippocampus" / "imagesTr"
+FIRST_UNET = "c593fd8"  # the commit whose bundled hippocampus.pt was the UNet 16-128 of configs/hippocampus.yaml
 
 
 def machine() -> str:
+    import torch
+
+    from medseg.core.runtime import cpu_has_fast_bf16
+
     cpu = platform.processor() or platform.machine()
     try:
         for line in open("/proc/cpuinfo"):
@@ -45,7 +60,8 @@ def machine() -> str:
                 break
     except OSError:
         pass
-    return f"{cpu}, {len(os.sched_getaffinity(0))} cores usable, torch {torch.__version__}"
+    return (f"{cpu}, {len(os.sched_getaffinity(0))} cores usable, native bf16 {cpu_has_fast_bf16()}, "
+            f"torch {torch.__version__}")
 
 
 def inputs(n: int) -> list[Path]:
@@ -54,113 +70,237 @@ def inputs(n: int) -> list[Path]:
     return (files * (n // len(files) + 1))[:n]
 
 
-def write_ct(path: Path, shape) -> None:
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    from memory_ct import write_ct as _write
-
-    _write(path, shape)
-
-
 def med(xs) -> float:
-    return round(statistics.median(xs), 4)
+    return round(statistics.median(xs), 3)
 
 
-def in_process(files, tools: dict, repeats: int) -> dict:
-    """tools: name -> fn(path); alternating order per file and repeat."""
-    times = {k: [] for k in tools}
-    names = list(tools)
-    for r in range(repeats):
-        for i, f in enumerate(files):
-            order = names if (i + r) % 2 == 0 else names[::-1]
-            for name in order:
-                t0 = time.perf_counter()
-                tools[name](f)
-                times[name].append(time.perf_counter() - t0)
-    return times
+def run_timed(cmd: list[str]) -> tuple[float, float]:
+    """Seconds and peak RSS (GB) of one whole process."""
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    _, err = proc.communicate()
+    seconds = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{err[-2000:]}")
+    return seconds, 0.0
 
 
-def whole_process(cmds: dict, repeats: int) -> dict:
-    times = {k: [] for k in cmds}
+def peak_rss_of(cmd: list[str]) -> tuple[float, float]:
+    """Seconds and peak RSS (GB) of ``cmd`` run in a fresh child (getrusage of a one-child wrapper)."""
+    wrapper = ("import resource, subprocess, sys, time; t = time.perf_counter(); "
+               "r = subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True); "
+               "s = time.perf_counter() - t; "
+               "print(s, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024 ** 2); "
+               "sys.exit(r.returncode and print(r.stderr[-2000:], file=sys.stderr) or r.returncode)")
+    proc = subprocess.run([sys.executable, "-c", wrapper, *cmd], cwd=REPO, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-2000:]}")
+    s, gb = proc.stdout.split()
+    return float(s), float(gb)
+
+
+def alternate(cmds: dict, repeats: int, runner=run_timed) -> dict:
+    """Each command ``repeats`` times, the order reversed every round (A B, B A, ...): name -> [(s, GB)]."""
+    out = {k: [] for k in cmds}
     names = list(cmds)
     for r in range(repeats):
         for name in (names if r % 2 == 0 else names[::-1]):
-            t0 = time.perf_counter()
-            proc = subprocess.run(cmds[name], capture_output=True, text=True, cwd=REPO)
-            times[name].append(time.perf_counter() - t0)
-            if proc.returncode != 0:
-                raise RuntimeError(f"{name} failed: {proc.stderr[-2000:]}")
-    return times
+            out[name].append(runner(cmds[name]))
+            print(f"  {name}: {out[name][-1][0]:.2f} s", flush=True)
+    return out
+
+
+def first_unet(tmp: Path) -> tuple[Path, str]:
+    """The tutorial UNet 16-128 as a checkpoint: trained weights from git history, else random ones."""
+    target = tmp / "unet16.pt"
+    proc = subprocess.run(["git", "show", f"{FIRST_UNET}:medseg/assets/models/hippocampus.pt"], cwd=REPO,
+                          capture_output=True)
+    if proc.returncode == 0 and proc.stdout:
+        target.write_bytes(proc.stdout)
+        return target, f"trained weights of commit {FIRST_UNET}"
+    import torch
+
+    from medseg.core.config import load_config
+    from medseg.models.checkpoint import save_checkpoint
+    from medseg.models.registry import build_model
+
+    cfg = load_config(REPO / "configs" / "hippocampus.yaml")
+    torch.manual_seed(0)
+    save_checkpoint(target, model=build_model(cfg.model, 1, cfg.out_channels), cfg=cfg, epoch=0)
+    return target, "random weights (git history not at hand)"
+
+
+def case_hippo(args, tmp: Path, res: dict) -> None:
+    from medseg.models.loading import resolve_model
+
+    folder = tmp / "hippo_in"
+    folder.mkdir()
+    for i, f in enumerate(inputs(args.hippo)):
+        shutil.copy(f, folder / f"case_{i:03d}.nii.gz")
+    unet, unet_note = first_unet(tmp)
+    py = sys.executable
+    plain = [py, str(REPO / "benchmarks" / "monai_plain.py"), str(folder)]
+    single = str(resolve_model(args.single))  # one network, which the plain script can run too
+    medseg = [py, "-m", "medseg", "predict", str(folder), "-o"]
+    cmds = {"medseg": medseg + [str(tmp / "o_medseg")],
+            "medseg_single": medseg + [str(tmp / "o_single"), "--model", single],
+            "monai_unet16": plain + [str(tmp / "o_unet"), "--model", str(unet)],
+            "monai_single": plain + [str(tmp / "o_same"), "--model", single]}
+    if args.onnx:
+        cmds["medseg_single_onnx"] = medseg + [str(tmp / "o_onnx"), "--model", single, "--backend", "onnxruntime"]
+        run_timed(cmds["medseg_single_onnx"])  # the export is made and cached once, untimed
+    runs = alternate(cmds, args.repeats)
+    row = {k: med([s for s, _ in v]) for k, v in runs.items()}
+    row |= {"n": args.hippo, "single": args.single, "unet16_weights": unet_note,
+            "default_vs_monai_unet16": round(row["monai_unet16"] / row["medseg"], 2),
+            "single_vs_monai_unet16": round(row["monai_unet16"] / row["medseg_single"], 2),
+            "single_vs_monai_single": round(row["monai_single"] / row["medseg_single"], 2)}
+    if args.onnx:
+        row["single_onnx_vs_torch"] = round(row["medseg_single"] / row["medseg_single_onnx"], 2)
+    res["cases"]["hippocampus_folder_whole_process_s"] = row
+    print("hippocampus folder:", row, flush=True)
+
+
+def case_stages(args, tmp: Path, res: dict) -> None:
+    from medseg.inference.predictor import Predictor
+    from medseg.io.volume import load_volume, save_volume
+
+    files = inputs(args.hippo)
+    pred = Predictor(None, device="cpu")
+    for f in files[:2]:  # warm-up
+        pred.predict_volume(load_volume(f))
+    pred.stage_seconds = dict.fromkeys(pred.stage_seconds, 0.0)
+    read = write = 0.0
+    for i, f in enumerate(files):
+        t0 = time.perf_counter()
+        vol = load_volume(f)
+        t1 = time.perf_counter()
+        labels = pred.predict_volume(vol)
+        t2 = time.perf_counter()
+        save_volume(labels, tmp / "stages" / f"{i:03d}.nii.gz", reference=vol)
+        read, write = read + t1 - t0, write + time.perf_counter() - t2
+    per = {"read": read, **pred.stage_seconds, "write": write}
+    row = {k: round(1000 * v / len(files), 1) for k, v in per.items()} | {"total": round(1000 * sum(per.values()) / len(files), 1)}
+    res["cases"]["hippocampus_stages_ms_per_volume"] = row | {"n": len(files), "tta": bool(pred.tta_axes),
+                                                              "backend": pred.backend}
+    print("stages (ms per volume):", row, flush=True)
+
+
+STARTUP = ("import medseg.cli, medseg.apps.run; from medseg.inference.predictor import Predictor; "
+           "Predictor(None, device='cpu')")
+
+
+def case_startup(args, tmp: Path, res: dict) -> None:
+    py = sys.executable
+    runs = alternate({"import_torch_monai": [py, "-c", "import torch, monai"], "medseg_startup": [py, "-c", STARTUP]},
+                     args.startup_repeats)
+    row = {k: med([s for s, _ in v]) for k, v in runs.items()}
+    row["medseg_minus_import"] = round(row["medseg_startup"] - row["import_torch_monai"], 3)
+    res["cases"]["startup_s"] = row
+    print("start-up:", row, flush=True)
+
+
+def case_ct(args, tmp: Path, res: dict) -> None:
+    from memory_ct import write_ct
+
+    from medseg.models.loading import resolve_model
+
+    shape = tuple(int(s) for s in args.ct_shape.split(","))
+    ct = tmp / "ct" / "ct.nii.gz"
+    ct.parent.mkdir()
+    write_ct(ct, shape)
+    py = sys.executable
+    model = str(resolve_model(args.ct_model))
+    cmds = {"medseg": [py, "-m", "medseg", "predict", str(ct), "-o", str(tmp / "ct_medseg"), "--model", model]}
+    if args.ct_plain:
+        cmds["monai_same_network"] = [py, str(REPO / "benchmarks" / "monai_plain.py"), str(ct), str(tmp / "ct_plain"),
+                                      "--model", model]
+    runs = alternate(cmds, args.ct_repeats, runner=peak_rss_of)
+    mvox = float(shape[0] * shape[1] * shape[2]) / 1e6
+    row = {"shape": list(shape), "spacing_mm": [0.8, 0.8, 1.0], "model": args.ct_model or "hippocampus (default)"}
+    for k, v in runs.items():
+        s = med([x for x, _ in v])
+        row[k] = {"s": s, "s_per_mvoxel": round(s / mvox, 3), "peak_rss_gb": round(max(g for _, g in v), 2)}
+    if "monai_same_network" in row:
+        row["ratio"] = round(row["monai_same_network"]["s"] / row["medseg"]["s"], 2)
+    res["cases"]["ct_volume"] = row
+    print("CT volume:", row, flush=True)
+
+
+def case_glioma(args, tmp: Path, res: dict) -> None:
+    import glioma
+
+    if not glioma.DATA.is_dir():
+        print("glioma: skipped (no ../shared/data/brats2015)", flush=True)
+        return
+    rows = glioma.timing("glioma", threads=len(os.sched_getaffinity(0)), repeats=args.repeats)
+    res["cases"]["glioma_per_case_s"] = rows
+    print("glioma:", json.dumps(rows), flush=True)
+
+
+def case_kernels(args, tmp: Path, res: dict) -> None:
+    """One window (batch 1, and batch 2 as mirror TTA runs it) through each bundled hippocampus network and the
+    tutorial UNet, with PyTorch's own choice of convolution kernel and with oneDNN forced (``use_onednn_conv3d``)."""
+    import copy
+
+    import torch
+
+    from medseg.inference.backends import use_onednn_conv3d
+    from medseg.models.loading import load_model
+
+    unet, _ = first_unet(tmp)
+    nets = {"unet16 (tutorial)": load_model(str(unet)).nets[0], "dynunet16 (hippocampus-fast)": load_model("hippocampus-fast").nets[0]}
+    pair = load_model(None).nets
+    if len(pair) > 1:
+        nets["dynunet24 (second member of hippocampus)"] = pair[1]
+    x1 = torch.randn(1, 1, 40, 56, 40)
+
+    def timed(net, x) -> float:
+        with torch.inference_mode():
+            net(x)
+            ts = []
+            for _ in range(7):
+                t0 = time.perf_counter()
+                net(x)
+                ts.append(time.perf_counter() - t0)
+        return round(statistics.median(ts) * 1000, 1)
+
+    row = {}
+    for name, net in nets.items():
+        net = net.eval()
+        fast = copy.deepcopy(net)
+        use_onednn_conv3d(fast)
+        row[name] = {"batch1_pytorch_ms": timed(net, x1), "batch1_onednn_ms": timed(fast, x1),
+                     "batch2_pytorch_ms": timed(net, x1.repeat(2, 1, 1, 1, 1)),
+                     "batch2_onednn_ms": timed(fast, x1.repeat(2, 1, 1, 1, 1))}
+        print(f"  {name}: {row[name]}", flush=True)
+    res["cases"]["window_40x56x40_ms"] = row
+
+
+CASES = {"kernels": case_kernels, "hippo": case_hippo, "stages": case_stages, "startup": case_startup, "ct": case_ct, "glioma": case_glioma}
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--cases", default="hippo,ct,batch")
-    ap.add_argument("--hippo", type=int, default=65, help="hippocampus volumes for the per-volume case")
-    ap.add_argument("--batch", type=int, default=50)
-    ap.add_argument("--ct-shape", default="512,512,300")
-    ap.add_argument("--ct-overlap", type=float, default=0.25, help="sliding-window overlap for the CT case (both tools)")
-    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--cases", default="kernels,hippo,stages,startup,glioma,ct")
+    ap.add_argument("--hippo", type=int, default=65, help="hippocampus volumes in the folder")
+    ap.add_argument("--repeats", type=int, default=2, help="runs per tool (A B, then B A)")
+    ap.add_argument("--startup-repeats", type=int, default=6)
+    ap.add_argument("--onnx", action="store_true", help="also time --backend onnxruntime on the folder")
+    ap.add_argument("--single", default="hippocampus-fast",
+                    help="a one-network model timed beside the default, in medseg and in the plain script")
+    ap.add_argument("--ct-shape", default="512,512,600")
+    ap.add_argument("--ct-model", default=None, help="model for the CT case (default: medseg's default)")
     ap.add_argument("--ct-repeats", type=int, default=1)
+    ap.add_argument("--ct-plain", action=argparse.BooleanOptionalAction, default=True,
+                    help="also run the plain MONAI script on the CT volume (slow: float64 resampling)")
     ap.add_argument("--json", default="speed.json")
     args = ap.parse_args(argv)
-    cases = args.cases.split(",")
-
-    from monai_plain import build, make_predict
-
-    from medseg.inference.export import export_model
-    from medseg.inference.predictor import Predictor
-
-    model_pt = REPO / "medseg" / "assets" / "models" / "hippocampus-fast.pt"  # one network, as plain MONAI runs it
     res: dict = {"machine": machine(), "date": time.strftime("%Y-%m-%d"), "cases": {}}
     print(res["machine"], flush=True)
     with tempfile.TemporaryDirectory() as tmp:
-        tmp = Path(tmp)
-        onnx_path = export_model(model_pt, tmp / "hippocampus.onnx", "onnx")
-
-        def tools(overlap: float):
-            pred = Predictor(model_pt, device="cpu", overlap=overlap)
-            ort = Predictor(onnx_path, device="cpu", overlap=overlap)
-            net, pre, roi = build(model_pt)
-            monai = make_predict(net, pre, roi, tmp / "monai", overlap=overlap)
-            return {"monai": monai,
-                    "medseg": lambda f: pred.predict_file(f, tmp / "medseg" / Path(f).name),
-                    "medseg_onnx": lambda f: ort.predict_file(f, tmp / "onnx" / Path(f).name)}
-
-        if "hippo" in cases:
-            files = inputs(args.hippo)
-            t = tools(0.5)
-            for f in files[:2]:  # warm-up
-                for fn in t.values():
-                    fn(f)
-            times = in_process(files, t, args.repeats)
-            res["cases"]["hippocampus_per_volume_s"] = {k: med(v) for k, v in times.items()} | {"n": len(files)}
-            print("hippocampus:", res["cases"]["hippocampus_per_volume_s"], flush=True)
-        if "ct" in cases:
-            shape = tuple(int(s) for s in args.ct_shape.split(","))
-            ct = tmp / "ct" / "ct.nii.gz"
-            ct.parent.mkdir()
-            write_ct(ct, shape)
-            t = tools(args.ct_overlap)
-            times = in_process([ct], t, args.ct_repeats)
-            res["cases"]["ct_per_volume_s"] = {k: med(v) for k, v in times.items()} | {
-                "shape": list(shape), "overlap": args.ct_overlap, "runs": {k: [round(x, 1) for x in v] for k, v in times.items()}}
-            print("ct:", res["cases"]["ct_per_volume_s"], flush=True)
-        if "batch" in cases:
-            folder = tmp / "batch_in"
-            folder.mkdir()
-            for i, f in enumerate(inputs(args.batch)):
-                shutil.copy(f, folder / f"case_{i:03d}.nii.gz")
-            py = sys.executable
-            medseg = [py, "-m", "medseg", "predict", str(folder), "--device", "cpu", "-o"]
-            cmds = {"monai": [py, str(REPO / "benchmarks" / "monai_plain.py"), str(folder), str(tmp / "b_monai")],
-                    "medseg": medseg + [str(tmp / "b_medseg")],
-                    "medseg_onnx": medseg[:-1] + ["--model", str(onnx_path), "-o", str(tmp / "b_onnx")]}
-            times = whole_process(cmds, args.repeats)
-            res["cases"]["batch_of_small_volumes_total_s"] = {k: med(v) for k, v in times.items()} | {"n": args.batch}
-            print("batch:", res["cases"]["batch_of_small_volumes_total_s"], flush=True)
-    for case in res["cases"].values():
-        if "monai" in case:
-            case["speedup_vs_monai"] = {k: round(case["monai"] / case[k], 2) for k in ("medseg", "medseg_onnx")}
+        for name in args.cases.split(","):
+            CASES[name](args, Path(tmp), res)
     print(json.dumps(res, indent=1))
     Path(args.json).write_text(json.dumps(res, indent=1))
     return 0

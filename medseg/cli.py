@@ -110,8 +110,9 @@ FORMAT_HELP = ("Output format: nifti | nrrd | seg.nrrd (3D Slicer) | dicom-seg (
                "repeat for several. Default: nifti (nrrd for NRRD input).")
 BACKEND_HELP = ("Inference backend: auto (from the model file: .pt torch, .onnx onnxruntime, .ts torchscript) | torch | "
                 "onnxruntime | torchscript (a .pt model is exported once and cached).")
-AMP_HELP = ("Mixed precision: fp16 | bf16 | off. fp16 is CUDA only (the CPU then runs fp32); bf16 also runs on "
-            "the CPU, about twice as fast on CPUs with AMX (Intel Xeon 4th generation and newer).")
+AMP_HELP = ("Mixed precision: auto | fp16 | bf16 | off. auto: fp16 on CUDA, bf16 on CPUs with native bf16 (AMX or "
+            "AVX-512 BF16: about twice as fast, same labels), fp32 on other CPUs. fp16 is CUDA only (the CPU then "
+            "runs fp32); bf16 on a CPU without native bf16 is emulated and slow.")
 
 
 def _dicom_options(uneven: str, tilt: str) -> dict:
@@ -148,7 +149,7 @@ def predict(
                                         "longest diameter and RECIST long/short axes (mm), centroid (RAS and LPS); "
                                         "per region for region models, with a case summary."),
     backend: str = typer.Option("auto", "--backend", help=BACKEND_HELP),
-    amp: str = typer.Option("fp16", "--amp", help=AMP_HELP),
+    amp: str = typer.Option("auto", "--amp", help=AMP_HELP),
     compile_: bool = typer.Option(False, "--compile", help="torch.compile the model (torch backend; pays off on GPUs)."),
     threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads for inference (default: the cores this process may use)."),
 ) -> None:
@@ -423,7 +424,7 @@ def batch(
     credentials: Optional[Path] = typer.Option(None, "--credentials", help=CREDENTIALS_HELP),
     store: bool = typer.Option(True, "--store/--no-store", help="With --from-dicomweb: store each DICOM SEG back."),
     backend: str = typer.Option("auto", "--backend", help=BACKEND_HELP),
-    amp: str = typer.Option("fp16", "--amp", help=AMP_HELP),
+    amp: str = typer.Option("auto", "--amp", help=AMP_HELP),
     compile_: bool = typer.Option(False, "--compile", help="torch.compile the model (torch backend)."),
     threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads for inference."),
     overlap: Optional[float] = typer.Option(None, "--overlap", help="Sliding-window overlap in [0, 1) (default from the model)."),

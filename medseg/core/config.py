@@ -247,6 +247,14 @@ class TrainConfig:
     deterministic: bool = True
     """CUDA only: ``false`` lets cuDNN benchmark and pick its fastest, non-deterministic convolution
     algorithms (faster 3D training on a GPU; runs with the same seed then differ slightly)."""
+    teacher: str | None = None
+    """Knowledge distillation: a trained model (file or bundled name, e.g. an ensemble packed by ``pack-model``)
+    whose class probabilities, mirror TTA included, become soft targets beside the manual labels. They are
+    computed once per case on the preprocessed grid (cached with the data) and follow every augmentation. The
+    teacher must share the student's labels and preprocessing. Label models only (not ``regions``)."""
+    distill: float = 0.5
+    """With ``teacher``: weight of the soft-target loss (soft Dice + cross-entropy against the teacher's
+    probabilities); the manual labels' loss gets ``1 - distill``."""
     keep: str = "best"
     """What ``best.pt`` holds: ``best``, the weights of the epoch with the highest validation Dice; ``last``,
     the final weights whatever the validation says (nnU-Net's choice for cross-validation: the held-out
@@ -387,6 +395,13 @@ class Config:
             raise ConfigError("train.checkpoint_every and train.val_every must be at least 1", path=source,
                               found=f"checkpoint_every {self.train.checkpoint_every}, val_every {self.train.val_every}",
                               fix="use 1 (every epoch) or a larger whole number")
+        if not 0.0 <= self.train.distill <= 1.0:
+            raise ConfigError("train.distill must be in [0, 1]", path=source, found=str(self.train.distill),
+                              fix="use e.g. 0.5 (half the loss from the teacher's probabilities)")
+        if self.train.teacher and self.regions:
+            raise ConfigError("train.teacher works for label models only", path=source,
+                              expected="no regions: with train.teacher", found=f"{len(self.regions)} regions",
+                              fix="remove train.teacher, or train the region model without a teacher")
         if not 0.0 <= self.train.ema < 1.0:
             raise ConfigError("train.ema must be in [0, 1)", path=source, found=str(self.train.ema),
                               fix="use 0 (off) or a decay such as 0.999")

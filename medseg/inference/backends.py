@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import types
 import warnings
 from pathlib import Path
 
@@ -66,16 +67,70 @@ class Ensemble(torch.nn.Module):
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
 
 
+def _onednn_conv3d_forward(self, x: torch.Tensor) -> torch.Tensor:
+    if x.device.type == "cpu" and x.dtype == torch.float32 and not torch.is_grad_enabled() \
+            and not torch.is_autocast_enabled("cpu"):
+        return torch.ops.aten.mkldnn_convolution(x, self.weight, self.bias, self.padding, self.stride,
+                                                 self.dilation, self.groups)
+    return torch.nn.Conv3d.forward(self, x)
+
+
+def use_onednn_conv3d(module: torch.nn.Module) -> int:
+    """Run the 3D convolutions of ``module`` through oneDNN on the CPU in fp32 inference, whatever the batch size;
+    returns how many were switched.
+
+    PyTorch chooses oneDNN for a CPU convolution only when the batch holds more than one sample or the input's
+    first four dimensions hold over 20,480 values (a rule made for 2D images); a single 3D window of
+    40×56×40 with 8 or 16 channels fails it at most levels of a U-Net and runs the naive im2col kernel: on
+    2 CPU cores one window through the hippocampus DynUNet 16-128 took 211 ms that way and 137 ms in oneDNN,
+    through MONAI's UNet 16-128 76 ms and 32 ms (``docs/benchmarks.md``). The same kernel as a batch of two
+    (identical results); training (gradients on) and autocast keep PyTorch's own choice."""
+    if not torch.backends.mkldnn.is_available():
+        return 0
+    n = 0
+    for m in module.modules():
+        if type(m) is torch.nn.Conv3d and m.padding_mode == "zeros" and not isinstance(m.padding, str):
+            m.forward = types.MethodType(_onednn_conv3d_forward, m)
+            n += 1
+    return n
+
+
+class MirrorRunner:
+    """Mirror test-time augmentation inside one forward pass: each batch of windows goes through ``runner``
+    together with its mirror images along ``axes`` (spatial axes, 0-based), and each mirrored output is
+    flipped back. The passes come out as extra ensemble groups, so the sliding window averages their
+    probabilities as it averages ensemble members'. One pass over the volume instead of one per mirror axis:
+    the windows are cut, padded and blended once, and on a GPU the doubled batch fills the device better. On a
+    CPU with oneDNN convolutions (:func:`use_onednn_conv3d`) two windows cost about twice one, so there the
+    network time stays what two passes cost (``docs/benchmarks.md``)."""
+
+    def __init__(self, runner, axes) -> None:
+        self.runner = runner
+        self.axes = [int(a) for a in axes]
+        self.passes = 1 + len(self.axes)
+        self.groups = runner.groups * self.passes
+        self.device = runner.device
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        n = x.shape[0]
+        batch = torch.cat([x] + [torch.flip(x, dims=[2 + a]) for a in self.axes])
+        out = self.runner(batch)
+        parts = [out[:n]] + [torch.flip(out[(i + 1) * n:(i + 2) * n], dims=[2 + a]) for i, a in enumerate(self.axes)]
+        return torch.cat(parts, dim=1)
+
+
 class TorchRunner:
-    def __init__(self, nets, device: torch.device, *, amp: bool = True, amp_dtype: str = "fp16",
+    def __init__(self, nets, device: torch.device, *, amp: bool = True, amp_dtype: str = "auto",
                  compile: bool = False, channels_last: bool = False) -> None:
         from medseg.core.runtime import amp_dtype as resolve_dtype
 
         self.groups = len(nets)
         self.device = device
         self.amp = amp
-        self.dtype = resolve_dtype(amp_dtype)
+        self.dtype = resolve_dtype(amp_dtype, device)
         module = Ensemble(nets).to(device).eval()
+        if device.type == "cpu" and not compile:
+            use_onednn_conv3d(module)
         # channels-last activations suit cuDNN's 3D convolutions (on CPUs it is no faster for these UNets)
         self.channels_last = channels_last
         if channels_last:
@@ -124,13 +179,13 @@ class OnnxRunner:
 
 
 class TorchScriptRunner:
-    def __init__(self, path: str | Path, *, device: torch.device, amp: bool = True, amp_dtype: str = "fp16") -> None:
+    def __init__(self, path: str | Path, *, device: torch.device, amp: bool = True, amp_dtype: str = "auto") -> None:
         from medseg.core.runtime import amp_dtype as resolve_dtype
 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)
             self.module = torch.jit.load(str(path), map_location=device).eval()
-        self.device, self.amp, self.dtype = device, amp, resolve_dtype(amp_dtype)
+        self.device, self.amp, self.dtype = device, amp, resolve_dtype(amp_dtype, device)
         self.groups = int(read_export_metadata(path).get("groups", 1))
 
     @torch.no_grad()

@@ -162,11 +162,14 @@ def sliding_window_probs(runner, image: torch.Tensor, roi, *, num_classes: int, 
         x = x.to(device)
     padded = tuple(int(s) for s in x.shape[1:])
     starts = window_starts(padded, roi, overlap)
-    if len(starts) == 1 and groups == 1:  # one window (small volumes): blending weights cancel out
+    if len(starts) == 1:  # one window (small volumes): blending weights cancel out
         tile = x[None].to(device) if x.device != device else x[None]
         logits = runner(tile)[0].float()
         crop = tuple(slice(a, a + n) for (a, _), n in zip(pads, spatial))
-        return activate(logits[(slice(None), *crop)], 0).to("cpu", out_dtype)
+        logits = logits[(slice(None), *crop)]
+        if groups > 1:
+            return activate(logits.reshape(groups, num_classes, *logits.shape[1:]), 1).mean(0).to("cpu", out_dtype)
+        return activate(logits, 0).to("cpu", out_dtype)
     imp = importance_map(roi, blend, acc_dev)
     imp_run = imp if acc_dev == device else imp.to(device)
     channels = groups * num_classes

@@ -67,7 +67,7 @@ class Predictor:
 
     def __init__(self, model: str | Path | LoadedModel | None = None, device: str = "auto", *,
                  overlap: float | None = None, sw_batch_size: int | None = None, amp: bool = True,
-                 tta: bool | None = None, backend: str = "auto", amp_dtype: str = "fp16", compile: bool = False,
+                 tta: bool | None = None, backend: str = "auto", amp_dtype: str = "auto", compile: bool = False,
                  threads: int | None = None, plan_memory: bool = True) -> None:
         from medseg.inference.backends import check_backend
         from medseg.preprocessing.pipeline import inference_transforms
@@ -110,6 +110,9 @@ class Predictor:
         self.runner = self._make_runner(compile, threads)
         self.transforms = bounded_memory_transforms(inference_transforms(self.cfg))
         self.meta = loaded.meta
+        self.stage_seconds = {"preprocess": 0.0, "network": 0.0, "to_grid": 0.0}
+        """Seconds spent so far per stage (``benchmarks/speed.py`` prints them): preprocess (reorient, resample,
+        normalise), network (sliding window, TTA, ensemble), to_grid (labels back on the input grid, postprocessing)."""
 
     def _make_runner(self, compile: bool, threads: int | None):
         from medseg.inference import backends
@@ -136,11 +139,11 @@ class Predictor:
         from medseg.inference.memory import plan_memory
 
         params = sum(p.numel() * 4 for n in self.nets for p in n.parameters())
-        try:
+        try:  # mirror TTA runs inside the window batch (MirrorRunner): its passes count as ensemble groups
             plan = plan_memory(vol.shape, vol.affine, self.cfg, num_classes=self.cfg.out_channels,
                                channels=self.cfg.in_channels,
                                device=self.runner.device, source_itemsize=vol.array.dtype.itemsize,
-                               groups=self.runner.groups, tta_passes=len(self.tta_axes),
+                               groups=self.window_runner.groups,
                                sw_batch_size=self._sw_batch_size, amp=self.amp, param_bytes=params,
                                check=self.plan_memory)
         except MedsegError as exc:  # the message names the volume that does not fit
@@ -160,6 +163,7 @@ class Predictor:
             raise UnsupportedInputError("image contains NaN or Inf voxels", path=vol.source,
                                         expected="finite intensities", found=f"{bad} non-finite voxels",
                                         fix="repair or mask the image before segmenting it")
+        t0 = time.perf_counter()
         plan = plan or self.plan(vol)
         try:  # a sequence count the model does not take is refused by the loading step (split_channels)
             item = self.transforms({"image": vol, "name": _case_label(vol)})
@@ -169,18 +173,24 @@ class Predictor:
             raise
         image = item["image"]
         del item
+        t1 = time.perf_counter()
+        probs = self.model_grid_probabilities(image, plan)
+        self.stage_seconds["preprocess"] += t1 - t0
+        self.stage_seconds["network"] += time.perf_counter() - t1
+        return probs, image
 
-        def run(work) -> torch.Tensor:
-            probs = self._probs(work, plan)
-            for axis in self.tta_axes:  # each mirrored pass is flipped back and averaged
-                flipped = torch.flip(torch.as_tensor(work), dims=[1 + axis])
-                probs += torch.flip(self._probs(flipped, plan), dims=[1 + axis])
-                del flipped
-            if self.tta_axes:
-                probs /= 1 + len(self.tta_axes)
-            return probs
+    def model_grid_probabilities(self, image, plan=None) -> torch.Tensor:
+        """Probabilities ``(C, …)`` for an image already preprocessed for this model (``(S, …)`` on the model
+        grid): the sliding window, mirror TTA and ensemble members, on the foreground box when the model
+        crops to it. Training uses it to compute a teacher's soft targets."""
+        if plan is None:
+            from medseg.inference.memory import plan_memory
 
-        return on_foreground(self.cfg, image, run), image
+            plan = plan_memory(tuple(image.shape[1:]), np.asarray(image.affine), self.cfg,
+                               num_classes=self.cfg.out_channels, channels=self.cfg.in_channels,
+                               device=self.runner.device, groups=self.window_runner.groups,
+                               sw_batch_size=self._sw_batch_size, amp=self.amp, check=False)
+        return on_foreground(self.cfg, image, lambda work: self._probs(work, plan))
 
     @property
     def activation(self) -> str:
@@ -203,10 +213,10 @@ class Predictor:
         roi = window_size(self.cfg, image.shape[1:], self.spec.dims)
         run_dev = self.runner.device
         return sliding_window_probs(
-            self.runner, image, roi, num_classes=self.cfg.out_channels, overlap=self.cfg.inference.overlap,
+            self.window_runner, image, roi, num_classes=self.cfg.out_channels, overlap=self.cfg.inference.overlap,
             activation=self.activation,
             blend=self.cfg.inference.blend, sw_batch_size=plan.sw_batch_size, device=run_dev,
-            out_dtype=plan.probs_dtype, groups=self.runner.groups,
+            out_dtype=plan.probs_dtype, groups=self.window_runner.groups,
             accumulate_on=run_dev if plan.accumulate_on == "device" else torch.device("cpu"),
             image_on_device=plan.image_on_device)
 
@@ -216,6 +226,13 @@ class Predictor:
         self.cfg.inference.tta = bool(on)
         self.tta_axes = sorted(set(self.cfg.augment.flip_axes)) if (on and self.cfg.augment.enabled) else []
 
+    @property
+    def window_runner(self):
+        """The runner the sliding window calls: the backend's, wrapped in mirror TTA when it is on."""
+        from medseg.inference.backends import MirrorRunner
+
+        return MirrorRunner(self.runner, self.tta_axes) if self.tta_axes else self.runner
+
     def predict_volume(self, vol: Volume, probabilities_to: str | Path | None = None) -> Volume:
         """Integer label volume with exactly ``vol``'s shape and affine. ``probabilities_to``: also write the
         class probabilities it is the argmax of (processed grid, see :mod:`medseg.inference.probabilities`)."""
@@ -224,10 +241,12 @@ class Predictor:
             from medseg.inference.probabilities import save_probabilities
 
             save_probabilities(probabilities_to, probs, image.affine)
+        t0 = time.perf_counter()
         dtype = np.uint8 if self.cfg.num_classes <= 256 else np.uint16
         labels = labels_on_source_grid(probs, image.affine, vol.affine, vol.shape, dtype=dtype, decode=self.decode)
         del probs, image
         labels = apply_postprocessing(labels, self.cfg.inference.postprocess)
+        self.stage_seconds["to_grid"] += time.perf_counter() - t0
         return vol.with_array(labels, kind="labels", label_names=self.labels)
 
     def predict_file(self, path: str | Path, out_path: str | Path) -> Prediction:

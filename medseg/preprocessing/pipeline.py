@@ -108,8 +108,12 @@ class LoadVolumed(MapTransform):
         return d
 
 
-def preprocess_transforms(cfg, *, with_label: bool, train: bool = False) -> list:
-    """Deterministic steps: load, reorient, resample, normalise (and crop for training)."""
+def preprocess_transforms(cfg, *, with_label: bool, train: bool = False, teacher=None) -> list:
+    """Deterministic steps: load, reorient, resample, normalise (and crop for training).
+
+    ``teacher``: a transform that adds ``soft`` (a teacher model's foreground-class probabilities on the
+    preprocessed grid, knowledge distillation); it runs after normalisation, and ``soft`` is cropped with
+    the image and label."""
     keys = ["image", "label"] if with_label else ["image"]
     pp = cfg.preprocess
     steps: list = [LoadVolumed(keys, label_keys=["label"] if with_label else [], channels=cfg.channel_names,
@@ -122,6 +126,9 @@ def preprocess_transforms(cfg, *, with_label: bool, train: bool = False) -> list
     norm = intensity_transform(pp.intensity, ["image"])
     if norm is not None:
         steps.append(norm)
+    if teacher is not None:
+        steps.append(teacher)
+        keys = [*keys, "soft"]
     if train and pp.crop_foreground:
         steps.append(CropForegroundd(keys, source_key="image", select_fn=foreground_mask, allow_smaller=True))
     return steps
@@ -151,14 +158,19 @@ def foreground_box(image, margin: int = 0) -> tuple[slice, ...] | None:
     return tuple(box)
 
 
-def train_transforms(cfg) -> Compose:
+def train_transforms(cfg, teacher=None) -> Compose:
+    """Preprocessing, patch sampling and augmentation for training. With a ``teacher`` transform (knowledge
+    distillation), its soft targets (``soft``) are sampled and augmented with the image: interpolated
+    bilinearly where the label is taken nearest, padded with 0 (background certain)."""
     patch = list(cfg.patch.size)
     ratio = cfg.patch.foreground_ratio
-    steps = preprocess_transforms(cfg, with_label=True, train=True)
+    steps = preprocess_transforms(cfg, with_label=True, train=True, teacher=teacher)
+    keys = ["image", "label"] + (["soft"] if teacher is not None else [])
+    modes = ("bilinear", "nearest") + (("bilinear",) if teacher is not None else ())
     steps += [
-        SpatialPadd(["image", "label"], spatial_size=patch),
+        SpatialPadd(keys, spatial_size=patch),
         RandCropByPosNegLabeld(
-            ["image", "label"], label_key="label", spatial_size=patch,
+            keys, label_key="label", spatial_size=patch,
             pos=ratio, neg=1.0 - ratio, num_samples=cfg.patch.samples_per_volume,
             image_key="image", image_threshold=-np.inf,
         ),
@@ -166,17 +178,17 @@ def train_transforms(cfg) -> Compose:
     aug = cfg.augment
     if aug.enabled:
         for axis in aug.flip_axes:
-            steps.append(RandFlipd(["image", "label"], prob=aug.flip_prob, spatial_axis=axis))
+            steps.append(RandFlipd(keys, prob=aug.flip_prob, spatial_axis=axis))
         if aug.affine_prob > 0 and (aug.rotate_deg > 0 or aug.scale > 0):
             rad = float(np.deg2rad(aug.rotate_deg))
             steps.append(RandAffined(
-                ["image", "label"], prob=aug.affine_prob, rotate_range=(rad, rad, rad),
-                scale_range=(aug.scale,) * 3, mode=("bilinear", "nearest"), padding_mode="border",
+                keys, prob=aug.affine_prob, rotate_range=(rad, rad, rad),
+                scale_range=(aug.scale,) * 3, mode=modes, padding_mode="border",
             ))
         if aug.elastic_prob > 0:
             steps.append(Rand3DElasticd(
-                ["image", "label"], sigma_range=tuple(aug.elastic_sigma), magnitude_range=tuple(aug.elastic_magnitude),
-                prob=aug.elastic_prob, mode=("bilinear", "nearest"), padding_mode="border",
+                keys, sigma_range=tuple(aug.elastic_sigma), magnitude_range=tuple(aug.elastic_magnitude),
+                prob=aug.elastic_prob, mode=modes, padding_mode="border",
             ))
         if aug.intensity_prob > 0:
             steps.append(RandScaleIntensityd("image", factors=aug.intensity_scale, prob=aug.intensity_prob))
@@ -189,7 +201,7 @@ def train_transforms(cfg) -> Compose:
                                              prob=aug.blur_prob))
         if aug.gamma_prob > 0:
             steps.append(RandAdjustContrastd("image", gamma=tuple(aug.gamma), prob=aug.gamma_prob))
-    steps.append(EnsureTyped(["image", "label"], track_meta=False))
+    steps.append(EnsureTyped(keys, track_meta=False))
     return Compose(steps)
 
 

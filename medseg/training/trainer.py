@@ -287,6 +287,12 @@ def train(cfg: Config, *, resume: bool = False, progress: bool = True, log=None)
 
     model = build_model(cfg.model, cfg.in_channels, cfg.out_channels).to(device)
     loss_fn = _loss(cfg)
+    teacher = None
+    if tc.teacher:
+        from medseg.training.distill import DistillLoss, TeacherProbsd, load_teacher
+
+        teacher = TeacherProbsd(load_teacher(cfg, device))
+        loss_fn = DistillLoss(loss_fn, tc.distill, batch=bool(tc.batch_dice))
     opt = make_optimizer(model, tc)
     sched = torch.optim.lr_scheduler.PolynomialLR(opt, total_iters=max(1, tc.epochs), power=0.9)
     scaler = grad_scaler(device, tc, say)
@@ -328,7 +334,7 @@ def train(cfg: Config, *, resume: bool = False, progress: bool = True, log=None)
     cache = CacheDataset if cfg.data.cache else Dataset
     kw = {"cache_rate": 1.0, "num_workers": max(1, tc.num_workers), "progress": False} if cfg.data.cache else {}
     t0 = time.time()
-    train_ds = cache([c.as_dict() for c in train_cases], transform=train_transforms(cfg), **kw)
+    train_ds = cache([c.as_dict() for c in train_cases], transform=train_transforms(cfg, teacher), **kw)
     val_ds = cache([c.as_dict() for c in val_cases], transform=val_transforms(cfg), **kw) if val_cases else None
     train_sampler = dist_sampler(train_ds, ctx, tc.seed)
     loader = DataLoader(train_ds, batch_size=tc.batch_size, shuffle=train_sampler is None, sampler=train_sampler,
@@ -339,7 +345,8 @@ def train(cfg: Config, *, resume: bool = False, progress: bool = True, log=None)
     if fmt is not None:
         model.to(memory_format=fmt)
     net = dist_wrap(model, ctx, device)  # DDP averages gradients across processes; `model` stays the plain module
-    say(f"{len(train_cases)} training / {len(val_cases)} validation cases; data ready in {time.time() - t0:.1f} s; "
+    say(f"{len(train_cases)} training / {len(val_cases)} validation cases; data ready in {time.time() - t0:.1f} s"
+        + (f" (with the probabilities of teacher {Path(tc.teacher).name})" if teacher is not None else "") + "; "
         f"device {device}; model {cfg.model.name} ({sum(p.numel() for p in model.parameters()):,} parameters)"
         + (f"; {ctx.world_size} processes" if ctx.enabled else ""))
 
@@ -357,6 +364,8 @@ def train(cfg: Config, *, resume: bool = False, progress: bool = True, log=None)
                 _check_labels(batch["label"], cfg, "a training batch")  # on the host: no device sync
                 x = batch["image"].to(device, non_blocking=True)
                 y = batch["label"].to(device, non_blocking=True)
+                if teacher is not None:  # the label and the teacher's probabilities travel as one target
+                    y = torch.cat([y, batch["soft"].to(device, non_blocking=True)], dim=1)
                 if fmt is not None:
                     x = x.contiguous(memory_format=fmt)
                 loss = train_step(model, opt, scaler, device, tc.amp,
