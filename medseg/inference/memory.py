@@ -97,7 +97,7 @@ class MemoryPlan:
 
 
 def plan_memory(shape, affine, cfg, *, num_classes: int, device: torch.device | str = "cpu",
-                source_itemsize: int = 4, groups: int = 1, tta_passes: int = 0, sw_batch_size: int | None = None,
+                source_itemsize: int = 4, groups: int = 1, sw_batch_size: int | None = None,
                 roi=None, amp: bool = True, param_bytes: int = 0, check: bool = True, channels: int = 1) -> MemoryPlan:
     """Estimate peak memory for predicting one volume and choose how to run it (see module doc).
     ``channels``: the input sequences (each is read, normalised and windowed)."""
@@ -123,7 +123,7 @@ def plan_memory(shape, affine, cfg, *, num_classes: int, device: torch.device | 
     window_batch = sw_batch_size or cfg.inference.sw_batch_size
     act = window_activation_bytes(cfg, roi, groups * num_classes)
     on_cpu = device.type == "cpu"
-    infer = (4 * n_pad * channels + num_classes * n_proc * pbytes * (2 if (tta_passes or groups > 1) else 1) + 2 * slab
+    infer = (4 * n_pad * channels + num_classes * n_proc * pbytes * (2 if groups > 1 else 1) + 2 * slab
              + (window_batch * act * groups if on_cpu else 0))
     invert = num_classes * n_proc * pbytes + n_src + (24 << 20) * num_classes
     # the process itself (libraries, model) counts too: peak resident memory is what a job scheduler sees

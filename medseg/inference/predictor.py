@@ -136,16 +136,8 @@ class Predictor:
 
     def plan(self, vol: Volume):
         """Estimated peak memory and the run settings for ``vol`` (see :mod:`medseg.inference.memory`)."""
-        from medseg.inference.memory import plan_memory
-
-        params = sum(p.numel() * 4 for n in self.nets for p in n.parameters())
-        try:  # mirror TTA runs inside the window batch (MirrorRunner): its passes count as ensemble groups
-            plan = plan_memory(vol.shape, vol.affine, self.cfg, num_classes=self.cfg.out_channels,
-                               channels=self.cfg.in_channels,
-                               device=self.runner.device, source_itemsize=vol.array.dtype.itemsize,
-                               groups=self.window_runner.groups,
-                               sw_batch_size=self._sw_batch_size, amp=self.amp, param_bytes=params,
-                               check=self.plan_memory)
+        try:
+            plan = self._memory_plan(vol.shape, vol.affine, vol.array.dtype.itemsize, self.plan_memory)
         except MedsegError as exc:  # the message names the volume that does not fit
             if exc.path is None and vol.source:
                 exc.path = str(vol.source)
@@ -153,6 +145,16 @@ class Predictor:
             raise
         self.last_plan = plan
         return plan
+
+    def _memory_plan(self, shape, affine, source_itemsize: int, check: bool):
+        from medseg.inference.memory import plan_memory
+
+        params = sum(p.numel() * 4 for n in self.nets for p in n.parameters())
+        # mirror TTA runs inside the window batch (MirrorRunner): its passes count as ensemble groups
+        return plan_memory(shape, affine, self.cfg, num_classes=self.cfg.out_channels, channels=self.cfg.in_channels,
+                           device=self.runner.device, source_itemsize=source_itemsize,
+                           groups=self.window_runner.groups, sw_batch_size=self._sw_batch_size, amp=self.amp,
+                           param_bytes=params, check=check)
 
     def processed_probabilities(self, vol: Volume, plan=None):
         """``(probs, image)``: probabilities ``(C, …)`` on the processed grid and the processed image."""
@@ -184,12 +186,7 @@ class Predictor:
         grid): the sliding window, mirror TTA and ensemble members, on the foreground box when the model
         crops to it. Training uses it to compute a teacher's soft targets."""
         if plan is None:
-            from medseg.inference.memory import plan_memory
-
-            plan = plan_memory(tuple(image.shape[1:]), np.asarray(image.affine), self.cfg,
-                               num_classes=self.cfg.out_channels, channels=self.cfg.in_channels,
-                               device=self.runner.device, groups=self.window_runner.groups,
-                               sw_batch_size=self._sw_batch_size, amp=self.amp, check=False)
+            plan = self._memory_plan(tuple(image.shape[1:]), np.asarray(image.affine), 4, check=False)
         return on_foreground(self.cfg, image, lambda work: self._probs(work, plan))
 
     @property
