@@ -627,6 +627,44 @@ def pack_model(
     _console(stderr=False).print(f"wrote {out} ({out.stat().st_size / 1e6:.2f} MB)")
 
 
+@app.command("import-model")
+def import_model(
+    kind: str = typer.Argument(..., help="nnunet (an nnU-Net v2 results folder) | monai-bundle (a MONAI bundle "
+                               "folder)."),
+    source: Path = typer.Argument(..., help="nnunet: nnUNet_results/DatasetXXX_Name/TRAINER__PLANS__CONFIGURATION "
+                                  "(or the dataset folder with --configuration); monai-bundle: the bundle's root "
+                                  "folder (configs/inference.json, models/model.pt)."),
+    output: Path = typer.Option(..., "-o", "--output", help="Model file to write (.pt)."),
+    configuration: Optional[str] = typer.Option(None, "--configuration", "-c", help="nnunet: 3d_fullres or "
+                                                "3d_lowres (default: the folder's)."),
+    folds: Optional[List[int]] = typer.Option(None, "--folds", "-f", help="nnunet: folds to ensemble (repeatable; "
+                                              "default: every fold_N with a checkpoint, as nnU-Net's 0-4)."),
+    checkpoint: str = typer.Option("checkpoint_final.pth", "--checkpoint", help="nnunet: checkpoint file in each "
+                                   "fold folder."),
+    orientation: Optional[str] = typer.Option(None, "--orientation", help="Reorient inputs first, e.g. RAS, for a "
+                                              "model trained on reoriented images (default: the voxel order as "
+                                              "stored, as nnU-Net takes it)."),
+    name: Optional[str] = typer.Option(None, "--name", help="Model name (default: dataset and configuration)."),
+) -> None:
+    """Bring a model trained elsewhere into medseg: every input, output format and batch path then works with it."""
+    from medseg.core.errors import ConfigError
+
+    kind = kind.lower()
+    if kind == "monai-bundle":
+        from medseg.models.monai_bundle import import_bundle
+
+        out = import_bundle(source, output, name=name)
+    elif kind == "nnunet":
+        from medseg.models.nnunet import import_nnunet
+
+        out = import_nnunet(source, output, configuration=configuration, folds=folds or None, checkpoint=checkpoint,
+                            orientation=orientation, name=name)
+    else:
+        raise ConfigError("unknown model kind to import", expected="nnunet | monai-bundle", found=repr(kind),
+                          fix="medseg import-model nnunet RESULTS_DIR -o model.pt")
+    _console(stderr=False).print(f"wrote {out} ({out.stat().st_size / 1e6:.2f} MB)")
+
+
 def main() -> None:
     from medseg.core.errors import MedsegError
 

@@ -36,7 +36,7 @@ CT_PRESETS: dict[str, tuple[float, float]] = {
     "bone": (400.0, 1800.0),
 }
 #: ``preprocess.intensity.mode`` values.
-INTENSITY_MODES = ("zscore", "percentile", "ct_window", "ct_fingerprint", "none")
+INTENSITY_MODES = ("zscore", "percentile", "ct_window", "ct_fingerprint", "range", "none")
 #: ``inference.postprocess`` steps, in the order they are applied.
 POSTPROCESS_STEPS = ("keep_largest_foreground", "keep_largest")
 #: ``data.layout`` values of ``task: image2d``.
@@ -134,11 +134,38 @@ class IntensityConfig:
     """For ``ct_fingerprint``: foreground mean after clipping (from ``medseg plan``)."""
     std: float | None = None
     """For ``ct_fingerprint``: foreground standard deviation (from ``medseg plan``)."""
+    scale_range: list[float] | None = None
+    """For ``range``: ``[a_min, a_max, b_min, b_max]``, MONAI's ``ScaleIntensityRange`` (linear map of
+    ``[a_min, a_max]`` onto ``[b_min, b_max]``; models imported from MONAI bundles)."""
+    scale_clip: bool = False
+    """For ``range``: clip to ``[b_min, b_max]``."""
+
+
+@dataclass
+class NnUNetPreprocessConfig:
+    """nnU-Net v2's preprocessing of an imported model (``medseg import-model nnunet``), from its plans and
+    dataset fingerprint; :mod:`medseg.preprocessing.nnunet` applies it. Axis orders are nnU-Net's (after
+    ``transpose``)."""
+
+    configuration: str = "3d_fullres"
+    transpose: list[int] = field(default_factory=lambda: [0, 1, 2])
+    """The plans' ``transpose_forward`` (axes of the image as SimpleITK reads it, ``(k, j, i)``)."""
+    spacing: list[float] = field(default_factory=lambda: [1.0, 1.0, 1.0])
+    """Target spacing (transposed order)."""
+    normalization: list[str] = field(default_factory=lambda: ["ZScoreNormalization"])
+    """One scheme per input channel."""
+    mask_for_norm: list[bool] = field(default_factory=lambda: [False])
+    intensity_properties: list[dict[str, float]] = field(default_factory=list)
+    """Per channel: the dataset's foreground ``mean``, ``std``, ``percentile_00_5``, ``percentile_99_5``."""
+    data_resampling: dict[str, Any] = field(default_factory=lambda: {"order": 3, "order_z": 0,
+                                                                     "force_separate_z": None})
+    probabilities_resampling: dict[str, Any] = field(default_factory=lambda: {"order": 1, "order_z": 0,
+                                                                              "force_separate_z": None})
 
 
 @dataclass
 class PreprocessConfig:
-    orientation: str = "RAS"
+    orientation: str | None = "RAS"
     spacing: list[float] | None = None
     """Target voxel spacing in mm; ``null`` keeps the native spacing."""
     intensity: IntensityConfig = field(default_factory=IntensityConfig)
@@ -146,6 +173,9 @@ class PreprocessConfig:
     """Crop to the bounding box of the foreground (voxels that differ from the background fill in any
     sequence): training volumes, and at prediction the image, whose outside is then background. Speeds up
     skull-stripped MR, where the brain is a fraction of the grid."""
+    nnunet: NnUNetPreprocessConfig | None = None
+    """Set for models imported from nnU-Net: its preprocessing replaces ``spacing``, ``intensity`` and
+    ``crop_foreground`` (``orientation`` still applies first when set)."""
 
 
 @dataclass
@@ -206,6 +236,9 @@ class ModelConfig:
     output stride, 8/16/32 (atrous convolution beyond it, default 16)."""
     weights: str | None = None
     """2D image models: a state_dict file (whole model or its encoder) to start training from."""
+    arch: dict[str, Any] | None = None
+    """Imported networks (``nnunet``): the network class and its keyword arguments, as nnU-Net's plans give them
+    (``network_class_name``, ``arch_kwargs``, ``arch_kwargs_requires_import``)."""
 
 
 @dataclass
@@ -272,6 +305,15 @@ class InferenceConfig:
     """Mirror test-time augmentation by default: each window is also predicted mirrored along
     ``augment.flip_axes`` and the probabilities averaged (one extra pass per axis). ``medseg predict
     --tta/--no-tta`` overrides it; cross-validation predicts its held-out cases with this setting."""
+    mirror: str = "axes"
+    """Mirror TTA passes: ``axes`` (one mirror image per axis of ``augment.flip_axes``) or ``combinations``
+    (every combination of those axes, 2^n - 1 mirror images, as nnU-Net predicts)."""
+    average: str = "probabilities"
+    """How ensemble members and mirror passes are combined: ``probabilities`` (averaged after the softmax or
+    sigmoid) or ``logits`` (averaged before it, as nnU-Net does)."""
+    window_steps: str = "monai"
+    """Window placement: ``monai`` (``sliding_window_inference``'s steps) or ``nnunet`` (nnU-Net's evenly spread
+    steps of at most ``(1 - overlap)`` of a window)."""
     postprocess: dict[str, list[int]] = field(default_factory=dict)
     """Applied to predicted labels: ``keep_largest: [1, 2]`` keeps the largest connected component of each
     listed class; ``keep_largest_foreground: [1]`` keeps the largest component of all foreground together.
@@ -415,10 +457,19 @@ class Config:
                 raise ConfigError(f"inference.postprocess.{key} names classes that are not labels", path=source,
                                   expected=f"some of {sorted(c for c in self.labels if c)}", found=str(bad),
                                   fix="list foreground label values only")
+        for key, allowed in (("mirror", ("axes", "combinations")), ("average", ("probabilities", "logits")),
+                             ("window_steps", ("monai", "nnunet"))):
+            if getattr(self.inference, key) not in allowed:
+                raise ConfigError(f"unknown inference.{key}", path=source, expected=" | ".join(allowed),
+                                  found=repr(getattr(self.inference, key)), fix=f"set inference.{key}: {allowed[0]}")
         mode = self.preprocess.intensity.mode
         if mode not in INTENSITY_MODES:
             raise ConfigError("unknown intensity mode", path=source, expected=" | ".join(INTENSITY_MODES),
                               found=repr(mode), fix="set preprocess.intensity.mode to one of those")
+        scale = self.preprocess.intensity.scale_range
+        if mode == "range" and (scale is None or len(scale) != 4 or scale[0] == scale[1]):
+            raise ConfigError("preprocess.intensity.scale_range needs [a_min, a_max, b_min, b_max]", path=source,
+                              found=str(scale), fix="e.g. scale_range: [-57, 164, 0, 1]")
         preset = self.preprocess.intensity.ct_preset
         if mode == "ct_window" and self.preprocess.intensity.window is None:
             if preset not in CT_PRESETS:

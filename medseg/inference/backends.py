@@ -15,6 +15,7 @@ them (:mod:`medseg.inference.export`), so they predict on their own.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import types
@@ -56,15 +57,25 @@ def check_backend(name: str) -> str:
 
 
 class Ensemble(torch.nn.Module):
-    """Runs every member on the same windows and concatenates their logits along channels."""
+    """Runs every member on the same windows and concatenates their logits along channels (one ensemble group
+    each), or with ``average_logits`` returns their mean (one group; nnU-Net's fold ensembling)."""
 
-    def __init__(self, nets) -> None:
+    def __init__(self, nets, average_logits: bool = False) -> None:
         super().__init__()
         self.nets = torch.nn.ModuleList(nets)
+        self.average_logits = average_logits
+
+    @property
+    def groups(self) -> int:
+        return 1 if self.average_logits else len(self.nets)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         outs = [net(x) for net in self.nets]
-        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
+        if len(outs) == 1:
+            return outs[0]
+        if self.average_logits:
+            return torch.stack(outs).mean(0)
+        return torch.cat(outs, dim=1)
 
 
 def _onednn_conv3d_forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -95,40 +106,53 @@ def use_onednn_conv3d(module: torch.nn.Module) -> int:
     return n
 
 
+def mirror_passes(axes, combinations: bool = False) -> list[tuple[int, ...]]:
+    """The mirror images TTA adds: one per axis, or every non-empty combination of the axes (nnU-Net's)."""
+    axes = [int(a) for a in axes]
+    if not combinations:
+        return [(a,) for a in axes]
+    return [c for n in range(1, len(axes) + 1) for c in itertools.combinations(axes, n)]
+
+
 class MirrorRunner:
     """Mirror test-time augmentation inside one forward pass: each batch of windows goes through ``runner``
-    together with its mirror images along ``axes`` (spatial axes, 0-based), and each mirrored output is
-    flipped back. The passes come out as extra ensemble groups, so the sliding window averages their
-    probabilities as it averages ensemble members'. One pass over the volume instead of one per mirror axis:
-    the windows are cut, padded and blended once, and on a GPU the doubled batch fills the device better. On a
-    CPU with oneDNN convolutions (:func:`use_onednn_conv3d`) two windows cost about twice one, so there the
-    network time stays what two passes cost (``docs/benchmarks.md``)."""
+    together with its mirror images (:func:`mirror_passes` of ``axes``, spatial axes, 0-based), and each mirrored
+    output is flipped back. The passes come out as extra ensemble groups, so the sliding window averages their
+    probabilities as it averages ensemble members'; with ``average_logits`` their logits are averaged here
+    instead (nnU-Net's TTA). One pass over the volume instead of one per mirror image: the windows are cut, padded
+    and blended once, and on a GPU the larger batch fills the device better. On a CPU with oneDNN convolutions
+    (:func:`use_onednn_conv3d`) two windows cost about twice one, so there the network time stays what separate
+    passes cost (``docs/benchmarks.md``)."""
 
-    def __init__(self, runner, axes) -> None:
+    def __init__(self, runner, axes, *, combinations: bool = False, average_logits: bool = False) -> None:
         self.runner = runner
-        self.axes = [int(a) for a in axes]
-        self.passes = 1 + len(self.axes)
-        self.groups = runner.groups * self.passes
+        self.flips = mirror_passes(axes, combinations)
+        self.passes = 1 + len(self.flips)
+        self.average_logits = average_logits
+        self.groups = runner.groups * (1 if average_logits else self.passes)
         self.device = runner.device
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         n = x.shape[0]
-        batch = torch.cat([x] + [torch.flip(x, dims=[2 + a]) for a in self.axes])
+        batch = torch.cat([x] + [torch.flip(x, dims=[2 + a for a in f]) for f in self.flips])
         out = self.runner(batch)
-        parts = [out[:n]] + [torch.flip(out[(i + 1) * n:(i + 2) * n], dims=[2 + a]) for i, a in enumerate(self.axes)]
+        parts = [out[:n]] + [torch.flip(out[(i + 1) * n:(i + 2) * n], dims=[2 + a for a in f])
+                             for i, f in enumerate(self.flips)]
+        if self.average_logits:
+            return torch.stack(parts).mean(0)
         return torch.cat(parts, dim=1)
 
 
 class TorchRunner:
     def __init__(self, nets, device: torch.device, *, amp: bool = True, amp_dtype: str = "auto",
-                 compile: bool = False, channels_last: bool = False) -> None:
+                 compile: bool = False, channels_last: bool = False, average_logits: bool = False) -> None:
         from medseg.core.runtime import amp_dtype as resolve_dtype
 
-        self.groups = len(nets)
+        module = Ensemble(nets, average_logits).to(device).eval()
+        self.groups = module.groups
         self.device = device
         self.amp = amp
         self.dtype = resolve_dtype(amp_dtype, device)
-        module = Ensemble(nets).to(device).eval()
         if device.type == "cpu" and not compile:
             use_onednn_conv3d(module)
         # channels-last activations suit cuDNN's 3D convolutions (on CPUs it is no faster for these UNets)

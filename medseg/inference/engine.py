@@ -114,8 +114,24 @@ def scan_interval(spatial_shape, roi, overlap: float) -> tuple[int, ...]:
                  for s, r in zip(spatial_shape, roi))
 
 
-def window_starts(spatial_shape, roi, overlap: float) -> list[tuple[int, int, int]]:
-    """Window start corners, the same positions MONAI's ``sliding_window_inference`` uses."""
+def nnunet_steps(size: int, window: int, overlap: float) -> list[int]:
+    """nnU-Net's window starts along one axis (``compute_steps_for_sliding_window``): as few windows as keep
+    the step at most ``(1 - overlap)`` of a window, spread evenly from the first voxel to the last."""
+    step = window * (1.0 - overlap)
+    n = int(np.ceil((size - window) / step)) + 1
+    if n <= 1:
+        return [0]
+    actual = (size - window) / (n - 1)
+    return [int(np.round(actual * i)) for i in range(n)]
+
+
+def window_starts(spatial_shape, roi, overlap: float, steps: str = "monai") -> list[tuple[int, int, int]]:
+    """Window start corners: the positions MONAI's ``sliding_window_inference`` uses, or with ``steps="nnunet"``
+    nnU-Net's (:func:`nnunet_steps`); ordered by the last axis, as the slab-wise blending needs."""
+    if steps == "nnunet":
+        axes = [nnunet_steps(int(s), int(r), overlap) for s, r in zip(spatial_shape, roi)]
+        corners = {(a, b, c) for a in axes[0] for b in axes[1] for c in axes[2]}
+        return sorted(corners, key=lambda s: (s[-1], *s[:-1]))
     from monai.data.utils import dense_patch_slices
 
     interval = scan_interval(spatial_shape, roi, overlap)
@@ -135,10 +151,11 @@ def sliding_window_probs(runner, image: torch.Tensor, roi, *, num_classes: int, 
                          blend: str = "gaussian", sw_batch_size: int = 4, device: torch.device | None = None,
                          out_dtype: torch.dtype = torch.float32, groups: int = 1,
                          accumulate_on: torch.device | None = None, image_on_device: bool = False,
-                         activation: str = "softmax") -> torch.Tensor:
+                         activation: str = "softmax", steps: str = "monai") -> torch.Tensor:
     """Probabilities ``(C, X, Y, Z)`` on the CPU for a channel-first image ``(S, X, Y, Z)`` (S sequences).
 
-    ``activation``: ``softmax`` over the C classes, or ``sigmoid`` per output (region models).
+    ``activation``: ``softmax`` over the C classes, or ``sigmoid`` per output (region models). ``steps``: window
+    placement (:func:`window_starts`).
     ``runner(batch)`` maps windows ``(B, S, *roi)`` on ``device`` to logits ``(B, groups*C, *roi)``
     (``groups`` > 1: an ensemble whose members' probabilities are averaged). Logits are blended
     exactly as MONAI's ``sliding_window_inference`` blends them (same positions, same Gaussian
@@ -161,7 +178,7 @@ def sliding_window_probs(runner, image: torch.Tensor, roi, *, num_classes: int, 
     if image_on_device and device.type != "cpu":
         x = x.to(device)
     padded = tuple(int(s) for s in x.shape[1:])
-    starts = window_starts(padded, roi, overlap)
+    starts = window_starts(padded, roi, overlap, steps)
     if len(starts) == 1:  # one window (small volumes): blending weights cancel out
         tile = x[None].to(device) if x.device != device else x[None]
         logits = runner(tile)[0].float()

@@ -30,7 +30,8 @@ def _payload(loaded, fmt: str) -> dict:
     from medseg.core.config import to_dict
 
     return {"format": f"medseg-{fmt}", "version": 1, "config": to_dict(loaded.cfg),
-            "groups": len(loaded.nets), "source": loaded.path.name,
+            "groups": 1 if loaded.cfg.inference.average == "logits" else len(loaded.nets),
+            "source": loaded.path.name,
             "source_sha256": hashlib.sha256(loaded.path.read_bytes()).hexdigest(),
             "meta": {k: v for k, v in loaded.meta.items() if isinstance(v, (int, float, str, type(None)))}}
 
@@ -55,7 +56,7 @@ def export_model(model: str | Path | None, output: str | Path, fmt: str = "onnx"
         raise ConfigError("an exported model cannot be exported again", path=loaded.path,
                           expected="a .pt checkpoint or a bundled model name", found=loaded.path.suffix,
                           fix="export the .pt checkpoint it came from")
-    module = Ensemble([n.float().eval() for n in loaded.nets]).eval()
+    module = Ensemble([n.float().eval() for n in loaded.nets], loaded.cfg.inference.average == "logits").eval()
     roi = window_size(loaded.cfg, loaded.cfg.inference.roi_size or loaded.cfg.patch.size, loaded.spec.dims)
     example = torch.randn(2, loaded.in_channels, *roi)
     payload = json.dumps(_payload(loaded, fmt), sort_keys=True)

@@ -119,7 +119,8 @@ class Predictor:
 
         if self.backend == "torch":
             return backends.TorchRunner(self.nets, self.device, amp=self.amp, amp_dtype=self.amp_dtype, compile=compile,
-                                        channels_last=self.spec.dims == 3 and self.device.type == "cuda")
+                                        channels_last=self.spec.dims == 3 and self.device.type == "cuda",
+                                        average_logits=self.cfg.inference.average == "logits")
         fmt = "onnx" if self.backend == "onnxruntime" else "torchscript"
         path = self.model_path
         if not self.loaded_exported:
@@ -198,20 +199,41 @@ class Predictor:
         if self.cfg.regions:
             from medseg.core.regions import region_parents, regions_to_labels
 
-            return regions_to_labels(probs, self.cfg.region_values(), parents=region_parents(self.cfg.regions))
+            # nnU-Net paints its regions in order with no nesting rule; an imported model decodes as nnU-Net does
+            parents = None if self.cfg.preprocess.nnunet is not None else region_parents(self.cfg.regions)
+            return regions_to_labels(probs, self.cfg.region_values(), parents=parents)
         return channel_argmax(probs)
 
     def probabilities(self, vol: Volume) -> torch.Tensor:
         """Class probabilities ``(C, X, Y, Z)`` (float32) on the source grid of ``vol``."""
         probs, image = self.processed_probabilities(vol)
+        if self.cfg.preprocess.nnunet is not None:
+            from medseg.preprocessing import nnunet
+
+            meta = image.meta["nnunet"]
+            probs = nnunet.probabilities_to_input_grid(probs, nnunet.grid_of(meta), self.cfg.preprocess.nnunet,
+                                                       softmax=not self.cfg.regions)
+            return to_source_grid(probs, meta["input_affine"], vol.affine, vol.shape)
         return to_source_grid(probs.float(), image.affine, vol.affine, vol.shape)
+
+    def _labels_on_input_grid(self, probs: torch.Tensor, image, vol: Volume, dtype) -> np.ndarray:
+        """Labels on ``vol``'s grid from probabilities on the processed grid of ``image``."""
+        if self.cfg.preprocess.nnunet is None:
+            return labels_on_source_grid(probs, image.affine, vol.affine, vol.shape, dtype=dtype, decode=self.decode)
+        from medseg.preprocessing import nnunet
+
+        meta = image.meta["nnunet"]
+        labels = nnunet.to_input_grid(probs, nnunet.grid_of(meta), self.cfg.preprocess.nnunet, self.decode, dtype)
+        # preprocess.orientation permuted/flipped the input first: the same voxels, re-indexed back
+        return labels_on_source_grid(torch.from_numpy(labels)[None], meta["input_affine"], vol.affine, vol.shape,
+                                     dtype=dtype, decode=lambda x: x[0])
 
     def _probs(self, image, plan) -> torch.Tensor:
         roi = window_size(self.cfg, image.shape[1:], self.spec.dims)
         run_dev = self.runner.device
         return sliding_window_probs(
             self.window_runner, image, roi, num_classes=self.cfg.out_channels, overlap=self.cfg.inference.overlap,
-            activation=self.activation,
+            activation=self.activation, steps=self.cfg.inference.window_steps,
             blend=self.cfg.inference.blend, sw_batch_size=plan.sw_batch_size, device=run_dev,
             out_dtype=plan.probs_dtype, groups=self.window_runner.groups,
             accumulate_on=run_dev if plan.accumulate_on == "device" else torch.device("cpu"),
@@ -228,7 +250,10 @@ class Predictor:
         """The runner the sliding window calls: the backend's, wrapped in mirror TTA when it is on."""
         from medseg.inference.backends import MirrorRunner
 
-        return MirrorRunner(self.runner, self.tta_axes) if self.tta_axes else self.runner
+        if not self.tta_axes:
+            return self.runner
+        return MirrorRunner(self.runner, self.tta_axes, combinations=self.cfg.inference.mirror == "combinations",
+                            average_logits=self.cfg.inference.average == "logits")
 
     def predict_volume(self, vol: Volume, probabilities_to: str | Path | None = None) -> Volume:
         """Integer label volume with exactly ``vol``'s shape and affine. ``probabilities_to``: also write the
@@ -240,7 +265,7 @@ class Predictor:
             save_probabilities(probabilities_to, probs, image.affine)
         t0 = time.perf_counter()
         dtype = np.uint8 if self.cfg.num_classes <= 256 else np.uint16
-        labels = labels_on_source_grid(probs, image.affine, vol.affine, vol.shape, dtype=dtype, decode=self.decode)
+        labels = self._labels_on_input_grid(probs, image, vol, dtype)
         del probs, image
         labels = apply_postprocessing(labels, self.cfg.inference.postprocess)
         self.stage_seconds["to_grid"] += time.perf_counter() - t0

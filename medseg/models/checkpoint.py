@@ -345,6 +345,20 @@ def pack(checkpoint: str | Path | list, output: str | Path, *, postprocess: dict
     return atomic_write(output, lambda tmp: Path(tmp).write_bytes(buf.getvalue()))
 
 
+def write_model_file(output: str | Path, config: dict, labels: dict, states: list[dict], **extra: Any) -> Path:
+    """A predict-only model file from a resolved config (plain data) and one state dict per ensemble member,
+    stored as float16 with checksums (what the importers of other tools' models write)."""
+    stored = [_half({k: v.detach().cpu() for k, v in st.items()}) for st in states]
+    payload = {"format": FORMAT, "version": VERSION, "config": config, "labels": dict(labels),
+               "state_dict": stored[0], "sha256": state_digest(stored[0]), **extra}
+    if len(stored) > 1:
+        payload["ensemble"] = stored[1:]
+        payload["ensemble_sha256"] = [state_digest(st) for st in stored[1:]]
+    buf = io.BytesIO()
+    torch.save(payload, buf)
+    return atomic_write(output, lambda tmp: Path(tmp).write_bytes(buf.getvalue()))
+
+
 def pack_sources(paths: list[str | Path]) -> tuple[list[Path], dict | None]:
     """Expand 'medseg pack-model' sources: a ``train --folds`` folder becomes its folds' best.pt
     files plus the postprocessing chosen on cross-validation; files are taken as they are."""

@@ -90,6 +90,18 @@ def _dynunet(cfg, in_channels: int, out_channels: int) -> nn.Module:
     )
 
 
+def _nnunet(cfg, in_channels: int, out_channels: int) -> nn.Module:
+    from medseg.models.imported_nets import build_nnunet
+
+    return build_nnunet(cfg, in_channels, out_channels)
+
+
+def _monai(cfg, in_channels: int, out_channels: int) -> nn.Module:
+    from medseg.models.imported_nets import build_monai
+
+    return build_monai(cfg, in_channels, out_channels)
+
+
 @dataclass(frozen=True)
 class ModelSpec:
     name: str
@@ -107,6 +119,10 @@ MODELS: dict[str, ModelSpec] = {
                                "task: image2d (plain U-Net from scratch on images).", _unet(2)),
         ModelSpec("dynunet3d", 3, "nnU-Net-style 3D U-Net (MONAI DynUNet) with optional deep supervision; "
                                   "residual blocks when num_res_units > 0.", _dynunet),
+        ModelSpec("nnunet", 3, "A network imported from an nnU-Net v2 results folder ('medseg import-model nnunet'), "
+                               "built from its plans by dynamic-network-architectures; predicts only.", _nnunet),
+        ModelSpec("monai", 3, "A network of monai.networks.nets with its arguments, imported from a MONAI bundle "
+                              "('medseg import-model monai-bundle'); predicts only.", _monai),
     ]
 }
 

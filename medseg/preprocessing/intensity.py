@@ -237,6 +237,11 @@ def intensity_transform(cfg, keys) -> MapTransform | None:
         return CTWindowd(keys, cfg.ct_preset, cfg.window)
     if cfg.mode == "ct_fingerprint":
         return ClipZScored(keys, *_fingerprint_values(cfg))
+    if cfg.mode == "range":
+        from monai.transforms import ScaleIntensityRanged
+
+        a_min, a_max, b_min, b_max = cfg.scale_range
+        return ScaleIntensityRanged(keys, a_min, a_max, b_min, b_max, clip=cfg.scale_clip)
     if cfg.mode == "none":
         return None
     raise ConfigError("unknown intensity mode", expected=" | ".join(INTENSITY_MODES), found=repr(cfg.mode),

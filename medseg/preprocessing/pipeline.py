@@ -120,6 +120,14 @@ def preprocess_transforms(cfg, *, with_label: bool, train: bool = False, teacher
                                reference=cfg.reference_channel)]
     if pp.orientation:
         steps.append(Orientationd(keys, axcodes=pp.orientation, labels=(("L", "R"), ("P", "A"), ("I", "S"))))
+    if pp.nnunet is not None:
+        if with_label or train or teacher is not None:
+            from medseg.core.errors import ConfigError
+
+            raise ConfigError("models imported from nnU-Net predict only", expected="medseg predict/batch/pacs",
+                              found="training or validation with an imported nnU-Net model",
+                              fix="train with nnU-Net and import the result again, or train a medseg model")
+        return [*steps, NnUNetPreprocessd("image", pp.nnunet)]
     if pp.spacing is not None:
         modes = ["bilinear", "nearest"] if with_label else ["bilinear"]
         steps.append(Spacingd(keys, pixdim=pp.spacing, mode=modes))
@@ -132,6 +140,31 @@ def preprocess_transforms(cfg, *, with_label: bool, train: bool = False, teacher
     if train and pp.crop_foreground:
         steps.append(CropForegroundd(keys, source_key="image", select_fn=foreground_mask, allow_smaller=True))
     return steps
+
+
+class NnUNetPreprocessd(MapTransform):
+    """nnU-Net v2's preprocessing of an imported model (:mod:`medseg.preprocessing.nnunet`): the image becomes the
+    network's input in nnU-Net's axis order, with the affine of that grid; ``meta["nnunet"]`` keeps what the way
+    back needs (crop box, shapes, spacings, and the grid it started from)."""
+
+    def __init__(self, keys, cfg) -> None:
+        super().__init__(keys)
+        self.cfg = cfg
+
+    def __call__(self, data: Mapping[Hashable, object]) -> dict:
+        from dataclasses import asdict
+
+        from medseg.preprocessing import nnunet
+
+        d = dict(data)
+        for key in self.key_iterator(d):
+            img = d[key]
+            affine = np.asarray(img.affine, dtype=np.float64)
+            out, proc_affine, grid = nnunet.preprocess(img.as_tensor(), affine, self.cfg)
+            meta = {"nnunet": {**asdict(grid), "input_affine": affine, "input_shape": list(img.shape[1:])},
+                    "filename_or_obj": img.meta.get("filename_or_obj", "")}
+            d[key] = MetaTensor(torch.from_numpy(out), affine=torch.as_tensor(proc_affine), meta=meta)
+        return d
 
 
 def foreground_mask(image) -> torch.Tensor:
