@@ -269,3 +269,28 @@ def test_color_table_unknown_suffix(tmp_path):
     with pytest.raises(OutputError, match="colour table"):
         write_color_table(tmp_path / "labels.json", hippo_infos())
     assert not list(Path(tmp_path).iterdir())
+
+
+def test_reads_multi_layer_files(tmp_path):
+    """Overlapping segments live in separate layers (a 4D file, as Slicer writes it): read into one label map, each
+    segment with a value of its own, the later segment winning where they overlap."""
+    import slicerio
+
+    from medseg.io.slicer_formats import read_seg_nrrd
+
+    layers = np.zeros((2, 6, 7, 8), np.uint8)
+    layers[0, 1:4, 1:4, 1:4] = 1  # layer 0: "liver" value 1, "lesion" value 2
+    layers[0, 4, 5, 6] = 2
+    layers[1, 2:5, 2:5, 2:5] = 1  # layer 1: "vessel" value 1, overlapping the liver
+    seg = slicerio.create_segmentation((6, 7, 8), np.diag([-0.8, -0.8, 2.5, 1.0]))
+    seg["voxels"] = layers
+    seg["segments"] = [{"id": "a", "name": "liver", "labelValue": 1, "layer": 0, "color": [1, 0, 0]},
+                       {"id": "b", "name": "lesion", "labelValue": 2, "layer": 0, "color": [0, 1, 0]},
+                       {"id": "c", "name": "vessel", "labelValue": 1, "layer": 1, "color": [0, 0, 1]}]
+    slicerio.write_segmentation(str(tmp_path / "multi.seg.nrrd"), seg)
+    vol, infos = read_seg_nrrd(tmp_path / "multi.seg.nrrd")
+    assert [(i.value, i.name) for i in infos] == [(1, "liver"), (2, "lesion"), (3, "vessel")]
+    assert vol.array.shape == (6, 7, 8)
+    assert np.allclose(vol.affine, np.diag([0.8, 0.8, 2.5, 1.0]))
+    assert vol.array[1, 1, 1] == 1 and vol.array[4, 5, 6] == 2 and vol.array[3, 3, 3] == 3  # vessel over liver
+    assert (vol.array == 3).sum() == 27 and (vol.array == 1).sum() == 27 - 8

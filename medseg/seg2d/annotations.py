@@ -89,22 +89,6 @@ def rle_decode_string(s: str) -> list[int]:
     return counts
 
 
-def rle_encode_string(counts: list[int]) -> str:
-    out = []
-    for i, x in enumerate(counts):
-        if i > 2:
-            x -= counts[i - 2]
-        more = True
-        while more:
-            c = x & 0x1F
-            x >>= 5
-            more = (x != -1) if (c & 0x10) else (x != 0)
-            if more:
-                c |= 0x20
-            out.append(chr(c + 48))
-    return "".join(out)
-
-
 def rle_to_mask(counts: list[int], height: int, width: int, *, order: str = "F") -> np.ndarray:
     """Run lengths alternating 0s and 1s (starting with 0s) -> boolean (height, width).
     COCO runs go down the columns (``order="F"``); CVAT's go along the rows (``"C"``)."""
@@ -118,15 +102,6 @@ def rle_to_mask(counts: list[int], height: int, width: int, *, order: str = "F")
         flat[pos:pos + n] = val
         pos, val = pos + n, not val
     return flat.reshape((height, width), order=order)
-
-
-def mask_to_rle(mask: np.ndarray) -> list[int]:
-    """Boolean (height, width) -> COCO run lengths (column-major, starting with 0s)."""
-    flat = np.asarray(mask, bool).reshape(-1, order="F")
-    change = np.flatnonzero(np.diff(flat.astype(np.int8))) + 1
-    bounds = np.concatenate([[0], change, [flat.size]])
-    runs = np.diff(bounds).tolist()
-    return ([0] + runs) if flat.size and flat[0] else runs
 
 
 # ---------------------------------------------------------------------------
