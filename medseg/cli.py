@@ -104,6 +104,10 @@ TILT_HELP = "CT gantry tilt: resample (de-tilt like dcm2niix) | error."
 RULES_HELP = "Series selection rules (YAML) for DICOM study folders; default: every image series."
 CREDENTIALS_HELP = ('JSON file {"username": ..., "password": ...}; default: MEDSEG_DICOMWEB_USER and '
                     'MEDSEG_DICOMWEB_PASSWORD from the environment. Never pass passwords on the command line.')
+PREVIEW_HELP = ("Also write <name>.preview.png: axial, coronal and sagittal slices through the labels over the "
+                "image, with a legend.")
+STATISTICS_HELP = ("Also write <name>.statistics.csv and .json: per label its volume (mL) and, per sequence, the "
+                   "intensity mean, std, min, 5/25/50/75/95th percentiles and max inside it.")
 ANONYMIZE_HELP = ("De-identify DICOM SEG outputs: patient name/ID/accession become keyed pseudonyms "
                   "(MEDSEG_ANON_KEY), birth date, dates, physicians and institution are removed; UIDs are kept.")
 FORMAT_HELP = ("Output format: nifti | nrrd | seg.nrrd (3D Slicer) | dicom-seg (DICOM input only); "
@@ -148,6 +152,8 @@ def predict(
     stats: Optional[str] = typer.Option(None, "--stats", help="Also write <name>.lesions.csv|json: per-lesion volume (mL), "
                                         "longest diameter and RECIST long/short axes (mm), centroid (RAS and LPS); "
                                         "per region for region models, with a case summary."),
+    preview: bool = typer.Option(False, "--preview", help=PREVIEW_HELP),
+    statistics: bool = typer.Option(False, "--statistics", help=STATISTICS_HELP),
     backend: str = typer.Option("auto", "--backend", help=BACKEND_HELP),
     amp: str = typer.Option("auto", "--amp", help=AMP_HELP),
     compile_: bool = typer.Option(False, "--compile", help="torch.compile the model (torch backend; pays off on GPUs)."),
@@ -167,10 +173,11 @@ def predict(
     if loaded.cfg.task == "image2d":  # PNG/JPEG in: OUTDIR/<stem>.png index masks, OUTDIR/overlays/<stem>.png
         from medseg.seg2d.predict import predict_images
 
-        if formats or tta or stats or rules or channel:
+        if formats or tta or stats or rules or channel or preview or statistics:
             from medseg.core.errors import ConfigError
 
-            raise ConfigError("--format, --tta, --stats, --rules and --channel are for volume models", path=model,
+            raise ConfigError("--format, --tta, --stats, --preview, --statistics, --rules and --channel are for "
+                              "volume models", path=model,
                               found="a 2D image model", fix="drop those options for PNG/JPEG images")
         con = _console(stderr=False)
         for res in predict_images(inputs or [], output, model=loaded, device=device):
@@ -190,7 +197,8 @@ def predict(
     results = run_predict(inputs or [], output, model=loaded, device=device, overlap=overlap, rules=rules,
                           channels=parse_channels(channel),
                           dicom_options=_dicom_options(uneven, tilt), formats=formats, tta=tta, stats=stats,
-                          anonymize=anonymize, runtime=_runtime(backend, amp, compile_, threads))
+                          anonymize=anonymize, runtime=_runtime(backend, amp, compile_, threads), preview=preview,
+                          statistics=statistics)
     con = _console(stderr=False)
     for res in results:
         con.print(f"{res.input} -> {', '.join(map(str, res.outputs))} ({res.seconds:.1f} s)")
@@ -436,6 +444,9 @@ def batch(
     workers: Optional[int] = typer.Option(None, "--workers", help="With --engine ray: number of actors "
                                           "(default: one per CPU of the cluster)."),
     gpus_per_worker: float = typer.Option(0.0, "--gpus-per-worker", help="With --engine ray: GPUs per actor (e.g. 1 or 0.5)."),
+    preview: bool = typer.Option(False, "--preview", help=PREVIEW_HELP),
+    statistics: bool = typer.Option(False, "--statistics", help=STATISTICS_HELP + " The batch also writes "
+                                    "statistics.csv: one table over every finished series."),
 ) -> None:
     """Segment every series under ROOT (or pulled from a PACS); resumable, failures recorded, never fatal."""
     from medseg.apps.batch import run_batch
@@ -464,7 +475,7 @@ def batch(
                     on_done=on_done, log=say, anonymize=anonymize, record_paths=record_paths,
                     runtime={**_runtime(backend, amp, compile_, threads), "overlap": overlap, "tta": tta},
                     engine=engine, ray_address=ray_address,
-                    workers=workers, gpus_per_worker=gpus_per_worker)
+                    workers=workers, gpus_per_worker=gpus_per_worker, preview=preview, statistics=statistics)
     out = _console(stderr=False)
     out.print(f"done {res.done}, failed {res.failed}, skipped {res.skipped}, already done {res.already_done} "
               f"in {res.seconds:.1f} s; manifest: {res.manifest}")

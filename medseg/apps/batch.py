@@ -166,7 +166,8 @@ def run_batch(root: str | Path, outdir: str | Path, *, model: str | None = None,
               progress: bool = True, dicom_options: dict | None = None, formats: list[str] | None = None,
               on_done=None, log=None, anonymize: bool = False, record_paths: bool = False,
               runtime: dict | None = None, engine: str = "local", ray_address: str | None = None,
-              workers: int | None = None, gpus_per_worker: float = 0.0) -> BatchSummary:
+              workers: int | None = None, gpus_per_worker: float = 0.0, preview: bool = False,
+              statistics: bool = False) -> BatchSummary:
     """Segment everything under ``root`` into ``outdir`` (see the module documentation).
 
     ``runtime``: :class:`~medseg.inference.predictor.Predictor` options (``backend``, ``amp``,
@@ -181,6 +182,10 @@ def run_batch(root: str | Path, outdir: str | Path, *, model: str | None = None,
     Privacy: without ``record_paths`` the manifest, the summary and failure reasons name each
     input by a hash of its path relative to ``root`` (:func:`medseg.core.privacy.path_token`), as
     folder names often hold patient names. ``anonymize`` de-identifies DICOM SEG outputs.
+
+    ``preview`` and ``statistics`` add ``<name>.preview.png`` and ``<name>.statistics.csv|json`` per series; with
+    ``statistics`` the batch also writes ``statistics.csv`` (per shard: ``statistics.shard-I-of-N.csv``), one table
+    over every finished series, named as in the manifest.
     """
     from medseg.apps.run import default_format, discover_inputs, run_items
     from medseg.core.labels import infos_from_config
@@ -219,6 +224,8 @@ def run_batch(root: str | Path, outdir: str | Path, *, model: str | None = None,
     outdir.mkdir(parents=True, exist_ok=True)
     name = "manifest.jsonl" if shard_t is None else f"manifest.shard-{shard_t[0]}-of-{shard_t[1]}.jsonl"
     summary = BatchSummary(outdir, outdir / name)
+    extras = {"preview": preview, "statistics": statistics}
+    extra_suffixes = [suf for on, suf in ((preview, ".preview.png"), (statistics, ".statistics.json")) if on]
     with _Lock(outdir / f".{name}.lock"):
         _remove_partial_files(outdir, items, summary.manifest)
         manifest = Manifest(summary.manifest)
@@ -232,7 +239,7 @@ def run_batch(root: str | Path, outdir: str | Path, *, model: str | None = None,
         for it in items:
             prev = manifest.rows.get(it.key)
             unchanged = prev is not None and prev.get("fingerprint") == fingerprint(it)
-            if unchanged and prev.get("status") == "done" and _outputs_complete(prev, outdir, formats):
+            if unchanged and prev.get("status") == "done" and _outputs_complete(prev, outdir, formats, extra_suffixes):
                 if on_done is not None and not prev.get("stored"):
                     _finish(manifest, prev, it, on_done, outdir, summary)
                 summary.already_done += 1
@@ -244,6 +251,7 @@ def run_batch(root: str | Path, outdir: str | Path, *, model: str | None = None,
         say(f"{len(items)} series/volume(s) to segment ({summary.already_done} already done), "
             f"{len(skipped)} skipped by rules")
         if not todo:
+            _study_table(manifest, outdir, name, statistics)
             summary.seconds = time.perf_counter() - t_start
             return summary
         if engine == "ray":
@@ -253,9 +261,10 @@ def run_batch(root: str | Path, outdir: str | Path, *, model: str | None = None,
             infos = infos_from_config(model_config(model))  # checks the model before any worker starts
             results = run_ray(todo, model=model, device=device, runtime=runtime, outdir=outdir, formats=formats,
                               anonymize=anonymize, dicom_options=dicom_options, address=ray_address, workers=workers,
-                              gpus_per_worker=gpus_per_worker, log=say)
+                              gpus_per_worker=gpus_per_worker, log=say, extras=extras)
             _merge_results(results, manifest, summary, outdir, on_done, shown, hide, progress, len(todo), infos,
                            formats or sorted({default_format(t) for t in todo}))
+            _study_table(manifest, outdir, name, statistics)
             summary.seconds = time.perf_counter() - t_start
             return summary
         predictor = Predictor(model, device=device, **(runtime or {}))
@@ -263,10 +272,12 @@ def run_batch(root: str | Path, outdir: str | Path, *, model: str | None = None,
         table_formats = formats or sorted({default_format(t) for t in todo})
         with progress_bar("batch", total=len(todo), enabled=progress) as advance:
             for res in run_items(predictor, todo, lambda it: it.mirrored_base(outdir), formats,
-                                 dicom_options=dicom_options, anonymize=anonymize, isolate=True, hash_input=True):
+                                 dicom_options=dicom_options, anonymize=anonymize, isolate=True, hash_input=True,
+                                 **extras):
                 _record(res.item, res.record(outdir), manifest, summary, outdir, on_done, shown, hide, infos,
                         table_formats)
                 advance(res.item.name)
+        _study_table(manifest, outdir, name, statistics)
     summary.seconds = time.perf_counter() - t_start
     return summary
 
@@ -335,18 +346,35 @@ def _finish(manifest: Manifest, row: dict, item: InputItem, on_done, outdir: Pat
         summary.failures.append((row["input"], str(exc)))
 
 
-def _outputs_complete(row: dict, outdir: Path, formats: list[str] | None) -> bool:
-    """Every output of a finished row exists, in every format now asked for."""
+def _outputs_complete(row: dict, outdir: Path, formats: list[str] | None, extra_suffixes=()) -> bool:
+    """Every output of a finished row exists, in every format now asked for (and the previews or statistics
+    now asked for)."""
     from medseg.io.writers import FORMATS
 
     outputs = row.get("outputs") or ([row["output"]] if row.get("output") else [])
     if not outputs or not all((outdir / o).is_file() for o in outputs):
         return False
+    if any(not any(o.endswith(suf) for o in outputs) for suf in extra_suffixes):
+        return False
+    outputs = [o for o in outputs if not o.endswith((".preview.png", ".statistics.json", ".statistics.csv"))]
     if formats:
         have = {next((f for f, suf in sorted(FORMATS.items(), key=lambda kv: -len(kv[1])) if o.endswith(suf)), None)
                 for o in outputs}
         return set(formats) <= have
     return True
+
+
+def _study_table(manifest: "Manifest", outdir: Path, manifest_name: str, statistics: bool) -> None:
+    """``statistics.csv`` beside the manifest: the statistics of every finished series (``--statistics``), each
+    named as the manifest names it (a token of its path unless paths are recorded)."""
+    if not statistics:
+        return
+    from medseg.evaluation.statistics import write_study_table
+
+    cases = [(row.get("input", key), outdir / o) for key, row in sorted(manifest.rows.items())
+             if row.get("status") == "done" for o in row.get("outputs") or [] if o.endswith(".statistics.json")]
+    name = manifest_name.replace("manifest", "statistics").replace(".jsonl", ".csv")
+    write_study_table(cases, outdir / name)
 
 
 def _remove_partial_files(outdir: Path, items: list[InputItem], manifest: Path) -> None:

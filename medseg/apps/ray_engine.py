@@ -32,7 +32,7 @@ class SegmentWorker:
     """One model per actor; ``run(item)`` segments one series and writes its outputs."""
 
     def __init__(self, model, device: str, runtime: dict, outdir: str, formats, anonymize: bool,
-                 dicom_options: dict, threads: int | None) -> None:
+                 dicom_options: dict, threads: int | None, extras: dict | None = None) -> None:
         import torch
 
         from medseg.inference.predictor import Predictor
@@ -46,6 +46,7 @@ class SegmentWorker:
         self.formats = formats
         self.anonymize = anonymize
         self.dicom_options = dict(dicom_options or {})
+        self.extras = dict(extras or {})  # run_one's preview / statistics
 
     def ready(self) -> bool:
         return True
@@ -55,13 +56,14 @@ class SegmentWorker:
         from medseg.apps.run import run_one
 
         res = run_one(self.predictor, item, item.mirrored_base(self.outdir), self.formats,
-                      dicom_options=self.dicom_options, anonymize=self.anonymize, isolate=True, hash_input=True)
+                      dicom_options=self.dicom_options, anonymize=self.anonymize, isolate=True, hash_input=True,
+                      **self.extras)
         return res.record(self.outdir)
 
 
 def run_ray(todo: list, *, model, device: str, runtime: dict | None, outdir: Path, formats, anonymize: bool,
             dicom_options: dict | None, address: str | None = None, workers: int | None = None,
-            cpus_per_worker: float = 1.0, gpus_per_worker: float = 0.0, log=None):
+            cpus_per_worker: float = 1.0, gpus_per_worker: float = 0.0, log=None, extras: dict | None = None):
     """Yield ``(item, result)`` as Ray actors finish items (any order)."""
     ray = import_ray()
     say = log or (lambda msg: None)
@@ -86,7 +88,7 @@ def run_ray(todo: list, *, model, device: str, runtime: dict | None, outdir: Pat
         threads = max(1, int(cpus_per_worker))
         actor_cls = ray.remote(num_cpus=cpus_per_worker, num_gpus=gpus_per_worker)(SegmentWorker)
         actors = [actor_cls.remote(str(model) if model is not None else None, device, runtime or {}, str(outdir),
-                                   formats, anonymize, dicom_options or {}, threads) for _ in range(n)]
+                                   formats, anonymize, dicom_options or {}, threads, extras) for _ in range(n)]
         say(f"ray: {n} worker(s), {cpus_per_worker:g} CPU{' + %g GPU' % gpus_per_worker if gpus_per_worker else ''} each")
         queue = list(range(len(todo)))
         pending: dict = {}

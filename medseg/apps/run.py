@@ -137,9 +137,11 @@ def load_item(item, dicom_options: dict | None = None, *, hash_input: bool = Fal
 
 def run_one(predictor: Predictor, item, base: Path, formats: list[str] | None, *, loaded: Loaded | None = None,
             dicom_options: dict | None = None, anonymize: bool = False, stats: str | None = None,
-            isolate: bool = False, hash_input: bool = False) -> ItemResult:
+            preview: bool = False, statistics: bool = False, isolate: bool = False,
+            hash_input: bool = False) -> ItemResult:
     """Load ``item`` (unless ``loaded`` is given), segment it, write ``base.<format>`` for every format (and
-    ``base.lesions.<stats>``); a failure is raised, or with ``isolate`` returned as a failed result."""
+    ``base.lesions.<stats>``, ``base.preview.png``, ``base.statistics.csv|json``); a failure is raised, or with
+    ``isolate`` returned as a failed result."""
     from medseg.core.labels import infos_from_config
     from medseg.io.writers import write_labels
 
@@ -157,6 +159,13 @@ def run_one(predictor: Predictor, item, base: Path, formats: list[str] | None, *
                                model_name=predictor.cfg.name, anonymize=anonymize)
         if stats:
             written += write_stats(labels, predictor.cfg, base, stats)
+        if preview:
+            written.append(write_preview(loaded.volume, labels, predictor.cfg, base))
+        if statistics:
+            from medseg.evaluation.statistics import label_statistics, write_statistics
+
+            rows = label_statistics(loaded.volume, labels, dict(predictor.cfg.labels), predictor.cfg.channel_names)
+            written += write_statistics(rows, base)
         res.status, res.outputs, res.labels = "done", written, labels
         res.predict_s, res.write_s = t2 - t1, time.perf_counter() - t2
     except Exception as exc:  # noqa: BLE001 - recorded, the batch goes on (isolate)
@@ -185,8 +194,21 @@ def write_stats(labels: Volume, cfg, base: Path, stats: str) -> list[Path]:
     return out
 
 
+def write_preview(image: Volume, labels: Volume, cfg, base: Path) -> Path:
+    """``base.preview.png``: axial, coronal and sagittal slices through the labels over the image (the reference
+    sequence of a case of several)."""
+    from medseg.io.visualize import overlay_png
+
+    if image.array.ndim == 4:
+        names = cfg.channel_names
+        ref = names.index(cfg.reference_channel) if cfg.reference_channel in names else 0
+        image = image.with_array(image.array[..., ref])
+    return overlay_png(image, labels, base.parent / f"{base.name}.preview.png", dict(cfg.labels), cfg.colors)
+
+
 def run_items(predictor: Predictor, items: list, base_of: Callable[[object], Path], formats: list[str] | None, *,
               dicom_options: dict | None = None, anonymize: bool = False, stats: str | None = None,
+              preview: bool = False, statistics: bool = False,
               isolate: bool = False, hash_input: bool = False) -> Iterator[ItemResult]:
     """:func:`run_one` over ``items`` in order, each next item read while the current one is segmented."""
     def load(it) -> Loaded:
@@ -195,7 +217,7 @@ def run_items(predictor: Predictor, items: list, base_of: Callable[[object], Pat
     with prefetch(items, load) as loaded_items:
         for it, loaded in loaded_items:
             yield run_one(predictor, it, base_of(it), formats, loaded=loaded, anonymize=anonymize, stats=stats,
-                          isolate=isolate)
+                          preview=preview, statistics=statistics, isolate=isolate)
 
 
 def parse_channels(pairs: list[str] | None) -> dict[str, Path]:
@@ -259,7 +281,8 @@ def predict(inputs: list[str | Path], outdir: str | Path, *, model=None, device:
             overlap: float | None = None, rules: str | Path | None = None, dicom_options: dict | None = None,
             formats: list[str] | None = None, tta: bool | None = None, stats: str | None = None,
             anonymize: bool = False, runtime: dict | None = None,
-            channels: dict[str, Path] | None = None) -> list[PredictResult]:
+            channels: dict[str, Path] | None = None, preview: bool = False,
+            statistics: bool = False) -> list[PredictResult]:
     """Segment every input and write ``OUTDIR/<name>.<format>`` label files.
 
     Inputs are NIfTI/NRRD files, folders of them, DICOM series or study folders (series
@@ -268,6 +291,8 @@ def predict(inputs: list[str | Path], outdir: str | Path, *, model=None, device:
     ``nifti``, ``nrrd``, ``seg.nrrd``, ``dicom-seg`` (default: NIfTI, or NRRD for NRRD input).
     ``stats`` (``csv`` or ``json``) also writes ``<name>.lesions.<stats>``: one row per connected
     component of each label with its volume (mL), longest diameter (mm) and centroid (RAS and LPS).
+    ``preview`` writes ``<name>.preview.png`` (the labels over the image); ``statistics`` writes
+    ``<name>.statistics.csv`` and ``.json`` (per label: volume, and intensities per sequence).
     ``anonymize`` de-identifies DICOM SEG outputs (see :mod:`medseg.core.privacy`). ``runtime`` holds
     :class:`Predictor` options: ``backend``, ``amp``, ``amp_dtype``, ``compile``, ``threads``.
     A model that takes several sequences segments cases: case folders, nnU-Net-named files, 4D images,
@@ -304,7 +329,7 @@ def predict(inputs: list[str | Path], outdir: str | Path, *, model=None, device:
     results = []
     with progress_bar("predict", total=len(items), enabled=progress) as advance:
         for res in run_items(predictor, items, lambda it: outdir / it.name, formats, dicom_options=dicom_options,
-                             anonymize=anonymize, stats=stats):
+                             anonymize=anonymize, stats=stats, preview=preview, statistics=statistics):
             results.append(PredictResult(Path(res.item.path), res.outputs, res.seconds - res.load_s))
             advance(res.item.name)
     # colour tables only once labels exist: a failed run leaves no output behind
