@@ -152,3 +152,19 @@ def compare_with_reference(vol, nii: Path):
     ours, ours_affine = canonical(vol.array, vol.affine)
     assert ours.shape == ref.shape
     return ours, ref.get_fdata(), float(np.abs(ours_affine - ref.affine).max())
+
+
+def dciodvfy_errors(path) -> list[str]:
+    """The errors David Clunie's ``dciodvfy`` (Debian package dicom3tools) finds in a DICOM file; skips the test
+    where it is not installed (``.ci/run`` installs it)."""
+    import shutil
+    import subprocess
+
+    import pytest
+
+    exe = shutil.which("dciodvfy")
+    if exe is None:
+        pytest.skip("dciodvfy (Debian package dicom3tools) is not installed")
+    proc = subprocess.run([exe, "-new", str(path)], capture_output=True, text=True, timeout=120)
+    lines = (proc.stdout + proc.stderr).splitlines()
+    return [line for line in lines if line.startswith("Error")]

@@ -18,7 +18,7 @@ from medseg.io.dicom_seg import (
 )
 from medseg.core.labels import Code, label_infos
 from tests.conftest import TEST_DATA, rotation
-from tests.dicom_helpers import AXIAL, SECRETS, no_secrets, plain_slices, write_series
+from tests.dicom_helpers import AXIAL, SECRETS, dciodvfy_errors, no_secrets, plain_slices, write_series
 
 HCROP = TEST_DATA / "dicom" / "hcrop"
 INFOS = label_infos({0: "background", 1: "anterior", 2: "posterior"}, model_name="hippocampus")
@@ -108,6 +108,7 @@ def test_hcrop_bundled_model_prediction(tmp_path):
     got, seg = read_dicom_seg(out, files)
     np.testing.assert_array_equal(got, labels.array)
     assert seg["segments"][1]["modifier"] == Code("SCT", "255549009", "Anterior")
+    assert dciodvfy_errors(out) == []
 
 
 def test_jpeg2000_ct_with_blank_sop_uids(tmp_path):
@@ -123,6 +124,7 @@ def test_jpeg2000_ct_with_blank_sop_uids(tmp_path):
     metas = [pydicom.dcmread(f, stop_before_pixels=True).file_meta.MediaStorageSOPInstanceUID for f in files]
     assert seg["frame_sources"] == [metas[1], metas[2]]
     assert seg["segments"][1]["type"] == Code("SCT", "10200004", "Liver") and seg["segments"][2]["modifier"] is None
+    assert dciodvfy_errors(out) == []
 
 
 def test_flipped_series_reversed_on_disk(tmp_path):

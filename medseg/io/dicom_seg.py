@@ -50,7 +50,23 @@ def _read_headers(files) -> list:
             if not ds.get(keyword) and meta.get(f"MediaStorage{keyword}"):
                 setattr(ds, keyword, meta.get(f"MediaStorage{keyword}"))
         out.append(ds)
+    _fill_blank_uids(out)
     return out
+
+
+def _fill_blank_uids(headers: list) -> None:
+    """Study and series UIDs some exports blank (type 1 in the source, so a SEG referencing them would be invalid):
+    the same derived UID for every file of the series, from its instances' UIDs, so writing twice gives the same
+    references."""
+    from pydicom.uid import generate_uid
+
+    instances = sorted(str(ds.get("SOPInstanceUID", "")) for ds in headers)
+    for keyword in ("StudyInstanceUID", "SeriesInstanceUID"):
+        if any(not str(ds.get(keyword, "") or "").strip() for ds in headers):
+            uid = generate_uid(entropy_srcs=[keyword, *instances])
+            for ds in headers:
+                if not str(ds.get(keyword, "") or "").strip():
+                    setattr(ds, keyword, uid)
 
 
 #: Patient/study attributes (type 2: present, may be empty) a SEG copies from its source; blank ones are added.
