@@ -110,7 +110,7 @@ STATISTICS_HELP = ("Also write <name>.statistics.csv and .json: per label its vo
                    "intensity mean, std, min, 5/25/50/75/95th percentiles and max inside it.")
 ANONYMIZE_HELP = ("De-identify DICOM SEG outputs: patient name/ID/accession become keyed pseudonyms "
                   "(MEDSEG_ANON_KEY), birth date, dates, physicians and institution are removed; UIDs are kept.")
-FORMAT_HELP = ("Output format: nifti | nrrd | seg.nrrd (3D Slicer) | dicom-seg (DICOM input only); "
+FORMAT_HELP = ("Output format: nifti | nrrd | seg.nrrd (3D Slicer) | dicom-seg | rtstruct (DICOM input only); "
                "repeat for several. Default: nifti (nrrd for NRRD input).")
 BACKEND_HELP = ("Inference backend: auto (from the model file: .pt torch, .onnx onnxruntime, .ts torchscript) | torch | "
                 "onnxruntime | torchscript (a .pt model is exported once and cached).")
@@ -460,7 +460,8 @@ def batch(
         root = output / ".dicomweb"
         download_studies(from_dicomweb, parse_query(query), root, credentials=credentials, log=say)
         if store:
-            formats = list(dict.fromkeys([*(formats or []), "dicom-seg"]))
+            if not set(formats or []) & {"dicom-seg", "rtstruct"}:
+                formats = [*(formats or []), "dicom-seg"]
             web = DicomWeb(from_dicomweb, load_credentials(credentials))
 
             def on_done(item, written):
@@ -498,13 +499,16 @@ def pacs_predict_cmd(
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda."),
     output: Optional[Path] = typer.Option(None, "-o", "--output", help="Also keep the DICOM SEG files here."),
     store: bool = typer.Option(True, "--store/--no-store", help="Store the DICOM SEG back in the PACS."),
+    formats: Optional[List[str]] = typer.Option(None, "--format", "-f", help="dicom-seg | rtstruct: what to store "
+                                                "back (repeat for both; default dicom-seg)."),
 ) -> None:
     """Pull a series, segment it and store the DICOM SEG back."""
     from medseg.apps.pacs import pacs_predict
 
     con = _console()
     results = pacs_predict(url, study, series_uid=series, model=model, rules=rules, credentials=credentials,
-                           device=device, outdir=output, store=store, log=lambda m: con.print(m, markup=False))
+                           device=device, outdir=output, store=store, log=lambda m: con.print(m, markup=False),
+                           formats=formats)
     out = _console(stderr=False)
     for r in results:
         where = f", kept at {r.seg_path}" if r.seg_path else ""

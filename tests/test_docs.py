@@ -276,7 +276,7 @@ def test_relative_links_resolve():
 @pytest.mark.parametrize("line, bad", [
     ("medseg predict scans/ -o out/ --bogus-option 3", "--bogus-option"),
     ("medseg predikt scans/ -o out/", "predikt"),
-    ("medseg pacs predict --url http://x --study 1 --format nifti", "--format"),
+    ("medseg pacs predict --url http://x --study 1 --outputs x", "--outputs"),
     ("$ medseg batch ROOT -o OUT [--shard I/N] [--no-retry-failed] [--frobnicate]", "--frobnicate"),
     ("medseg train configs/hippocampus.yaml \\\n    --set a=b --foldz 5", "--foldz"),
     ("MEDSEG_DATA=/data medseg train configs/hippocampus.yaml --epochs 3", "--epochs"),

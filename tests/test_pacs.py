@@ -122,6 +122,17 @@ def test_pacs_predict_round_trip(orthanc, tmp_path):
     assert len(files) == 40
 
 
+def test_pacs_predict_stores_rtstruct(orthanc, tmp_path):
+    study, series = _study_series(orthanc)
+    proc = run_with_env("pacs", "predict", "--url", orthanc["url"], "--study", study, "--series", series,
+                        "--device", "cpu", "--model", "hippocampus-fast", "--format", "rtstruct", env=_env())
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r = orthanc["session"].get(f"{orthanc['url']}/studies/{study}/series", params={"Modality": "RTSTRUCT"},
+                               timeout=30)
+    r.raise_for_status()
+    assert len(r.json()) == 1
+
+
 @pytest.mark.slow
 def test_batch_from_dicomweb_stores_once(orthanc, tmp_path):
     study, _ = _study_series(orthanc)

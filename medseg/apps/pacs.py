@@ -171,8 +171,9 @@ class PacsResult:
 def pacs_predict(url: str, study_uid: str, *, series_uid: str | None = None, model: str | None = None,
                  rules: str | Path | None = None, credentials: str | Path | None = None, device: str = "auto",
                  outdir: str | Path | None = None, store: bool = True, dicom_options: dict | None = None,
-                 log=None) -> list[PacsResult]:
-    """Segment a study (the series chosen by ``series_uid`` or ``rules``) and store DICOM SEGs back.
+                 log=None, formats: list[str] | None = None) -> list[PacsResult]:
+    """Segment a study (the series chosen by ``series_uid`` or ``rules``) and store DICOM SEGs back (``formats``:
+    ``dicom-seg`` and/or ``rtstruct``; the result names the first).
 
     The downloaded images are deleted afterwards; the SEG files are kept only in ``outdir``.
     """
@@ -203,7 +204,12 @@ def pacs_predict(url: str, study_uid: str, *, series_uid: str | None = None, mod
         out = Path(outdir) if outdir else work / "out"
         predictor = Predictor(model, device=device)
         results = []
-        for res in run_items(predictor, items, lambda it: out / it.name, ["dicom-seg"], dicom_options=dicom_options):
+        formats = list(dict.fromkeys(formats or ["dicom-seg"]))
+        bad = [f for f in formats if f not in ("dicom-seg", "rtstruct")]
+        if bad:
+            raise ConfigError("pacs predict stores DICOM objects only", expected="dicom-seg | rtstruct",
+                              found=", ".join(bad), fix="use --format dicom-seg and/or --format rtstruct")
+        for res in run_items(predictor, items, lambda it: out / it.name, formats, dicom_options=dicom_options):
             written = res.outputs
             if store:
                 web.store(written)

@@ -319,10 +319,13 @@ def predict(inputs: list[str | Path], outdir: str | Path, *, model=None, device:
         raise InputNotFoundError("no series passed the selection rules", path=inputs[0] if inputs else None, found=reasons,
                                  fix="check the rules (medseg inspect PATH shows every decision)")
     plan_outputs(items, outdir, formats)
-    if formats and "dicom-seg" in formats:
+    from medseg.io.writers import DICOM_FORMATS
+
+    if formats and set(formats) & set(DICOM_FORMATS):
         not_dicom = [it for it in items if it.kind != "dicom"]
         if not_dicom:
-            raise UnsupportedInputError("DICOM SEG output needs a DICOM input series", path=not_dicom[0].path,
+            raise UnsupportedInputError(f"{' and '.join(f for f in formats if f in DICOM_FORMATS)} output needs a "
+                                        "DICOM input series", path=not_dicom[0].path,
                                         expected="DICOM series inputs only", found="a NIfTI/NRRD volume",
                                         fix="use --format nifti, nrrd or seg.nrrd for NIfTI/NRRD inputs")
     predictor = Predictor(loaded, device=device, overlap=overlap, tta=tta, **(runtime or {}))

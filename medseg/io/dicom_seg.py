@@ -30,7 +30,7 @@ from medseg.core.labels import Code, LabelInfo
 
 SEG_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
 GRID_TOL_MM = 1e-3
-_ON_ORIGINAL = "DICOM SEG needs labels on the original slices of the source series"
+_ON_ORIGINAL = "DICOM SEG and RTSTRUCT need labels on the original slices of the source series"
 _OTHER_FORMAT = "write NIfTI (.nii.gz) or .seg.nrrd output instead, which keep the resampled grid"
 
 
@@ -70,7 +70,7 @@ def _fill_blank_uids(headers: list) -> None:
 
 
 #: Patient/study attributes (type 2: present, may be empty) a SEG copies from its source; blank ones are added.
-_TYPE2 = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "AccessionNumber", "StudyID", "StudyDate",
+PATIENT_STUDY_TYPE2 = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "AccessionNumber", "StudyID", "StudyDate",
           "StudyTime", "ReferringPhysicianName")
 
 
@@ -129,7 +129,8 @@ def source_grid(files) -> tuple[list[Path], list, np.ndarray]:
     return [files[i] for i in order], [headers[i] for i in order], LPS_TO_RAS @ lps
 
 
-def _check_labels(labels: Volume, affine: np.ndarray, headers, where: Path) -> None:
+def check_labels_on_source(labels: Volume, affine: np.ndarray, headers, where: Path) -> None:
+    """Refuses labels that do not lie exactly on the grid of the source slices (``source_grid``'s affine)."""
     if labels.meta.get("resampled") or labels.meta.get("detilted"):
         what = "de-tilted" if labels.meta.get("detilted") else "resampled"
         raise GeometryError(_ON_ORIGINAL, path=where, expected="labels on the source slices",
@@ -193,9 +194,9 @@ def write_dicom_seg(labels: Volume, source_files, path: str | Path, infos: list[
     path = Path(path)
     files, headers, affine = source_grid(source_files)
     where = files[0].parent
-    _check_labels(labels, affine, headers, where)
+    check_labels_on_source(labels, affine, headers, where)
     for ds in headers:
-        for keyword in (k for k in _TYPE2 if k not in ds):
+        for keyword in (k for k in PATIENT_STUDY_TYPE2 if k not in ds):
             setattr(ds, keyword, "")
     values = [int(i.value) for i in infos]
     if len(set(values)) != len(values) or min(values, default=1) < 1:
