@@ -161,31 +161,75 @@ def test_source_grid_matches_loader(tmp_path):
     np.testing.assert_allclose(affine, load_dicom_series(info).affine, atol=1e-6)
 
 
+def _world_labels(vol, centre) -> np.ndarray:
+    """Labels as a function of patient position (:func:`world_function`), at every voxel of ``vol``."""
+    ii, jj, kk = np.meshgrid(*[np.arange(n, dtype=float) for n in vol.shape], indexing="ij")
+    xyz = np.einsum("ab,bijk->aijk", vol.affine[:3, :3], np.stack([ii, jj, kk])) + vol.affine[:3, 3, None, None, None]
+    return world_function(xyz, centre)
+
+
+def world_function(xyz, centre) -> np.ndarray:
+    """A ball (2) of radius 5 mm at ``centre`` over a half-space (1) beyond it along x."""
+    c = np.asarray(centre, float).reshape(3, *([1] * (xyz.ndim - 1)))
+    lab = np.zeros(xyz.shape[1:], np.uint8)
+    lab[xyz[0] > c[0]] = 1
+    lab[((xyz - c) ** 2).sum(0) < 5.0 ** 2] = 2
+    return lab
+
+
+def _pixel_world(files) -> np.ndarray:
+    """Patient (RAS) position of every pixel of the source slices, ``(3, cols, rows, n)`` in ``files`` order."""
+    from medseg.io.dicom_seg import source_slices
+
+    _, headers, affines = source_slices(files)
+    cols, rows = int(headers[0].Columns), int(headers[0].Rows)
+    ii, jj = np.meshgrid(np.arange(cols, dtype=float), np.arange(rows, dtype=float), indexing="ij")
+    return np.stack([np.einsum("ab,bij->aij", a[:3, :3], np.stack([ii, jj, np.zeros_like(ii)])) +
+                     a[:3, 3, None, None] for a in affines], axis=-1)
+
+
 @pytest.mark.parametrize("trap", ["missing_slice", "tilt"])
-def test_refuses_resampled_series(tmp_path, trap):
+def test_resampled_series_mapped_back_to_original_slices(tmp_path, trap):
+    """A series the loader resampled (a missing slice) or de-tilted: labels predicted on the loaded grid are written
+    on the original slices, each pixel from the nearest voxel; DICOM SEG and RTSTRUCT alike."""
+    from medseg.io.rtstruct import write_rtstruct
+    from tests.test_rtstruct import raster_even_odd
+
     if trap == "missing_slice":
-        positions = [(0.0, 0.0, z) for z in (0.0, 1.0, 2.0, 4.0, 5.0)]
+        positions = [(0.0, 0.0, z) for z in (0.0, 1.0, 2.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0, 10.0, 11.0)]
     else:
-        positions = [(0.0, 0.6 * k, 1.5 * k) for k in range(5)]
-    files, vol = _synthetic(tmp_path / "src", AXIAL, positions)
+        positions = [(0.0, 0.6 * k, 1.5 * k) for k in range(9)]
+    files, vol = _synthetic(tmp_path / "src", AXIAL, positions, spacing=(0.8, 0.8), rows=24, cols=20)
     assert vol.meta["resampled" if trap == "missing_slice" else "detilted"]
-    out = tmp_path / "out"
-    arr = np.ones(vol.shape, np.uint8)
-    candidates = [vol.with_array(arr), type(vol)(arr, vol.affine)]  # with and without the loader's flags
-    for labels in candidates:
-        with pytest.raises(GeometryError) as err:
-            write_dicom_seg(labels, files, out / "seg.dcm", INFOS)
-        text = str(err.value)
-        assert "original slices" in text and "NIfTI" in text and "seg.nrrd" in text
-        no_secrets(text)
-    assert not out.exists() or not any(out.iterdir())
+    world = _pixel_world(files)
+    centre = world.reshape(3, -1).mean(1)
+    truth = world_function(world, centre)  # the labels at the original pixels' own positions
+    labels = vol.with_array(_world_labels(vol, centre))
+    for unflagged in (False, True):  # also labels that lost the loader's flags (e.g. read back from NIfTI)
+        lab = type(vol)(labels.array, vol.affine) if unflagged else labels
+        seg = write_dicom_seg(lab, files, tmp_path / f"seg{unflagged}.dcm", INFOS)
+        got, info = read_dicom_seg(seg, files)
+        rt = write_rtstruct(lab, files, tmp_path / f"rt{unflagged}.dcm", INFOS)
+        back = raster_even_odd(rt, files)
+        for value in (1, 2):
+            ref = truth == value
+            if trap == "missing_slice":  # the original slices are planes of the even grid: nothing is interpolated
+                np.testing.assert_array_equal(got == value, ref)
+            else:
+                assert 2 * ((got == value) & ref).sum() / ((got == value).sum() + ref.sum()) > 0.9
+            np.testing.assert_array_equal(back[INFOS[value - 1].name], got == value)
+        assert dciodvfy_errors(seg) == [] and dciodvfy_errors(rt) == []
+        assert sorted(info["referenced_instances"]) == sorted(
+            str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID) for f in files)  # the original slices
 
 
-def test_refuses_labels_flagged_resampled(tmp_path):
+def test_flagged_labels_on_a_regular_series(tmp_path):
+    """Labels the loader marked resampled, on a series that is regular after all: mapped, which here is the identity."""
     files, vol = _synthetic(tmp_path / "src", AXIAL, [(0.0, 0.0, z) for z in range(4)])
-    with pytest.raises(GeometryError, match="original slices.*resampled grid.*NIfTI"):
-        write_dicom_seg(vol.with_array(np.zeros(vol.shape, np.uint8), resampled=True), files, tmp_path / "s.dcm", INFOS)
-    assert not (tmp_path / "s.dcm").exists()
+    arr = _labels(vol.shape)
+    out = write_dicom_seg(vol.with_array(arr, resampled=True), files, tmp_path / "s.dcm", INFOS)
+    got, _ = read_dicom_seg(out, files)
+    np.testing.assert_array_equal(got, arr)
 
 
 def test_refuses_grid_mismatch(tmp_path):
@@ -218,3 +262,21 @@ def test_no_patient_data_in_errors(tmp_path):
     arr[1:3, 2:4, 2] = 1
     ds = pydicom.dcmread(write_dicom_seg(vol.with_array(arr), files, tmp_path / "ok.dcm", INFOS))
     assert (str(ds.PatientName), ds.PatientID) == SECRETS[:2]
+
+
+def test_source_deidentified_without_method(tmp_path):
+    """A source whose export set PatientIdentityRemoved YES but left DeidentificationMethod out (as the shared tilted
+    CT does): the outputs say the method was not recorded, and pass dciodvfy."""
+    from medseg.core.privacy import SOURCE_DEIDENTIFIED
+    from medseg.io.rtstruct import write_rtstruct
+
+    write_series(tmp_path / "src", plain_slices(4, 12, 10), [(0.0, 0.0, z) for z in range(4)], AXIAL, (1.0, 1.0),
+                 FrameOfReferenceUID="1.2.3.4.5.6", PatientIdentityRemoved="YES")
+    info, files = _series(tmp_path / "src")
+    vol = load_dicom_series(info)
+    arr = _labels(vol.shape)
+    for out in (write_dicom_seg(vol.with_array(arr), files, tmp_path / "seg.dcm", INFOS),
+                write_rtstruct(vol.with_array(arr), files, tmp_path / "rt.dcm", INFOS)):
+        ds = pydicom.dcmread(out, stop_before_pixels=True)
+        assert ds.PatientIdentityRemoved == "YES" and ds.DeidentificationMethod == SOURCE_DEIDENTIFIED
+        assert dciodvfy_errors(out) == []

@@ -75,6 +75,18 @@ def anonymize_dataset(ds: Any) -> Any:
     return ds
 
 
+SOURCE_DEIDENTIFIED = "source de-identified; method not recorded in the source"
+
+
+def complete_deidentification_record(ds: Any) -> Any:
+    """An output that copies ``PatientIdentityRemoved YES`` from a source whose export left the method out (a type 1C
+    gap ``dciodvfy`` reports) says so in ``DeidentificationMethod``; the patient data itself is not touched."""
+    if str(ds.get("PatientIdentityRemoved", "")).upper() == "YES" and not ds.get("DeidentificationMethod") \
+            and "DeidentificationMethodCodeSequence" not in ds:
+        ds.DeidentificationMethod = SOURCE_DEIDENTIFIED
+    return ds
+
+
 def _deidentify(ds) -> None:
     """Apply the attribute rules to ``ds`` and every dataset nested in its sequences (highdicom
     copies, for example, the source's institution into ContributingEquipmentSequence)."""

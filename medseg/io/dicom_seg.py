@@ -30,8 +30,8 @@ from medseg.core.labels import Code, LabelInfo
 
 SEG_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
 GRID_TOL_MM = 1e-3
-_ON_ORIGINAL = "DICOM SEG and RTSTRUCT need labels on the original slices of the source series"
-_OTHER_FORMAT = "write NIfTI (.nii.gz) or .seg.nrrd output instead, which keep the resampled grid"
+_ON_ORIGINAL = "the source slices are not one regular grid"
+_OTHER_FORMAT = "write labels predicted on this series as loaded (they are mapped back onto its original slices)"
 
 
 def _read_headers(files) -> list:
@@ -83,12 +83,9 @@ def _plane(ds, path) -> tuple[np.ndarray, np.ndarray, tuple[float, float]]:
     return np.array(ipp, float), np.array(iop, float), (float(ps[0]), float(ps[1]))
 
 
-def source_grid(files) -> tuple[list[Path], list, np.ndarray]:
-    """Files and headers sorted along the slice normal, and the RAS affine of their grid.
-
-    The affine is the one :func:`load_dicom_series` builds for these files when it does not
-    resample. Raises :class:`GeometryError` when it would resample or de-tilt them.
-    """
+def source_slices(files) -> tuple[list[Path], list, list[np.ndarray]]:
+    """Files and headers of one stack of slices sorted along its normal, and each slice's own RAS affine (pixel
+    column ``i``, row ``j`` of that slice at ``k = 0``), whatever the gaps between slices or their tilt."""
     files = [Path(p) for p in files]
     where = files[0].parent if files else None
     if len(files) < 2:
@@ -108,11 +105,30 @@ def source_grid(files) -> tuple[list[Path], list, np.ndarray]:
     normal = np.cross(col_dir, row_dir) / np.linalg.norm(np.cross(col_dir, row_dir))
     pos = np.array([p for p, _, _ in planes])
     order = np.argsort(pos @ normal, kind="stable")
-    pos, t = pos[order], (pos @ normal)[order]
-    steps = np.diff(t)
-    if np.any(steps < SAME_POSITION_MM):
+    if np.any(np.diff((pos @ normal)[order]) < SAME_POSITION_MM):
         raise UnsupportedInputError("source slices share a position (4D or duplicated series)", path=where,
                                     expected="one slice per position", fix="pass the files of one 3D volume")
+    affines = []
+    for i in order:
+        lps = np.eye(4)
+        lps[:3] = np.stack([col_dir * dc, row_dir * dr, normal, pos[i]], axis=1)
+        affines.append(LPS_TO_RAS @ lps)
+    return [files[i] for i in order], [headers[i] for i in order], affines
+
+
+def source_grid(files) -> tuple[list[Path], list, np.ndarray]:
+    """Files and headers sorted along the slice normal, and the RAS affine of their grid.
+
+    The affine is the one :func:`load_dicom_series` builds for these files when it does not
+    resample. Raises :class:`GeometryError` when it would resample or de-tilt them.
+    """
+    files, headers, affines = source_slices(files)
+    where = files[0].parent
+    pos = np.array([a[:3, 3] for a in affines])
+    col_dir, row_dir, normal = (affines[0][:3, c] / np.linalg.norm(affines[0][:3, c]) for c in range(3))
+    dc, dr = (float(np.linalg.norm(affines[0][:3, c])) for c in range(2))
+    t = pos @ normal
+    steps = np.diff(t)
     drift = float(np.abs((pos - pos[0]) @ np.stack([col_dir, row_dir], axis=1)).max())
     median = float(np.median(steps))
     found = None
@@ -124,17 +140,52 @@ def source_grid(files) -> tuple[list[Path], list, np.ndarray]:
     if found:
         raise GeometryError(_ON_ORIGINAL, path=where, expected="evenly spaced, untilted slices", found=found,
                             fix=_OTHER_FORMAT)
-    lps = np.eye(4)
-    lps[:3] = np.stack([col_dir * dc, row_dir * dr, normal * (t[-1] - t[0]) / (len(t) - 1), pos[0]], axis=1)
-    return [files[i] for i in order], [headers[i] for i in order], LPS_TO_RAS @ lps
+    affine = affines[0].copy()
+    affine[:3, 2] = affines[0][:3, 2] * (t[-1] - t[0]) / (len(t) - 1)
+    return files, headers, affine
+
+
+def labels_on_slices(labels: Volume, slice_affines: list[np.ndarray], cols: int, rows: int) -> np.ndarray:
+    """Labels ``(cols, rows, n)`` on the original source slices, each pixel taking the label of the nearest voxel of
+    ``labels`` (any grid, e.g. the even or de-tilted one the series was resampled to); 0 outside it."""
+    inv = np.linalg.inv(np.asarray(labels.affine, dtype=np.float64))
+    arr = np.asarray(labels.array)
+    shape = np.array(arr.shape[:3])
+    ii, jj = np.meshgrid(np.arange(cols, dtype=np.float64), np.arange(rows, dtype=np.float64), indexing="ij")
+    pix = np.stack([ii.ravel(), jj.ravel(), np.zeros(ii.size), np.ones(ii.size)])
+    out = np.zeros((cols, rows, len(slice_affines)), dtype=arr.dtype)
+    for k, aff in enumerate(slice_affines):
+        idx = np.rint((inv @ aff @ pix)[:3]).astype(np.int64)
+        ok = np.all((idx >= 0) & (idx < shape[:, None]), axis=0)
+        plane = np.zeros(ii.size, dtype=arr.dtype)
+        plane[ok] = arr[idx[0, ok], idx[1, ok], idx[2, ok]]
+        out[..., k] = plane.reshape(cols, rows)
+    return out
+
+
+def source_labels(labels: Volume, source_files) -> tuple[list[Path], list, np.ndarray, list[np.ndarray]]:
+    """``(files, headers, labels, slice_affines)``: the source slices sorted along their normal and the labels on
+    them. Labels on the source grid are taken as they are (checked voxel for voxel); labels of a series the loader
+    resampled (uneven gaps, missing slices) or de-tilted are mapped back onto the original slices, each pixel
+    from the nearest voxel."""
+    files, headers, affines = source_slices(source_files)
+    where = files[0].parent
+    cols, rows = int(headers[0].Columns), int(headers[0].Rows)
+    try:
+        _, _, affine = source_grid(files)
+    except GeometryError:
+        affine = None  # irregular slices: the labels can only lie on a resampled grid
+    if affine is not None and not (labels.meta.get("resampled") or labels.meta.get("detilted")):
+        check_labels_on_source(labels, affine, headers, where)
+        return files, headers, np.asarray(labels.array), affines
+    if np.asarray(labels.array).ndim != 3:
+        raise GeometryError("labels are not a 3D volume", path=where, expected="a 3D label map",
+                            found=str(np.asarray(labels.array).shape), fix="pass the label volume medseg predicted")
+    return files, headers, labels_on_slices(labels, affines, cols, rows), affines
 
 
 def check_labels_on_source(labels: Volume, affine: np.ndarray, headers, where: Path) -> None:
     """Refuses labels that do not lie exactly on the grid of the source slices (``source_grid``'s affine)."""
-    if labels.meta.get("resampled") or labels.meta.get("detilted"):
-        what = "de-tilted" if labels.meta.get("detilted") else "resampled"
-        raise GeometryError(_ON_ORIGINAL, path=where, expected="labels on the source slices",
-                            found=f"labels on a {what} grid", fix=_OTHER_FORMAT)
     cols, rows, n = int(headers[0].Columns), int(headers[0].Rows), len(headers)
     if labels.array.ndim != 3 or labels.shape != (cols, rows, n):
         what = "slice count" if labels.shape[:2] == (cols, rows) else "shape"
@@ -182,8 +233,10 @@ def write_dicom_seg(labels: Volume, source_files, path: str | Path, infos: list[
     """Write ``labels`` (on the grid of ``source_files``) as a BINARY DICOM SEG at ``path``.
 
     One segment per ``infos`` entry; every non-zero label value needs one. ``series_number``
-    defaults to the source's plus 1000. Raises :class:`GeometryError` unless the label grid is
-    exactly the grid of the source slices. ``anonymize`` de-identifies the patient and study
+    defaults to the source's plus 1000. Labels must lie exactly on the grid of the source slices (else
+    :class:`GeometryError`), unless they come from a series the loader resampled (uneven gaps, missing slices) or
+    de-tilted: those are mapped back onto the original slices (:func:`source_labels`). ``anonymize`` de-identifies
+    the patient and study
     attributes the SEG copies from its source (:func:`medseg.core.privacy.anonymize_dataset`).
     """
     import highdicom as hd
@@ -192,9 +245,8 @@ def write_dicom_seg(labels: Volume, source_files, path: str | Path, infos: list[
     import medseg
 
     path = Path(path)
-    files, headers, affine = source_grid(source_files)
+    files, headers, array, _ = source_labels(labels, source_files)
     where = files[0].parent
-    check_labels_on_source(labels, affine, headers, where)
     for ds in headers:
         for keyword in (k for k in PATIENT_STUDY_TYPE2 if k not in ds):
             setattr(ds, keyword, "")
@@ -202,14 +254,14 @@ def write_dicom_seg(labels: Volume, source_files, path: str | Path, infos: list[
     if len(set(values)) != len(values) or min(values, default=1) < 1:
         raise OutputError("label descriptions must have distinct values above 0", path=path,
                           found=str(values), fix="pass medseg.core.labels.label_infos(...) for the model's labels")
-    present = np.unique(labels.array)
+    present = np.unique(array)
     missing = sorted(set(present.tolist()) - {0} - set(values))
     if missing:
         raise OutputError("label values without a description", path=path, expected=f"values in {values}",
                           found=str(missing[:10]), fix="pass a LabelInfo for every label value")
     lut = np.zeros(max(values + [int(present.max())]) + 1, np.uint8 if len(values) < 256 else np.uint16)
     lut[values] = np.arange(1, len(values) + 1)
-    frames = lut[labels.array.astype(np.int64)].transpose(2, 1, 0)  # (i, j, k) -> (slice, row, column)
+    frames = lut[array.astype(np.int64)].transpose(2, 1, 0)  # (i, j, k) -> (slice, row, column)
     number = series_number if series_number is not None else int(headers[0].get("SeriesNumber") or 0) + 1000
     try:
         seg = hd.seg.Segmentation(
@@ -226,10 +278,11 @@ def write_dicom_seg(labels: Volume, source_files, path: str | Path, infos: list[
         raise OutputError("cannot build the DICOM SEG from this source series", path=where,
                           found=f"{type(exc).__name__}: {exc}".splitlines()[0][:200],
                           fix="check that the files are the slices of one image series") from None
-    if anonymize:
-        from medseg.core.privacy import anonymize_dataset
+    from medseg.core.privacy import anonymize_dataset, complete_deidentification_record
 
+    if anonymize:
         anonymize_dataset(seg)
+    complete_deidentification_record(seg)
     return atomic_write(path, lambda tmp: seg.save_as(tmp))
 
 

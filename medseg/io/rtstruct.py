@@ -23,7 +23,7 @@ import numpy as np
 
 from medseg.core.errors import OutputError
 from medseg.core.labels import LabelInfo
-from medseg.io.dicom_seg import PATIENT_STUDY_TYPE2, check_labels_on_source, source_grid
+from medseg.io.dicom_seg import PATIENT_STUDY_TYPE2, source_labels
 from medseg.io.volume import LPS_TO_RAS, Volume, atomic_write
 
 RTSTRUCT_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.481.3"
@@ -34,7 +34,8 @@ LEVEL = 0.55
 neighbour (0.5 would put points exactly half-way, where rounding to the nearest pixel goes either way)."""
 
 _COPY = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyInstanceUID", "StudyDate", "StudyTime",
-         "ReferringPhysicianName", "StudyID", "AccessionNumber", "StudyDescription", "PatientAge", "PatientWeight")
+         "ReferringPhysicianName", "StudyID", "AccessionNumber", "StudyDescription", "PatientAge", "PatientWeight",
+         "PatientIdentityRemoved", "DeidentificationMethod", "DeidentificationMethodCodeSequence")
 
 
 def slice_contours(mask: np.ndarray) -> list[np.ndarray]:
@@ -79,8 +80,9 @@ def write_rtstruct(labels: Volume, source_files, path: str | Path, infos: list[L
                    series_description: str = "medseg segmentation", series_number: int | None = None,
                    manufacturer: str = "medseg", model_name: str | None = None, series_uid: str | None = None,
                    anonymize: bool = False) -> Path:
-    """Write ``labels`` (on the grid of ``source_files``) as an RT Structure Set at ``path``. Raises
-    :class:`~medseg.core.errors.GeometryError` unless the labels lie exactly on the source slices."""
+    """Write ``labels`` as an RT Structure Set at ``path``, with contours on the slices of ``source_files``: labels on
+    the source grid as they are, labels of a series the loader resampled or de-tilted mapped back onto the original
+    slices (:func:`medseg.io.dicom_seg.source_labels`)."""
     import pydicom
     from pydicom.dataset import FileDataset, FileMetaDataset
     from pydicom.sequence import Sequence
@@ -89,14 +91,12 @@ def write_rtstruct(labels: Volume, source_files, path: str | Path, infos: list[L
     import medseg
 
     path = Path(path)
-    files, headers, affine = source_grid(source_files)
-    where = files[0].parent
-    check_labels_on_source(labels, affine, headers, where)
+    files, headers, arr, slice_affines = source_labels(labels, source_files)
     values = [int(i.value) for i in infos]
     if len(set(values)) != len(values) or min(values, default=1) < 1:
         raise OutputError("label descriptions must have distinct values above 0", path=path, found=str(values),
                           fix="pass medseg.core.labels.label_infos(...) for the model's labels")
-    missing = sorted(set(np.unique(labels.array).tolist()) - {0} - set(values))
+    missing = sorted(set(np.unique(arr).tolist()) - {0} - set(values))
     if missing:
         raise OutputError("label values without a description", path=path, expected=f"values in {values}",
                           found=str(missing[:10]), fix="pass a LabelInfo for every label value")
@@ -143,8 +143,6 @@ def write_rtstruct(labels: Volume, source_files, path: str | Path, infos: list[L
                   RTReferencedSeriesSequence=Sequence([series]))
     ds.ReferencedFrameOfReferenceSequence = Sequence([_item(FrameOfReferenceUID=frame_uid,
                                                             RTReferencedStudySequence=Sequence([study]))])
-    to_lps = LPS_TO_RAS @ np.asarray(labels.affine, dtype=np.float64)
-    arr = np.asarray(labels.array)
     rois, contours, observations = [], [], []
     for number, info in enumerate(sorted(infos, key=lambda i: int(i.value)), start=1):
         rois.append(_item(ROINumber=number, ReferencedFrameOfReferenceUID=frame_uid, ROIName=info.name[:64],
@@ -155,8 +153,9 @@ def write_rtstruct(labels: Volume, source_files, path: str | Path, infos: list[L
             mask = arr[..., k] == int(info.value)
             if not mask.any():
                 continue
+            to_lps = LPS_TO_RAS @ slice_affines[k]  # this slice's own plane (slices may be uneven or tilted)
             for ij in slice_contours(mask):
-                pts = np.column_stack([ij, np.full(len(ij), float(k)), np.ones(len(ij))]) @ to_lps.T
+                pts = np.column_stack([ij, np.zeros(len(ij)), np.ones(len(ij))]) @ to_lps.T
                 data = [f"{v:.4f}".rstrip("0").rstrip(".") or "0" for v in pts[:, :3].reshape(-1)]
                 items.append(_item(ContourImageSequence=Sequence([image_ref(headers[k])]),
                                    ContourGeometricType="CLOSED_PLANAR", NumberOfContourPoints=len(ij),
@@ -171,8 +170,9 @@ def write_rtstruct(labels: Volume, source_files, path: str | Path, infos: list[L
     ds.ROIContourSequence = Sequence(contours)
     ds.RTROIObservationsSequence = Sequence(observations)
     ds.ApprovalStatus = "UNAPPROVED"
-    if anonymize:
-        from medseg.core.privacy import anonymize_dataset
+    from medseg.core.privacy import anonymize_dataset, complete_deidentification_record
 
+    if anonymize:
         anonymize_dataset(ds)
+    complete_deidentification_record(ds)
     return atomic_write(path, lambda tmp: pydicom.dcmwrite(tmp, ds, enforce_file_format=True))
