@@ -272,10 +272,10 @@ def evaluate(
 
 def _config_of(ref) -> "Config":  # noqa: F821 - imported lazily
     """The config of a YAML file, or of a model (bundled name, .pt, .onnx, .ts)."""
-    from medseg.models.loading import EXPORT_SUFFIXES, bundled_models, model_config
+    from medseg.models.loading import EXPORT_SUFFIXES, known_models, model_config
 
     path = Path(str(ref))
-    if path.suffix == ".pt" or path.suffix.lower() in EXPORT_SUFFIXES or str(ref) in bundled_models():
+    if path.suffix == ".pt" or path.suffix.lower() in EXPORT_SUFFIXES or str(ref) in known_models():
         return model_config(ref)
     from medseg.core.config import load_config
 
@@ -563,37 +563,45 @@ def import_annotations_cmd(
 
 
 @app.command()
-def models() -> None:
-    """List registry architectures and bundled trained models."""
+def models(
+    as_json: bool = typer.Option(False, "--json", help="Print the trained models as JSON (name, kind, file, inputs, "
+                                 "outputs), for programs such as the 3D Slicer module."),
+) -> None:
+    """List registry architectures, bundled trained models and the models installed by 'medseg import-model'."""
+    import json
+
     from rich.table import Table
 
-    from medseg.models.loading import DEFAULT_MODEL, bundled_models
+    from medseg.models.loading import model_summaries, user_models_dir
     from medseg.models.registry import MODELS
 
+    summaries = model_summaries()
     con = _console(stderr=False)
+    if as_json:
+        print(json.dumps(summaries, indent=1))
+        return
     t = Table(title="architectures (model.name in a config)")
     for col in ("name", "dims", "description"):
         t.add_column(col)
     for spec in MODELS.values():
         t.add_row(spec.name, f"{spec.dims}D", spec.description)
     con.print(t)
-    from medseg.models.loading import model_config
-
-    b = Table(title="bundled trained models (--model NAME)")
-    b.add_column("name")
-    b.add_column("inputs (in order)")
-    b.add_column("outputs")
-    b.add_column("size")
-    b.add_column("file (model card: same name, .md)")
-    for name, path in bundled_models().items():
-        cfg = model_config(path)
-        outputs = ("regions: " + ", ".join(r.name for r in cfg.regions)) if cfg.regions else \
-            "labels: " + ", ".join(v for k, v in cfg.labels.items() if k)
-        inputs = ", ".join(f"{n}{' (reference grid)' if n == cfg.reference_channel and cfg.in_channels > 1 else ''}"
-                           for n in cfg.channel_names) if cfg.data.channels else f"one {cfg.modality} image"
-        b.add_row(name + (" (default)" if name == DEFAULT_MODEL else ""), inputs, outputs,
-                  f"{path.stat().st_size / 1e6:.1f} MB", str(path))
-    con.print(b)
+    for kind, title in (("bundled", "bundled trained models (--model NAME)"),
+                        ("installed", f"installed models (--model NAME; {user_models_dir()})")):
+        rows = [m for m in summaries if m["kind"] == kind]
+        if kind == "installed" and not rows:
+            con.print(f"no installed models in {user_models_dir()} ('medseg import-model' puts them there)")
+            continue
+        b = Table(title=title)
+        for col in ("name", "inputs (in order)", "outputs", "size", "file"):
+            b.add_column(col)
+        for m in rows:
+            inputs = ", ".join(f"{n}{' (reference grid)' if n == m['reference'] and len(m['inputs']) > 1 else ''}"
+                               for n in m["inputs"]) if m["sequences"] else f"one {m['modality']} image"
+            outputs = ("regions: " if m["regions"] else "labels: ") + ", ".join(m["outputs"])
+            b.add_row(m["name"] + (" (default)" if m.get("default") else ""), inputs, outputs,
+                      f"{m['size_mb']:.1f} MB", m["path"])
+        con.print(b)
 
 
 @app.command("export")
@@ -649,7 +657,9 @@ def import_model(
     source: Path = typer.Argument(..., help="nnunet: nnUNet_results/DatasetXXX_Name/TRAINER__PLANS__CONFIGURATION "
                                   "(or the dataset folder with --configuration); monai-bundle: the bundle's root "
                                   "folder (configs/inference.json, models/model.pt)."),
-    output: Path = typer.Option(..., "-o", "--output", help="Model file to write (.pt)."),
+    output: Optional[Path] = typer.Option(None, "-o", "--output", help="Model file to write (.pt); default: "
+                                          "NAME.pt in the installed models' folder ($MEDSEG_MODELS_DIR or "
+                                          "~/.medseg/models), so that --model NAME finds it."),
     configuration: Optional[str] = typer.Option(None, "--configuration", "-c", help="nnunet: 3d_fullres or "
                                                 "3d_lowres (default: the folder's)."),
     folds: Optional[List[int]] = typer.Option(None, "--folds", "-f", help="nnunet: folds to ensemble (repeatable; "
@@ -665,6 +675,16 @@ def import_model(
     from medseg.core.errors import ConfigError
 
     kind = kind.lower()
+    if output is None:
+        import re
+
+        from medseg.models.loading import user_models_dir
+
+        default = (source.parent.name + "_" + source.name.rsplit("__", 1)[-1]) if kind == "nnunet" else source.name
+        stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", name or default).strip("_.") or "imported"
+        output = user_models_dir() / f"{stem}.pt"
+        output.parent.mkdir(parents=True, exist_ok=True)
+        name = name or stem
     if kind == "monai-bundle":
         from medseg.models.monai_bundle import import_bundle
 

@@ -283,3 +283,31 @@ def test_cli_import_model(tmp_path):
     assert_clean_error(proc, "nnU-Net results folder not found")
     proc = run_cli("import-model", "nnunet", str(folder), "-o", str(tmp_path / "x.pt"), "--folds", "3")
     assert_clean_error(proc, "fold_3")
+
+
+def test_installed_models_are_used_by_name(tmp_path):
+    """Without -o, import-model installs the model in $MEDSEG_MODELS_DIR; 'models --json' lists it and --model NAME
+    finds it."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    folder = make_results(tmp_path, folds=(0,))
+    env = {**os.environ, "MEDSEG_MODELS_DIR": str(tmp_path / "models"), "PYTHONWARNINGS": "ignore"}
+
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", "medseg", *map(str, args)], capture_output=True, text=True,
+                              env=env, cwd=REPO, timeout=600)
+
+    proc = cli("import-model", "nnunet", folder, "--name", "toy_nnunet")
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "models" / "toy_nnunet.pt").is_file()
+    listed = {m["name"]: m for m in json.loads(cli("models", "--json").stdout)}
+    assert listed["toy_nnunet"]["kind"] == "installed" and listed["toy_nnunet"]["source"] == "nnunet"
+    assert listed["toy_nnunet"]["outputs"] == ["a", "b"] and listed["hippocampus"]["kind"] == "bundled"
+    sample = REPO / "medseg" / "assets" / "samples" / "hippocampus_001.nii.gz"
+    proc = cli("predict", sample, "-o", tmp_path / "out", "--model", "toy_nnunet", "--no-tta")
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "out" / "hippocampus_001.nii.gz").is_file()

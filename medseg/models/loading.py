@@ -30,8 +30,28 @@ def bundled_models() -> dict[str, Path]:
     return {p.stem: p for p in sorted(BUNDLED_MODELS.glob("*.pt"), key=lambda p: p.stem)}
 
 
+def user_models_dir() -> Path:
+    """Where imported models are kept so that they are used by name: ``$MEDSEG_MODELS_DIR``, else
+    ``~/.medseg/models``."""
+    import os
+
+    return Path(os.environ.get("MEDSEG_MODELS_DIR") or Path.home() / ".medseg" / "models")
+
+
+def installed_models() -> dict[str, Path]:
+    """The models in :func:`user_models_dir` (``NAME.pt``), by name."""
+    folder = user_models_dir()
+    return {p.stem: p for p in sorted(folder.glob("*.pt"), key=lambda p: p.stem)} if folder.is_dir() else {}
+
+
+def known_models() -> dict[str, Path]:
+    """Every model usable by name: the installed ones, then the bundled ones (a bundled name wins)."""
+    return {**installed_models(), **bundled_models()}
+
+
 def resolve_model(ref: str | Path | None) -> Path:
-    """A bundled model name (``hippocampus``) or a model file path -> the file's path."""
+    """A model name (bundled, or installed in :func:`user_models_dir` by ``medseg import-model``) or a model file
+    path -> the file's path."""
     if ref is None:
         ref = DEFAULT_MODEL
     path = Path(ref)
@@ -40,13 +60,40 @@ def resolve_model(ref: str | Path | None) -> Path:
             raise InputNotFoundError("model file not found", path=path, expected="a medseg .pt checkpoint",
                                      fix="check the path, or use a bundled model name: " + ", ".join(bundled_models()))
         return path
-    models = bundled_models()
+    models = known_models()
     if str(ref) not in models:
         close = difflib.get_close_matches(str(ref), list(models), n=1)
-        fix = f"did you mean '{close[0]}'?" if close else "bundled models: " + (", ".join(models) or "none installed")
-        raise UnknownModelError(f"unknown model '{ref}'", expected="a bundled model name or a .pt file",
+        fix = f"did you mean '{close[0]}'?" if close else "models: " + (", ".join(models) or "none installed")
+        raise UnknownModelError(f"unknown model '{ref}'", expected="a model name or a .pt file",
                                 fix=fix + "; 'medseg models' lists them")
     return models[str(ref)]
+
+
+def model_summaries() -> list[dict]:
+    """Every model usable by name (bundled, then installed), as plain data: ``name``, ``kind``
+    (bundled/installed), ``path``, ``inputs`` (sequence names in order), ``reference``, ``sequences`` (several),
+    ``outputs`` (label or region names), ``regions``, ``modality``, ``source`` (nnunet, monai-bundle, medseg),
+    ``size_mb``. A file that cannot be read is listed with its ``error``."""
+    out = []
+    for kind, models in (("bundled", bundled_models()), ("installed", installed_models())):
+        for name, path in models.items():
+            if kind == "installed" and name in bundled_models():
+                continue
+            item = {"name": name, "kind": kind, "path": str(path), "default": name == DEFAULT_MODEL,
+                    "size_mb": round(path.stat().st_size / 1e6, 2)}
+            try:
+                payload, _ = read_model_payload(path)
+                cfg = config_from_checkpoint(payload, source=str(path))
+            except MedsegError as exc:
+                out.append({**item, "error": str(exc)})
+                continue
+            item.update({"inputs": cfg.channel_names, "reference": cfg.reference_channel,
+                         "sequences": bool(cfg.data.channels),
+                         "outputs": [r.name for r in cfg.regions] or [v for k, v in cfg.labels.items() if k],
+                         "regions": bool(cfg.regions), "modality": cfg.modality, "task": cfg.task,
+                         "source": (payload.get("source") or {}).get("kind", "medseg")})
+            out.append(item)
+    return out
 
 
 EXPORT_SUFFIXES = {".onnx": "onnxruntime", ".ts": "torchscript", ".torchscript": "torchscript"}
