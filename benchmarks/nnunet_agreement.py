@@ -48,8 +48,22 @@ def run(cmd: list[str], env: dict | None = None) -> float:
     return time.perf_counter() - t0
 
 
+# nnU-Net's own entry point, run by its python. Beside a CPU build of torch, PyPI's torchvision does not import, and
+# nnU-Net's trainer lookup imports every trainer module, the Primus one through timm and torchvision: an empty module
+# stands in for that one (plain U-Net trainers are found as usual). Nothing of nnU-Net is changed.
+LAUNCHER = """
+import sys, types
+name = 'nnunetv2.training.nnUNetTrainer.primus.primus_trainers'
+sys.modules[name] = types.ModuleType(name)
+from nnunetv2.inference.predict_from_raw_data import predict_entry_point_modelfolder
+sys.argv = ['nnUNetv2_predict_from_modelfolder'] + sys.argv[1:]
+if __name__ == '__main__':
+    sys.exit(predict_entry_point_modelfolder())
+"""
+
+
 def nnunet_predict(venv: Path, results: Path, inputs: Path, out: Path, folds: list[str], tta: bool) -> float:
-    cmd = [str(venv / "bin" / "nnUNetv2_predict_from_modelfolder"), "-i", str(inputs), "-o", str(out),
+    cmd = [str(venv / "bin" / "python"), "-c", LAUNCHER, "-i", str(inputs), "-o", str(out),
            "-m", str(results), "-f", *folds, "-device", "cpu", "-npp", "1", "-nps", "1"]
     if not tta:
         cmd.append("--disable_tta")

@@ -116,10 +116,6 @@ def test_build_command_for_several_sequences_and_finding_the_output(tmp_path):
                             channels={"flair": "/t/in/FLAIR.nii.gz", "t1c": "/t/in/T1 post.nii.gz"})
     assert cmd == ["medseg", "predict", "--channel", "flair=/t/in/FLAIR.nii.gz", "--channel", "t1c=/t/in/T1 post.nii.gz",
                    "-o", "/t/out", "--model", "glioma", "--device", "cpu", "--format", "seg.nrrd"]
-    assert msl.parse_sequence_names(" flair, t1c ") == ["flair", "t1c"]
-    assert msl.parse_sequence_names("") == []
-    with pytest.raises(ValueError, match="differ"):
-        msl.parse_sequence_names("flair flair")
     out = tmp_path / "output"
     assert msl.find_output(out) is None  # not written (yet)
     out.mkdir()
@@ -165,7 +161,7 @@ def test_find_medseg_errors_are_clear(tmp_path):
         msl.find_medseg(env={"PATH": str(tmp_path), "MEDSEG_EXECUTABLE": str(tmp_path / "nope")})
     with pytest.raises(msl.MedsegNotFound, match="module's medseg setting"):
         msl.find_medseg("/no/such/medseg", env={"PATH": str(tmp_path)})
-    assert msl.candidate_locations(MODULE_DIR)[0] == MODULE_DIR.parent.parent / ".venv" / "bin" / "medseg"
+    assert msl.candidate_locations(MODULE_DIR)[1] == MODULE_DIR.parent.parent / ".venv" / "bin" / "medseg"
 
 
 @posix_only
@@ -392,3 +388,60 @@ def test_real_medseg_end_to_end(tmp_path):
     assert res.success, (res.error, res.lines)
     assert res.output_path == out_dir / "hippocampus_011.nii.gz" and res.output_path.stat().st_size > 0
     assert any("hippocampus_011.nii.gz" in line for line in seen)
+
+
+def test_models_listed_from_the_real_medseg():
+    """The model list and each model's sequences come from 'medseg models --json' (bundled and installed models)."""
+    models = msl.list_models([sys.executable, "-m", "medseg"], timeout=300)
+    names = [m["name"] for m in models]
+    assert "hippocampus" in names and "glioma" in names
+    assert msl.model_inputs(models, "glioma") == ["flair", "t1c"]
+    assert msl.model_inputs(models, "hippocampus") == ["image"]
+    assert msl.model_inputs(models, "/some/file.pt") == ["image"]  # a path: one image unless listed
+
+
+@posix_only
+def test_models_list_refuses_an_old_medseg(tmp_path):
+    old = write_script(tmp_path / "medseg", f"#!{sys.executable}\nprint('a table, not JSON')\n")
+    with pytest.raises(msl.MedsegNotFound, match="JSON"):
+        msl.list_models([str(old)])
+
+
+@posix_only
+def test_setup_installs_medseg_into_its_own_environment(tmp_path):
+    """'Set up medseg' from inside Slicer: a fresh environment made by a Python it finds, medseg installed into it
+    with pip (here a small stand-in package from a local folder, offline), its program found and working."""
+    pkg = tmp_path / "pkg"
+    (pkg / "medseg_standin").mkdir(parents=True)
+    (pkg / "medseg_standin" / "__init__.py").write_text(
+        "import sys\ndef main():\n    print('Usage: medseg predict [OPTIONS] --format')\n    sys.exit(0)\n")
+    (pkg / "pyproject.toml").write_text(
+        '[build-system]\nrequires = ["setuptools"]\nbuild-backend = "setuptools.build_meta"\n'
+        '[project]\nname = "medseg-standin"\nversion = "0.0"\n'
+        '[project.scripts]\nmedseg = "medseg_standin:main"\n')
+    import subprocess
+
+    # a wheel made here (a fresh environment's setuptools may lack bdist_wheel offline), installed from the folder
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-w", str(tmp_path / "whl"),
+                    str(pkg)], check=True, capture_output=True, timeout=300)
+    (wheel,) = (tmp_path / "whl").glob("*.whl")
+    python = msl.find_python([sys.executable])
+    env_dir = tmp_path / "env"
+    cmd = msl.setup_command(python, env_dir, ["--no-index", str(wheel)])
+    (tmp_path / "log").mkdir()
+    res = msl.run_medseg(cmd, None, log_dir=tmp_path / "log", timeout=600)
+    assert res.success, (res.error, res.lines[-20:])
+    assert any("medseg installed" in line for line in res.lines)
+    exe = msl.venv_executable(env_dir)
+    assert exe.is_file()
+    assert "Usage: medseg predict" in msl.check_medseg([str(exe)], timeout=60)
+    assert msl.find_medseg(candidates=[exe], env={"PATH": "/nonexistent"}) == [str(exe)]
+
+
+def test_setup_defaults():
+    assert msl.candidate_locations()[0] == msl.venv_executable(msl.setup_dir())
+    package = msl.default_package(MODULE_DIR)  # this checkout, with its constraints
+    assert package[-1] == str(MODULE_DIR.parent.parent) and package[0] == "-c"
+    assert msl.default_package(Path("/nowhere/slicer/MedsegSegment")) == ["medseg"]
+    with pytest.raises(msl.MedsegNotFound, match="Python 3.10"):
+        msl.find_python(["/nonexistent/python3"])

@@ -62,7 +62,8 @@ def find_results_dir(path: str | Path, configuration: str | None) -> Path:
 def load_nnunet_checkpoint(path: Path) -> dict:
     """A fold checkpoint's plain contents (weights, trainer name, mirror axes), read without running pickled code."""
     try:
-        ck = torch.load(path, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals(_numpy_scalar_globals()):
+            ck = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - torch raises several types for unsafe or broken files
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
         raise CheckpointError("cannot read nnU-Net checkpoint safely", path=path,
@@ -73,6 +74,16 @@ def load_nnunet_checkpoint(path: Path) -> dict:
                               found=str(sorted(ck)[:6]) if isinstance(ck, dict) else type(ck).__name__,
                               fix="use fold_N/checkpoint_final.pth of an nnU-Net v2 results folder")
     return ck
+
+
+def _numpy_scalar_globals() -> list:
+    """What a checkpoint nnU-Net wrote needs beyond torch's default safe list: numpy scalars and their dtypes (its
+    training log and ``_best_ema`` hold numpy floats). Data types only; nothing that runs code."""
+    import numpy as np
+
+    core = getattr(np, "_core", None) or np.core
+    dtypes = [getattr(np.dtypes, n) for n in dir(np.dtypes) if n.endswith("DType")] if hasattr(np, "dtypes") else []
+    return [core.multiarray.scalar, np.dtype, *dtypes]
 
 
 def _channel_names(dataset: dict) -> list[str]:
@@ -186,8 +197,11 @@ def import_nnunet(results: str | Path, output: str | Path, *, configuration: str
         },
         "patch": {"size": [int(s) for s in conf["patch_size"]]},
         "augment": {"enabled": bool(mirror), "flip_axes": mirror},
-        "model": {"name": "nnunet", "arch": {k: copy.deepcopy(arch[k]) for k in
-                                             ("network_class_name", "arch_kwargs", "arch_kwargs_requires_import")}},
+        "model": {"name": "nnunet", "arch": {
+            "network_class_name": arch["network_class_name"], "arch_kwargs": copy.deepcopy(arch.get("arch_kwargs", {})),
+            # nnU-Net's plans call the list "_kw_requires_import"
+            "arch_kwargs_requires_import": list(arch.get("_kw_requires_import") or
+                                                arch.get("arch_kwargs_requires_import") or [])}},
         "inference": {"overlap": 0.5, "blend": "gaussian", "tta": bool(mirror), "mirror": "combinations",
                       "average": "logits", "window_steps": "nnunet", "sw_batch_size": 1},
         "regions": regions,

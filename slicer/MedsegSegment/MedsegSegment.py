@@ -36,10 +36,12 @@ class MedsegSegment(ScriptedLoadableModule):
         self.parent.dependencies = []
         self.parent.contributors = ["medseg developers"]
         self.parent.helpText = (
-            "Segments the selected volume with the medseg command line (run in its own Python "
-            "environment) and loads the result as a segmentation with named, coloured segments. "
-            f"Point the module at medseg with the {msl.ENV_VAR} environment variable or the "
-            "'medseg program' field under Advanced. See slicer/README.md in the medseg repository.")
+            "Segments the selected volume (one volume per sequence for models of several) with the medseg "
+            "command line, run in its own Python environment, and loads the result as a segmentation with "
+            "named, coloured segments. The model list holds medseg's bundled models and the ones installed by "
+            "'medseg import-model' (nnU-Net, MONAI bundles). Without medseg, 'Set up medseg' under Advanced "
+            f"installs it; or point the module at an existing one ({msl.ENV_VAR} or the 'medseg program' "
+            "field). See slicer/README.md in the medseg repository.")
         self.parent.acknowledgementText = "Uses medseg (MONAI and PyTorch) as an external program."
 
 
@@ -59,33 +61,32 @@ class MedsegSegmentWidget(ScriptedLoadableModuleWidget):
         form = qt.QFormLayout()
         self.layout.addLayout(form)
 
-        self.inputSelector = slicer.qMRMLNodeComboBox()
-        self.inputSelector.nodeTypes = ["vtkMRMLScalarVolumeNode"]
-        self.inputSelector.selectNodeUponCreation = True
-        self.inputSelector.addEnabled = self.inputSelector.removeEnabled = self.inputSelector.noneEnabled = False
-        self.inputSelector.setMRMLScene(slicer.mrmlScene)
-        self.inputSelector.setToolTip("Volume to segment.")
-        form.addRow("Input volume:", self.inputSelector)
-        self.sequencesEdit = qt.QLineEdit("")
-        self.sequencesEdit.setPlaceholderText("one volume: leave empty; several: e.g. flair, t1c")
-        self.sequencesEdit.setToolTip("Models that take several MRI sequences (see 'medseg models', e.g. glioma: "
-                                      "flair, t1c): their names in order. The input volume is the first; "
-                                      "choose the others below. The result lies on the model's reference grid.")
-        form.addRow("Sequences:", self.sequencesEdit)
-        self.extraSelectors = []
-        for i in range(2, 5):
+        self.modelCombo = qt.QComboBox()
+        self.modelCombo.editable = True
+        self.modelCombo.addItem(msl.DEFAULT_MODEL)
+        self.modelCombo.setToolTip("A model medseg knows (bundled, or installed by 'medseg import-model', e.g. an "
+                                   "nnU-Net or MONAI bundle model), or the path of a .pt model.")
+        form.addRow("Model:", self.modelCombo)
+        self.models = []  # medseg models --json
+        # one volume per sequence the chosen model takes; the first row is the input volume
+        self.sequenceSelectors, self.sequenceLabels = [], []
+        for i in range(1, 5):
             sel = slicer.qMRMLNodeComboBox()
             sel.nodeTypes = ["vtkMRMLScalarVolumeNode"]
             sel.selectNodeUponCreation = False
             sel.addEnabled = sel.removeEnabled = False
             sel.noneEnabled = True
             sel.setMRMLScene(slicer.mrmlScene)
-            sel.setToolTip(f"Volume of the {i}th sequence named above (co-registered with the input volume).")
-            form.addRow(f"Sequence {i}:", sel)
-            self.extraSelectors.append(sel)
-        self.modelEdit = qt.QLineEdit(msl.DEFAULT_MODEL)
-        self.modelEdit.setToolTip("Bundled model name (see 'medseg models') or path of a .pt model.")
-        form.addRow("Model:", self.modelEdit)
+            sel.setToolTip("Volume of this sequence, co-registered with the first; the result lies on the model's "
+                           "reference sequence's grid.")
+            label = qt.QLabel(f"Sequence {i}:")
+            form.addRow(label, sel)
+            self.sequenceSelectors.append(sel)
+            self.sequenceLabels.append(label)
+        first = self.sequenceSelectors[0]  # the input volume (the first sequence of a model of several)
+        first.selectNodeUponCreation, first.noneEnabled = True, False
+        first.setToolTip("Volume to segment.")
+        self._showSequences(["image"])
         self.deviceCombo = qt.QComboBox()
         self.deviceCombo.addItems(list(msl.DEVICES))
         form.addRow("Device:", self.deviceCombo)
@@ -101,6 +102,10 @@ class MedsegSegmentWidget(ScriptedLoadableModuleWidget):
         advForm.addRow("medseg program:", self.executableEdit)
         self.checkButton = qt.QPushButton("Check medseg")
         advForm.addRow(self.checkButton)
+        self.setupButton = qt.QPushButton("Set up medseg")
+        self.setupButton.setToolTip(f"Install medseg into its own Python environment ({msl.setup_dir()}), without "
+                                    "touching Slicer's Python; takes a few minutes and a download of PyTorch.")
+        advForm.addRow(self.setupButton)
         self.timeoutSpin = qt.QSpinBox()
         self.timeoutSpin.setRange(0, 24 * 60)
         self.timeoutSpin.value, self.timeoutSpin.suffix = 60, " min"
@@ -127,6 +132,9 @@ class MedsegSegmentWidget(ScriptedLoadableModuleWidget):
         self.applyButton.connect("clicked(bool)", self.onApply)
         self.cancelButton.connect("clicked(bool)", self.onCancel)
         self.checkButton.connect("clicked(bool)", self.onCheck)
+        self.setupButton.connect("clicked(bool)", self.onSetup)
+        self.modelCombo.connect("currentIndexChanged(int)", self.onModelChanged)
+        self.refreshModels(quiet=True)
 
     def cleanup(self):
         self.timer.stop()
@@ -138,6 +146,40 @@ class MedsegSegmentWidget(ScriptedLoadableModuleWidget):
         self.applyButton.enabled = not running
         self.cancelButton.enabled = running
 
+    def _showSequences(self, names):
+        """One volume row per sequence of the chosen model (a model of one image: the input volume only)."""
+        for i, (label, sel) in enumerate(zip(self.sequenceLabels, self.sequenceSelectors)):
+            visible = i < len(names)
+            label.visible = sel.visible = visible
+            if visible:
+                label.text = "Input volume:" if names == ["image"] else f"{names[i]} volume:"
+        self.sequenceNames = list(names)
+
+    def refreshModels(self, quiet=False):
+        """Fill the model list from 'medseg models --json' (bundled and installed models)."""
+        try:
+            cmd = self.logic.findExecutable(self.executableEdit.text)
+            self.models = msl.list_models(cmd, env=self.logic.environment())
+        except msl.MedsegNotFound as exc:
+            if not quiet:
+                slicer.util.errorDisplay(str(exc), windowTitle="medseg")
+            return
+        current = self.modelCombo.currentText
+        self.modelCombo.blockSignals(True)
+        self.modelCombo.clear()
+        for m in self.models:
+            self.modelCombo.addItem(m["name"])
+            tip = (f"{m.get('kind', '')} model ({m.get('source', 'medseg')}): inputs {', '.join(m.get('inputs') or [])}; "
+                   f"outputs {', '.join(m.get('outputs') or [])}")
+            self.modelCombo.setItemData(self.modelCombo.count - 1, tip, qt.Qt.ToolTipRole)
+        self.modelCombo.blockSignals(False)
+        index = self.modelCombo.findText(current)
+        self.modelCombo.setCurrentIndex(index if index >= 0 else max(self.modelCombo.findText(msl.DEFAULT_MODEL), 0))
+        self.onModelChanged()
+
+    def onModelChanged(self, index=None):
+        self._showSequences(msl.model_inputs(self.models, self.modelCombo.currentText.strip()))
+
     def onCheck(self):
         qt.QApplication.setOverrideCursor(qt.Qt.WaitCursor)
         try:
@@ -145,24 +187,44 @@ class MedsegSegmentWidget(ScriptedLoadableModuleWidget):
             msl.check_medseg(cmd, timeout=60, env=self.logic.environment())
             formats = msl.predict_supports_format(cmd, timeout=60, env=self.logic.environment())
             self.statusLabel.text = f"medseg works: {' '.join(cmd)}" + ("" if formats else " (no --format: too old)")
+            self.refreshModels()
         except msl.MedsegNotFound as exc:
-            slicer.util.errorDisplay(str(exc), windowTitle="medseg")
+            slicer.util.errorDisplay(str(exc) + " 'Set up medseg' under Advanced installs it.", windowTitle="medseg")
         finally:
             qt.QApplication.restoreOverrideCursor()
 
+    def onSetup(self):
+        if not slicer.util.confirmOkCancelDisplay(
+                f"Install medseg into {msl.setup_dir()}? This downloads medseg's dependencies (PyTorch, MONAI, about "
+                "1 GB) and takes a few minutes; Slicer's own Python is not changed.", windowTitle="medseg"):
+            return
+        try:
+            python = msl.find_python(env=self.logic.environment())
+            work = msl.make_work_dir("medseg-setup-")
+            self.job = msl.MedsegJob(msl.setup_command(python), None, log_dir=work, timeout=3600,
+                                     env=self.logic.environment())
+        except (RuntimeError, OSError) as exc:
+            slicer.util.errorDisplay(str(exc), windowTitle="medseg")
+            return
+        self.run = (work, None)
+        self.logView.setPlainText(" ".join(self.job.command[:2]) + " ... (setting up medseg)")
+        self.statusLabel.text = "Setting up medseg..."
+        self._setRunning(True)
+        self.timer.start()
+
     def onApply(self):
-        node = self.inputSelector.currentNode()
+        node = self.sequenceSelectors[0].currentNode()
         if node is None:
             slicer.util.errorDisplay("Select an input volume first.")
             return
         qt.QSettings().setValue(SETTING_EXECUTABLE, self.executableEdit.text.strip())
         try:
-            names = msl.parse_sequence_names(self.sequencesEdit.text)
-            nodes = [node] + [sel.currentNode() for sel in self.extraSelectors][:max(0, len(names) - 1)]
-            if names and (len(names) > 1 + len(self.extraSelectors) or any(n is None for n in nodes)):
+            names = self.sequenceNames
+            nodes = [sel.currentNode() for sel in self.sequenceSelectors[:len(names)]]
+            if any(n is None for n in nodes):
                 raise ValueError(f"choose one volume for each of the {len(names)} sequences: {', '.join(names)}")
             sequences = dict(zip(names, nodes)) if len(names) > 1 else None
-            self.job, work = self.logic.start(node, self.modelEdit.text, self.deviceCombo.currentText,
+            self.job, work = self.logic.start(node, self.modelCombo.currentText, self.deviceCombo.currentText,
                                               self.executableEdit.text, self.timeoutSpin.value * 60 or None,
                                               sequences=sequences)
         except (RuntimeError, ValueError, OSError) as exc:  # MedsegNotFound is a RuntimeError
@@ -196,6 +258,9 @@ class MedsegSegmentWidget(ScriptedLoadableModuleWidget):
 
     def onFinished(self, result):
         work, node = self.run
+        if node is None:  # the setup job
+            self.onSetupFinished(result, work)
+            return
         try:
             if result.success and result.output_path is None:  # several sequences: medseg named the output
                 result.output_path = msl.find_output(os.path.join(str(work), "output"))
@@ -218,6 +283,20 @@ class MedsegSegmentWidget(ScriptedLoadableModuleWidget):
             kept = not msl.cleanup_work_dir(work, keep=self.keepCheck.checked)
             if kept and os.path.isdir(work):
                 self.logView.appendPlainText(f"temporary folder kept: {work}")
+
+
+    def onSetupFinished(self, result, work):
+        exe = msl.venv_executable(msl.setup_dir())
+        if result.success and exe.is_file():
+            self.executableEdit.text = str(exe)
+            qt.QSettings().setValue(SETTING_EXECUTABLE, str(exe))
+            self.statusLabel.text = f"medseg is set up: {exe}"
+            self.refreshModels()
+        else:
+            self.statusLabel.text = f"Setting up medseg failed: {result.error or 'see the log'}"
+            slicer.util.errorDisplay(f"Setting up medseg failed: {result.error}", windowTitle="medseg",
+                                     detailedText="\n".join(result.lines[-100:]))
+        msl.cleanup_work_dir(work, keep=self.keepCheck.checked)
 
 
 class MedsegSegmentLogic(ScriptedLoadableModuleLogic):

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Mapping, Optional, Sequence
 
 ENV_VAR = "MEDSEG_EXECUTABLE"
-FORMATS = {"nifti": ".nii.gz", "nrrd": ".nrrd", "seg.nrrd": ".seg.nrrd", "dicom-seg": ".dcm"}
+FORMATS = {"nifti": ".nii.gz", "nrrd": ".nrrd", "seg.nrrd": ".seg.nrrd", "dicom-seg": ".dcm", "rtstruct": ".rtstruct.dcm"}
 DEVICES = ("auto", "cpu", "cuda")
 DEFAULT_MODEL = "hippocampus"
 # set by Slicer's launcher for its own Python; they would break medseg's interpreter
@@ -43,11 +43,21 @@ def split_command(value: str) -> list:
     return [value] if Path(value).exists() else shlex.split(value, posix=os.name != "nt")
 
 
+def setup_dir() -> Path:
+    """Where :func:`setup_command` installs medseg from inside Slicer: ``~/.medseg/slicer-env``."""
+    return Path.home() / ".medseg" / "slicer-env"
+
+
+def venv_executable(env_dir) -> Path:
+    """The ``medseg`` program of a virtual environment."""
+    return Path(env_dir).joinpath(*(("Scripts", "medseg.exe") if os.name == "nt" else ("bin", "medseg")))
+
+
 def candidate_locations(module_dir: Optional[Path] = None) -> list:
-    """Usual places of a medseg virtual environment, most specific first."""
+    """Usual places of a medseg virtual environment, most specific first (the one the module sets up itself first)."""
     exe = ("Scripts", "medseg.exe") if os.name == "nt" else ("bin", "medseg")
     here = Path(module_dir or Path(__file__).resolve().parent)
-    roots = [here.parent.parent / ".venv",  # a checkout: <repo>/slicer/MedsegSegment
+    roots = [setup_dir(), here.parent.parent / ".venv",  # a checkout: <repo>/slicer/MedsegSegment
              Path.home() / "medseg" / ".venv", Path.home() / ".venv", Path.home() / "venvs" / "medseg"]
     return [r.joinpath(*exe) for r in roots] + [Path.home() / ".local" / "bin" / "medseg"]
 
@@ -97,6 +107,82 @@ def check_medseg(command: Sequence[str], timeout: float = 60, env: Optional[Mapp
     return proc.stdout
 
 
+def list_models(command: Sequence[str], timeout: float = 120, env: Optional[Mapping[str, str]] = None) -> list:
+    """The trained models this medseg knows (``medseg models --json``: bundled and installed ones), each a dict
+    with ``name``, ``kind``, ``inputs`` (sequence names in order), ``outputs``, ``source``..."""
+    import json
+
+    text = check_medseg(command, timeout, env, args=("models", "--json"))
+    try:
+        models = json.loads(text)
+    except ValueError:
+        raise MedsegNotFound("this medseg cannot list its models as JSON (too old?); update it") from None
+    return [m for m in models if isinstance(m, dict) and m.get("name") and not m.get("error")
+            and m.get("task", "volume") == "volume"]
+
+
+def model_inputs(models: Sequence[Mapping], name: str) -> list:
+    """The sequences model ``name`` takes, in order (``["image"]`` for one image or a model not in ``models``)."""
+    for m in models:
+        if m.get("name") == name:
+            return list(m.get("inputs") or ["image"]) if m.get("sequences") else ["image"]
+    return ["image"]
+
+
+def find_python(candidates: Optional[Iterable[str]] = None, env: Optional[Mapping[str, str]] = None) -> list:
+    """A Python 3.10 or newer to make medseg's own environment with: the first of ``candidates`` (default:
+    python3.12, python3.11, python3.10, python3 on PATH) that runs and is new enough."""
+    env = os.environ if env is None else env
+    for name in candidates or ("python3.12", "python3.11", "python3.10", "python3", "python"):
+        exe = shutil.which(name, path=env.get("PATH")) or (name if Path(name).is_file() else None)
+        if not exe:
+            continue
+        try:
+            proc = subprocess.run([exe, "-c", "import sys, venv; print(sys.version_info >= (3, 10))"],
+                                  capture_output=True, text=True, timeout=30, env=clean_environment(env),
+                                  stdin=subprocess.DEVNULL)
+        except (OSError, subprocess.TimeoutExpired):
+            continue
+        if proc.returncode == 0 and proc.stdout.strip() == "True":
+            return [exe]
+    raise MedsegNotFound("no Python 3.10 or newer was found to install medseg with. Install Python 3.11 "
+                         "(python.org), or give medseg's program under Advanced.")
+
+
+def default_package(module_dir: Optional[Path] = None) -> list:
+    """What to install: the medseg checkout this module came from (with its constraints), else ``medseg``."""
+    here = Path(module_dir or Path(__file__).resolve().parent)
+    repo = here.parent.parent
+    if (repo / "pyproject.toml").is_file() and (repo / "medseg").is_dir():
+        constraints = repo / "constraints.txt"
+        return (["-c", str(constraints)] if constraints.is_file() else []) + [str(repo)]
+    return ["medseg"]
+
+
+SETUP_SCRIPT = r"""
+import subprocess, sys, venv
+from pathlib import Path
+env_dir, pip_args = Path(sys.argv[1]), sys.argv[2:]
+print("creating", env_dir, flush=True)
+venv.create(env_dir, with_pip=True, clear=True)
+py = env_dir / ("Scripts/python.exe" if sys.platform == "win32" else "bin/python")
+for args in (["install", "--upgrade", "pip"], ["install", *pip_args]):
+    print("pip", " ".join(args), flush=True)
+    code = subprocess.call([str(py), "-m", "pip", "--disable-pip-version-check", *args])
+    if code and args[1] != "--upgrade":
+        sys.exit(code)
+print("medseg installed", flush=True)
+"""
+
+
+def setup_command(python: Sequence[str], env_dir=None, package: Optional[Sequence[str]] = None) -> list:
+    """The command that makes a fresh environment at ``env_dir`` (default :func:`setup_dir`) and installs medseg
+    into it (``package``: pip arguments, default :func:`default_package`); run it as a :class:`MedsegJob` so its
+    output streams into Slicer. Afterwards ``venv_executable(env_dir)`` is medseg's program."""
+    env_dir = Path(env_dir or setup_dir())
+    return list(python) + ["-c", SETUP_SCRIPT, str(env_dir), *(list(package) if package else default_package())]
+
+
 def predict_supports_format(command: Sequence[str], timeout: float = 60, env=None) -> bool:
     """Whether this medseg's ``predict`` has the ``--format`` option."""
     return "--format" in check_medseg(command, timeout, env, args=("predict", "--help"))
@@ -128,14 +214,6 @@ def build_command(executable: Sequence[str], input_path, output_dir, model: str 
         if channels else [str(input_path)]
     return exe + ["predict", *inputs, "-o", str(output_dir), "--model", model.strip() or DEFAULT_MODEL,
                   "--device", device] + [arg for fmt in formats for arg in ("--format", fmt)]
-
-
-def parse_sequence_names(text: str) -> list:
-    """``"flair, t1c"`` -> ``["flair", "t1c"]``: the model's sequence names, in the order the volumes are chosen."""
-    names = [n.strip() for n in re.split(r"[,\s]+", text or "") if n.strip()]
-    if len(set(names)) != len(names):
-        raise ValueError(f"sequence names must differ: {', '.join(names)}")
-    return names
 
 
 def find_output(output_dir, fmt: str = "seg.nrrd") -> Optional[Path]:
