@@ -347,3 +347,30 @@ def test_labels_agree_with_nnunets_predictor(tmp_path, tta):
             a, b = ours.array == c, theirs == c
             assert b.sum() > 100, case  # nnU-Net found the class: the comparison is not between empty masks
             assert 2 * (a & b).sum() / (a.sum() + b.sum()) >= 0.99, (case, c)
+
+
+def test_several_channels(tmp_path):
+    """A model of two channels (nnU-Net's channel_names): its sequences become data.channels, each normalised by its
+    own scheme, and a case given as two files (nnU-Net names) predicts on the first file's grid."""
+    import nibabel as nib
+
+    from medseg.apps.run import predict
+    from medseg.models.loading import load_model
+    from medseg.models.nnunet import import_nnunet
+
+    folder = make_results(tmp_path, folds=(0,), channels=("T2", "ADC map"))
+    plans = json.loads((folder / "plans.json").read_text())
+    plans["configurations"]["3d_fullres"]["normalization_schemes"] = ["ZScoreNormalization", "CTNormalization"]
+    (folder / "plans.json").write_text(json.dumps(plans))
+    model = import_nnunet(folder, tmp_path / "two.pt")
+    cfg = load_model(model).cfg
+    assert cfg.channel_names == ["T2", "ADC_map"] and cfg.preprocess.nnunet.normalization[1] == "CTNormalization"
+    shape, affine = GEOMETRIES["oblique"]
+    src = tmp_path / "in"
+    src.mkdir()
+    for c in range(2):
+        nib.save(nib.Nifti1Image(blob_label(shape).astype(np.float32) * (50 + c) + c, affine),
+                 src / f"case7_000{c}.nii.gz")
+    (res,) = predict([src], tmp_path / "out", model=model, device="cpu", progress=False)
+    out = nib.load(res.outputs[0])
+    assert out.shape == shape and np.allclose(out.affine, affine, atol=1e-5)
