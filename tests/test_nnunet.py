@@ -374,3 +374,31 @@ def test_several_channels(tmp_path):
     (res,) = predict([src], tmp_path / "out", model=model, device="cpu", progress=False)
     out = nib.load(res.outputs[0])
     assert out.shape == shape and np.allclose(out.affine, affine, atol=1e-5)
+
+
+def test_imported_model_on_dicom_with_every_output_format(tmp_path):
+    """The imported nnU-Net model through the whole run loop: a DICOM series in; NIfTI, Slicer, DICOM SEG and
+    RTSTRUCT out, all on the series' grid."""
+    from medseg.apps.run import predict
+    from medseg.io.dicom import load_dicom_series
+    from medseg.io.dicom_seg import read_dicom_seg
+    from medseg.io.volume import load_volume
+    from medseg.models.nnunet import import_nnunet
+
+    (folder,) = (TINY / "results" / "Dataset004_Hippocampus").iterdir()
+    model = import_nnunet(folder, tmp_path / "tiny.pt", folds=[0])
+    hcrop = TEST_DATA / "dicom" / "hcrop"
+    (res,) = predict([hcrop], tmp_path / "out", model=model, device="cpu", progress=False, tta=False,
+                     formats=["nifti", "seg.nrrd", "dicom-seg", "rtstruct"])
+    names = sorted(p.name.split(".", 1)[1] for p in res.outputs)
+    assert names == ["dcm", "nii.gz", "rtstruct.dcm", "seg.nrrd"]
+    labels = load_volume(next(p for p in res.outputs if p.name.endswith(".nii.gz")))
+    source = load_dicom_series(hcrop)
+    assert labels.shape == source.shape and np.allclose(labels.affine, source.affine, atol=1e-4)
+    assert {1, 2} <= set(np.unique(labels.array).tolist())  # the model finds both parts on this crop
+    from medseg.io.dicom import scan_dicom
+
+    (info,) = [s for s in scan_dicom(hcrop) if s.usable]
+    files = list(info.files)  # in the loader's slice order
+    seg, _ = read_dicom_seg(next(p for p in res.outputs if p.name.endswith(".dcm") and "rtstruct" not in p.name), files)
+    np.testing.assert_array_equal(seg, labels.array)
