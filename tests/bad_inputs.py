@@ -221,10 +221,11 @@ def _unknown_suffix(d: Path) -> Bad:
 
 
 def _dicom_truncated_pixels(d: Path) -> Bad:
+    """Every slice's pixel data cut short (one truncated slice alone is a missing slice, interpolated by default)."""
     files = good_dicom(d / "series")
-    data = files[3].read_bytes()
-    files[3].write_bytes(data[:-300])
-    return Bad(d / "series", files[3].name, dicom=True)
+    for f in files:
+        f.write_bytes(f.read_bytes()[:-300])
+    return Bad(d / "series", "no slice of the series can be decoded", dicom=True)
 
 
 def _dicom_zero_byte(d: Path) -> Bad:
@@ -236,11 +237,13 @@ def _dicom_zero_byte(d: Path) -> Bad:
 
 
 def _dicom_corrupt_header(d: Path) -> Bad:
+    """Every file's header scrambled (one damaged file beside good slices is left out, not a failure)."""
     files = good_dicom(d / "series")
-    data = bytearray(files[2].read_bytes())
-    data[140:400] = np.random.default_rng(3).bytes(260)
-    files[2].write_bytes(bytes(data))
-    return Bad(d / "series", files[2].name, dicom=True)
+    for n, f in enumerate(files):
+        data = bytearray(f.read_bytes())
+        data[140:400] = np.random.default_rng(3 + n).bytes(260)
+        f.write_bytes(bytes(data))
+    return Bad(d / "series", "cannot read DICOM header", dicom=True)
 
 
 def _dicom_sr(d: Path) -> Bad:

@@ -419,12 +419,17 @@ def test_duplicate_copies_and_nested_folders(tmp_path):
 # damaged files and patient data
 
 
-def test_truncated_pixel_data_names_the_file(tmp_path):
+def test_truncated_pixel_data_is_a_missing_slice(tmp_path):
+    """A slice nobody else carries, whose pixels are cut short: left out and interpolated (named in the record) by
+    default; refused by name with uneven='error'."""
     paths = write_series(tmp_path, plain_slices(4), [(0, 0, k) for k in range(4)])
     data = paths[2].read_bytes()
     paths[2].write_bytes(data[:-20])
+    vol = load_dicom_series(tmp_path)
+    assert vol.shape == (5, 6, 4) and vol.meta["resampled"]
+    assert vol.meta["unreadable"][0][0] == "slice002.dcm" and "cannot decode pixel data" in vol.meta["unreadable"][0][1]
     with pytest.raises(UnreadableFileError, match="slice002.dcm: cannot decode pixel data"):
-        load_dicom_series(tmp_path)
+        load_dicom_series(tmp_path, uneven="error")
 
 
 def test_damaged_jpeg2000_names_the_file(tmp_path):
@@ -434,13 +439,13 @@ def test_damaged_jpeg2000_names_the_file(tmp_path):
     (tmp_path / "02.dcm").write_bytes(data[: len(data) // 2])
     with pytest.raises(UnreadableFileError, match=r"02\.dcm: file has no pixel data"), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # pydicom's own note about the missing end of the pixel data
-        load_dicom_series(tmp_path)
+        load_dicom_series(tmp_path, uneven="error")
     data = bytearray((DICOM_DATA / "ct_j2k" / "02.dcm").read_bytes())
     start = data.find(b"\xff\x4f\xff\x51")  # JPEG 2000 codestream: SOC then SIZ marker
     data[start + 4:start + 60] = bytes(56)
     (tmp_path / "02.dcm").write_bytes(bytes(data))
     with pytest.raises(UnreadableFileError, match=r"02\.dcm: cannot decode pixel data"):
-        load_dicom_series(tmp_path)
+        load_dicom_series(tmp_path, uneven="error")
 
 
 def test_missing_decoder_says_what_to_install(tmp_path, monkeypatch):
@@ -461,7 +466,12 @@ def test_damaged_header_is_reported(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="medseg.io.dicom"):
         [info] = scan_dicom(tmp_path)
     assert info.n_files == 3 and "broken.dcm" in caplog.text
-    with pytest.raises(UnreadableFileError, match="broken.dcm: cannot read DICOM header"):
+    vol = load_dicom_series(tmp_path)  # not needed: the three slices are all there; named in the record
+    assert vol.shape[2] == 3 and not vol.meta["resampled"] and vol.meta["unreadable"][0][0] == "broken.dcm"
+    (tmp_path / "slice000.dcm").rename(tmp_path / "only.dcm")
+    for f in tmp_path.glob("slice*.dcm"):
+        f.unlink()
+    with pytest.raises(UnreadableFileError, match="broken.dcm"):  # one slice left: the damaged file is named
         load_dicom_series(tmp_path)
 
 
@@ -471,10 +481,12 @@ def test_no_patient_identifiers_anywhere(tmp_path, caplog):
     write_series(tmp_path, plain_slices(4), [(0, k, 0) for k in range(4)], (1.0, 0, 0, 0, 0, -1.0), series_uid=uid,
                  names=list("efgh"))
     (tmp_path / "z.dcm").write_bytes(bytes(128) + b"DICM" + bytes(300))
+    (tmp_path / "only_damaged").mkdir()
+    (tmp_path / "only_damaged" / "z.dcm").write_bytes(bytes(128) + b"DICM" + bytes(300))
     with caplog.at_level(logging.DEBUG):
         stacks = scan_dicom(tmp_path)
         with pytest.raises(UnreadableFileError) as err:
-            load_dicom_series(tmp_path)
+            load_dicom_series(tmp_path / "only_damaged")
         (tmp_path / "z.dcm").unlink()
         with pytest.raises(MultipleSeriesError) as err2:
             load_dicom_series(tmp_path)

@@ -28,7 +28,7 @@ from medseg.io.volume import atomic_write, check_writable_folder
 from medseg.core.privacy import path_token, redact
 
 MANIFEST_FIELDS = ("key", "input", "kind", "output", "outputs", "status", "reason", "load_s", "predict_s", "write_s",
-                   "input_hash", "fingerprint", "stored", "finished_at")
+                   "input_hash", "fingerprint", "stored", "duplicates", "unreadable", "finished_at")
 
 
 def parse_shard(text: str | None) -> tuple[int, int] | None:
@@ -299,6 +299,8 @@ def _record(it: InputItem, res: dict, manifest: Manifest, summary: BatchSummary,
     engines alike)."""
     row = {"key": it.key, "input": shown(it.path), "kind": it.kind, "fingerprint": fingerprint(it),
            "load_s": res.get("load_s")}
+    for key in ("duplicates", "unreadable"):  # files set aside while reading (file names only)
+        row[key] = res.get(key) or None
     err = None
     if res.get("status") == "done":
         rels = res["outputs"]

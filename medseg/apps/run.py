@@ -85,6 +85,9 @@ class ItemResult:
     load_s: float = 0.0
     predict_s: float | None = None
     write_s: float | None = None
+    notes: dict = field(default_factory=dict)
+    """What reading the input set aside: ``duplicates`` (copies of an instance: [used file, copy, what]) and
+    ``unreadable`` (files left out: [file, reason]); file names only."""
 
     @property
     def seconds(self) -> float:
@@ -99,6 +102,7 @@ class ItemResult:
                           predict_s=round(self.predict_s, 3), write_s=round(self.write_s, 3))
         else:
             fields["reason"] = self.reason() or "failed"
+        fields.update({k: v for k, v in self.notes.items() if v})
         return fields
 
     def reason(self) -> str | None:
@@ -149,6 +153,7 @@ def run_one(predictor: Predictor, item, base: Path, formats: list[str] | None, *
     res = ItemResult(item, "failed", input_hash=loaded.input_hash, load_s=loaded.seconds, error=loaded.error)
     if loaded.error is not None:
         return res
+    res.notes = {k: loaded.volume.meta[k] for k in ("duplicates", "unreadable") if loaded.volume.meta.get(k)}
     try:
         t1 = time.perf_counter()
         labels = predictor.predict_volume(loaded.volume)
@@ -324,8 +329,9 @@ def predict(inputs: list[str | Path], outdir: str | Path, *, model=None, device:
     if formats and set(formats) & set(DICOM_FORMATS):
         not_dicom = [it for it in items if it.kind != "dicom"]
         if not_dicom:
-            raise UnsupportedInputError(f"{' and '.join(f for f in formats if f in DICOM_FORMATS)} output needs a "
-                                        "DICOM input series", path=not_dicom[0].path,
+            what = " and ".join({"dicom-seg": "DICOM SEG", "rtstruct": "RTSTRUCT"}[f] for f in formats
+                                 if f in DICOM_FORMATS)
+            raise UnsupportedInputError(f"{what} output needs a DICOM input series", path=not_dicom[0].path,
                                         expected="DICOM series inputs only", found="a NIfTI/NRRD volume",
                                         fix="use --format nifti, nrrd or seg.nrrd for NIfTI/NRRD inputs")
     predictor = Predictor(loaded, device=device, overlap=overlap, tta=tta, **(runtime or {}))

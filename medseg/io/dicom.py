@@ -38,7 +38,7 @@ import logging
 import math
 import os
 from collections import defaultdict
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -121,6 +121,9 @@ class SeriesInfo:
     files: tuple[Path, ...]
     """The files, ordered along the slice normal."""
     skip_reason: str | None = None
+    duplicates: tuple[tuple[Path, tuple[Path, ...]], ...] = ()
+    """Files of ``files`` that other files repeat (the same SOPInstanceUID), with those copies: the reader takes a
+    copy that decodes, and refuses copies whose pixels differ."""
 
     @property
     def usable(self) -> bool:
@@ -131,6 +134,8 @@ class SeriesInfo:
         number = "?" if self.series_number is None else self.series_number
         text = (f"series {number} '{self.series_description}' {self.modality or '?'} "
                 f"{self.cols}x{self.rows}x{self.n_slices} [{self.stack_key}] in {Path(self.files[0]).parent}")
+        if self.duplicates:
+            text += f" (+{sum(len(c) for _, c in self.duplicates)} duplicate copies)"
         return f"{text} (skipped: {self.skip_reason})" if self.skip_reason else text
 
 
@@ -154,6 +159,8 @@ class _Entry:
     frames: list[_Frame] | None
     skip: str | None
     series: str
+    copies: list[Path] = field(default_factory=list)
+    """Other files with the same SOPInstanceUID."""
 
 
 class _NoGeometry(Exception):
@@ -333,7 +340,7 @@ def scan_path(root: str | Path, progress: bool):
 
 def _scan_files(files: list[Path], progress: bool) -> tuple[list[SeriesInfo], list[tuple[Path, str]]]:
     """Stacks in ``files``, and the damaged files with the reason."""
-    entries, broken, seen = [], [], set()
+    entries, broken, seen = [], [], {}
     with progress_bar("scanning DICOM", total=len(files), enabled=progress) as advance:
         for path in files:
             advance()
@@ -357,10 +364,13 @@ def _scan_files(files: list[Path], progress: bool) -> tuple[list[SeriesInfo], li
                 broken.append((path, (why.splitlines() or [type(exc).__name__])[0][:200]))
                 continue
             uid = (series, _text(ds.get("SOPInstanceUID")))
-            if uid[1] and uid in seen:
-                continue  # the same instance copied twice
-            seen.add(uid)
-            entries.append(_Entry(path, ds, frames, skip, series))
+            if uid[1] and uid in seen:  # the same instance again: one instance, the copy kept in reserve
+                seen[uid].copies.append(path)
+                continue
+            entry = _Entry(path, ds, frames, skip, series)
+            if uid[1]:
+                seen[uid] = entry
+            entries.append(entry)
     groups: dict[tuple, list[_Entry]] = defaultdict(list)
     for e in entries:
         key = (_text(e.ds.get("StudyInstanceUID")), e.series, e.skip)
@@ -427,7 +437,8 @@ def _stack(members: list[_Entry], labels: dict) -> SeriesInfo:
         slice_thickness=_number(ds.get("SliceThickness")), contrast=_text(ds.get("ContrastBolusAgent")),
         sop_class_uid=_sop_class(ds), transfer_syntax=_text(meta.get("TransferSyntaxUID")) if meta is not None else "",
         files=tuple(e.path for e in members),
-        skip_reason=members[0].skip or ("single slice" if n_slices < 2 else None))
+        skip_reason=members[0].skip or ("single slice" if n_slices < 2 else None),
+        duplicates=tuple((e.path, tuple(e.copies)) for e in members if e.copies))
 
 
 # ---------------------------------------------------------------------------
@@ -438,34 +449,44 @@ _META_FIELDS = ("modality", "series_description", "series_number", "series_uid",
 
 
 def load_dicom_series(source: str | Path | Iterable[str | Path] | SeriesInfo, *, uneven: str = "resample",
-                      tilt: str = "resample", progress: bool = False) -> Volume:
+                      tilt: str = "resample", progress: bool = False,
+                      damaged: list[tuple[Path, str]] | None = None) -> Volume:
     """Read one DICOM series into a :class:`Volume` (RAS+ affine, array ``(i, j, k)``).
 
     ``source`` is a folder holding one series (skipped objects beside it are ignored), a
     list of files, one file, or a :class:`SeriesInfo` from :func:`scan_dicom`. ``uneven``
     and ``tilt`` are ``"resample"`` or ``"error"`` (see the module documentation).
+
+    Files with an unreadable header beside the series (``damaged``, or found in ``source``) never fail it on their
+    own, nor does a copy of an instance another file holds. A file whose pixels cannot be decoded and that nothing
+    else stands in for is a missing slice: left out (and the gap interpolated) with ``uneven="resample"``, refused
+    by name with ``uneven="error"``.
+    ``meta["duplicates"]`` and ``meta["unreadable"]`` name such files (file names only).
     """
     for name, value in (("uneven", uneven), ("tilt", tilt)):
         if value not in ("resample", "error"):
             raise ConfigError(f"unknown DICOM option {name}={value!r}", expected="'resample' or 'error'",
                               found=repr(value), fix=f"use {name}='resample' or {name}='error'")
-    info, ignored = _resolve(source, progress)
-    frames, pixels, padding = _read_stack(info, progress)
+    info, ignored, unreadable = _resolve(source, progress)
+    frames, pixels, padding, notes = _read_stack(info, progress, uneven)
     array, affine, meta = _assemble(frames, pixels, padding, info, uneven=uneven, tilt=tilt)
     check_finite_geometry(affine, Path(info.files[0]).parent)
     meta.update({k: getattr(info, k) for k in _META_FIELDS})
-    meta.update(format="dicom", image_type=list(info.image_type), ignored=ignored)
+    notes["unreadable"] += [[Path(p).name, why] for p, why in [*unreadable, *(damaged or [])]]
+    meta.update(format="dicom", image_type=list(info.image_type), ignored=ignored,
+                **{k: v for k, v in notes.items() if v})
     return Volume(array, affine, source=str(Path(info.files[0]).parent), meta=meta)
 
 
-def _resolve(source, progress: bool) -> tuple[SeriesInfo, dict[str, int]]:
-    """The one usable stack in ``source``, and counts of the skipped files beside it."""
+def _resolve(source, progress: bool) -> tuple[SeriesInfo, dict[str, int], list[tuple[Path, str]]]:
+    """The one usable stack in ``source``, counts of the skipped files beside it, and the files beside it whose
+    header cannot be read."""
     if isinstance(source, SeriesInfo):
         if source.skip_reason:
             raise UnsupportedInputError(f"this series is not loadable: {source.skip_reason}",
                                         path=Path(source.files[0]).parent, found=source.describe(),
                                         fix="choose an image series (scan_dicom lists them with skip_reason)")
-        return source, {}
+        return source, {}, []
     if isinstance(source, (str, os.PathLike)):
         where = Path(source)
         stacks, broken = scan_path(source, progress)
@@ -476,11 +497,11 @@ def _resolve(source, progress: bool) -> tuple[SeriesInfo, dict[str, int]]:
                                      fix="pass the slice files of one series")
         where = files[0].parent
         stacks, broken = _scan_files(files, progress)
-    if broken:
+    usable = [s for s in stacks if s.usable]
+    if broken and not usable:
         raise UnreadableFileError("cannot read DICOM header", path=broken[0][0], expected="a complete DICOM file",
                                   found=broken[0][1] + (f" ({len(broken)} damaged files)" if len(broken) > 1 else ""),
                                   fix="re-export or re-copy the file, or leave it out")
-    usable = [s for s in stacks if s.usable]
     ignored: dict[str, int] = defaultdict(int)
     for s in stacks:
         if not s.usable:
@@ -498,38 +519,82 @@ def _resolve(source, progress: bool) -> tuple[SeriesInfo, dict[str, int]]:
         raise MultipleSeriesError(f"holds {len(usable)} image stacks, expected one", series=usable, path=where,
                                   found=shown, fix="pick one: pass its folder, its files or its SeriesInfo from "
                                                    "scan_dicom(), or give the study folder with selection rules")
-    return usable[0], dict(ignored)
+    return usable[0], dict(ignored), broken
 
 
-def _read_stack(info: SeriesInfo, progress: bool):
-    """Frames, stored pixels ``(frame, row, col)`` and the PixelPaddingValue (or None) of a stack."""
+def _read_instance(path: Path):
+    """``(frames, stored pixels, PixelPaddingValue)`` of one file; raises a MedsegError when it cannot be read."""
     import pydicom
 
+    try:
+        ds = pydicom.dcmread(path)
+    except Exception as exc:  # noqa: BLE001 - any parse failure of a user file
+        raise UnreadableFileError("cannot read DICOM file", path=path, expected="a complete DICOM file",
+                                  found=f"{type(exc).__name__}: {exc}".splitlines()[0][:200],
+                                  fix="re-export or re-copy the file") from None
+    if "PixelData" not in ds:
+        raise UnreadableFileError("file has no pixel data", path=path, expected="a complete DICOM image",
+                                  fix="re-export or re-copy the file; it may be truncated")
+    try:
+        file_frames = _frames(ds)
+    except _NoGeometry as exc:
+        raise UnsupportedInputError("slice has no patient geometry", path=path, found=str(exc),
+                                    fix="use images with patient position and orientation") from None
+    for f in file_frames:
+        f.path = path
+    padding = int(ds.PixelPaddingValue) if ds.get("PixelPaddingValue") is not None else None
+    return file_frames, _pixels(ds, path, len(file_frames)), padding
+
+
+def _reason(exc: UnreadableFileError) -> str:
+    return " ".join(f"{exc.problem}{': ' + exc.found if exc.found else ''}".split())[:160]
+
+
+def _read_stack(info: SeriesInfo, progress: bool, uneven: str = "resample"):
+    """Frames, stored pixels ``(frame, row, col)``, the PixelPaddingValue (or None) of a stack, and notes for its
+    record. Copies of one instance (the same SOPInstanceUID) are one instance: the first copy that decodes is used,
+    copies whose pixels differ are refused by name. A file whose pixels cannot be decoded and that no copy stands in
+    for is left out (a missing slice, which the ``uneven`` rule then handles) and named in the notes."""
+    copies = {Path(f): list(c) for f, c in info.duplicates}
     frames, pixels, padding = [], [], None
+    notes: dict[str, list] = {"duplicates": [], "unreadable": []}
     with progress_bar("reading DICOM", total=len(info.files), enabled=progress) as advance:
         for path in info.files:
             advance()
-            try:
-                ds = pydicom.dcmread(path)
-            except Exception as exc:  # noqa: BLE001 - any parse failure of a user file
-                raise UnreadableFileError("cannot read DICOM file", path=path, expected="a complete DICOM file",
-                                          found=f"{type(exc).__name__}: {exc}".splitlines()[0][:200],
-                                          fix="re-export or re-copy the file") from None
-            if "PixelData" not in ds:
-                raise UnreadableFileError("file has no pixel data", path=path, expected="a complete DICOM image",
-                                          fix="re-export or re-copy the file; it may be truncated")
-            try:
-                file_frames = _frames(ds)
-            except _NoGeometry as exc:
-                raise UnsupportedInputError("slice has no patient geometry", path=path, found=str(exc),
-                                            fix="use images with patient position and orientation") from None
-            for f in file_frames:
-                f.path = path
-            if padding is None and ds.get("PixelPaddingValue") is not None:
-                padding = int(ds.PixelPaddingValue)
+            read, failed = [], []
+            for candidate in [Path(path), *copies.get(Path(path), [])]:
+                try:
+                    read.append((candidate, _read_instance(candidate)))
+                except UnreadableFileError as exc:  # truncated or corrupt; a missing decoder is raised as it is
+                    failed.append((candidate, exc))
+            if not read:  # nobody carries this slice: it is missing
+                if uneven == "error":
+                    raise failed[0][1]
+                notes["unreadable"] += [[c.name, _reason(exc)] for c, exc in failed]
+                continue
+            used, (file_frames, file_pixels, file_padding) = read[0]
+            for other, (_, other_pixels, _) in read[1:]:
+                if other_pixels.shape != file_pixels.shape or not np.array_equal(other_pixels, file_pixels):
+                    raise UnreadableFileError("two copies of one DICOM instance hold different pixel data",
+                                              path=used, expected="identical copies (the same SOPInstanceUID)",
+                                              found=f"{used.name} and {other.name} differ",
+                                              fix="keep the right copy and move the other out of the folder")
+                notes["duplicates"].append([used.name, other.name, "identical copy"])
+            for other, exc in failed:
+                notes["duplicates"].append([used.name, other.name, "unreadable copy: " + _reason(exc)])
+            if padding is None:
+                padding = file_padding
             frames += file_frames
-            pixels.append(_pixels(ds, path, len(file_frames)))
-    return frames, np.concatenate(pixels) if len(pixels) > 1 else pixels[0], padding
+            pixels.append(file_pixels)
+    if not pixels:
+        first = notes["unreadable"][0] if notes["unreadable"] else None
+        raise UnreadableFileError("no slice of the series can be decoded", path=Path(info.files[0]).parent,
+                                  found=f"{first[0]}: {first[1]}" if first else None,
+                                  fix="re-export or re-copy the series")
+    if notes["unreadable"]:
+        log.warning("%s: %d file(s) of the series cannot be decoded and are left out (missing slices)",
+                    Path(info.files[0]).parent, len(notes["unreadable"]))
+    return frames, np.concatenate(pixels) if len(pixels) > 1 else pixels[0], padding, notes
 
 
 def _pixels(ds, path: Path, n_frames: int) -> np.ndarray:

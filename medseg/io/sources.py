@@ -58,14 +58,9 @@ class InputItem:
         if self.kind == "dicom":
             from medseg.io.dicom import load_dicom_series
 
-            if self.damaged:
-                path, why = self.damaged[0]
-                more = f" ({len(self.damaged)} damaged files)" if len(self.damaged) > 1 else ""
-                raise UnreadableFileError("damaged DICOM file beside the series (it may be one of its slices)",
-                                          path=path, expected="a complete DICOM file", found=why + more,
-                                          fix="re-export or re-copy the file, or move it out of the series folder")
-
-            return load_dicom_series(self.series, **dicom_options)
+            # a damaged file beside the series may have been one of its slices: then the slice is missing, and the
+            # uneven rule decides; it is named in the volume's record either way
+            return load_dicom_series(self.series, damaged=self.damaged, **dicom_options)
         return load_volume(self.path, channels=self.channels > 1)
 
     def input_hash(self) -> str:
@@ -162,9 +157,16 @@ def discover(inputs: list[str | Path], rules: SelectionRules | None = None, *, m
                 items.append(item)
             else:
                 skipped.append(Skipped(item.key, item.path, "; ".join(decision.reasons), decision.series))
+        lone: dict[Path, list[tuple[Path, str]]] = {}
         for path, why in damaged:
-            if path.parent not in folders:  # those beside a series fail that series, with this reason
-                log.warning("%s: damaged DICOM header, file skipped (%s)", path, why)
+            if path.parent not in folders:  # those beside a series are named in its record
+                lone.setdefault(path.parent, []).append((path, why))
+        if vols or series:  # a folder of nothing but damaged files: recorded as skipped, never silently dropped
+            for folder, files in sorted(lone.items()):
+                log.warning("%s: %d damaged DICOM file(s) and no readable series", folder, len(files))
+                more = f" ({len(files)} damaged files)" if len(files) > 1 else ""
+                skipped.append(Skipped("damaged:" + short_hash(str(folder), 16), folder,
+                                       f"cannot read DICOM header of {files[0][0].name}: {files[0][1]}{more}"))
         if not vols and not series:
             if damaged:
                 raise UnreadableFileError("cannot read DICOM header", path=damaged[0][0], expected="a complete DICOM file",
