@@ -256,8 +256,56 @@ def _skip_reason(ds):
     return None
 
 
+@dataclass
+class _Mosaic:
+    """A Siemens mosaic: ``n`` slices of ``rows`` x ``cols`` tiled ``tiles`` to a side in one image."""
+
+    n: int
+    rows: int
+    cols: int
+    tiles: int
+    first: np.ndarray
+    """ImagePositionPatient of the first slice (the file's own refers to the corner of the whole mosaic)."""
+    normal: np.ndarray
+    step: float
+
+
+def _mosaic(ds) -> _Mosaic | None:
+    """The mosaic a Siemens file holds (ImageType MOSAIC, slice count in its CSA header), read with nibabel's
+    DICOM wrapper, which corrects the slice position as dcm2niix does; None for any other file."""
+    if not any("MOSAIC" in str(t).upper() for t in (ds.get("ImageType") or [])):
+        return None
+    import warnings
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # nibabel calls its DICOM readers experimental (on import)
+            from nibabel.nicom import dicomwrappers
+
+            w = dicomwrappers.MosaicWrapper(ds)
+            n, size = int(w.n_mosaic), int(w.mosaic_size)
+            first = np.asarray(w.image_position, dtype=np.float64)
+            normal = np.asarray(w.slice_normal, dtype=np.float64)
+            step = float(w.voxel_sizes[2])
+    except Exception as exc:  # noqa: BLE001 - nibabel raises several types for a CSA header it cannot use
+        raise ValueError(f"Siemens mosaic whose CSA header cannot be read ({type(exc).__name__}: {exc})"[:200]) \
+            from None
+    rows, cols = int(ds.Rows) // size, int(ds.Columns) // size
+    if n < 1 or size * size < n or rows * size != int(ds.Rows) or cols * size != int(ds.Columns):
+        raise ValueError(f"Siemens mosaic of {n} slices does not tile its {ds.Rows}x{ds.Columns} image")
+    return _Mosaic(n, rows, cols, size, first, normal / np.linalg.norm(normal), step)
+
+
 def _frames(ds) -> list[_Frame]:
     """Geometry of every 2D image in a file; raises _NoGeometry when it is missing."""
+    mosaic = _mosaic(ds)
+    if mosaic is not None:
+        iop = _vector(ds.get("ImageOrientationPatient"), 6, "ImageOrientationPatient")
+        ps = _vector(ds.get("PixelSpacing"), 2, "PixelSpacing")
+        instance = int(_number(ds.get("InstanceNumber"), 0) or 0)
+        slope, intercept = _number(ds.get("RescaleSlope"), 1.0) or 1.0, _number(ds.get("RescaleIntercept"), 0.0) or 0.0
+        return [_Frame(mosaic.first + k * mosaic.step * mosaic.normal, iop, (float(ps[0]), float(ps[1])), slope,
+                       intercept, instance * 100000 + k) for k in range(mosaic.n)]
     n = int(_number(ds.get("NumberOfFrames"), 1) or 1)
     per_frame = ds.get("PerFrameFunctionalGroupsSequence")
     if n == 1 and per_frame is None:
@@ -374,9 +422,11 @@ def _scan_files(files: list[Path], progress: bool) -> tuple[list[SeriesInfo], li
     groups: dict[tuple, list[_Entry]] = defaultdict(list)
     for e in entries:
         key = (_text(e.ds.get("StudyInstanceUID")), e.series, e.skip)
-        if not e.skip:  # orientation, matrix size and (for multi-frame files) the file itself
+        if not e.skip:  # orientation, matrix size, and whether the file holds many frames (enhanced) or one
+            # several enhanced files of one series (one volume each, as Siemens XA writes a 4D series) are one stack
+            # like classic slices: repeated positions are then split by echo, type or acquisition, or refused as 4D
             key += (tuple(np.round(e.frames[0].orientation, 3) + 0.0), int(e.ds.Rows), int(e.ds.Columns),
-                    str(e.path) if len(e.frames) > 1 else "")
+                    len(e.frames) > 1)
         groups[key].append(e)
     stacks = []
     for members in groups.values():
@@ -413,6 +463,13 @@ def _split_repeats(members: list[_Entry], labels: dict, splitters) -> list[tuple
     return [(members, labels)]
 
 
+def _tile(ds, keyword: str) -> int:
+    """Rows or Columns of one image (of one tile, for a Siemens mosaic)."""
+    value = int(ds.get(keyword) or 0)
+    mosaic = _mosaic(ds) if value else None
+    return value // mosaic.tiles if mosaic is not None else value
+
+
 def _stack(members: list[_Entry], labels: dict) -> SeriesInfo:
     ds = members[0].ds
     if members[0].frames:
@@ -433,7 +490,7 @@ def _stack(members: list[_Entry], labels: dict) -> SeriesInfo:
         modality=_text(ds.get("Modality")), series_description=_text(ds.get("SeriesDescription")),
         series_number=None if number is None else int(number), body_part=_text(ds.get("BodyPartExamined")),
         image_type=tuple(str(t) for t in (ds.get("ImageType") or [])), orientation=iop, n_files=len(members),
-        n_slices=n_slices, rows=int(ds.get("Rows") or 0), cols=int(ds.get("Columns") or 0), pixel_spacing=spacing,
+        n_slices=n_slices, rows=_tile(ds, "Rows"), cols=_tile(ds, "Columns"), pixel_spacing=spacing,
         slice_thickness=_number(ds.get("SliceThickness")), contrast=_text(ds.get("ContrastBolusAgent")),
         sop_class_uid=_sop_class(ds), transfer_syntax=_text(meta.get("TransferSyntaxUID")) if meta is not None else "",
         files=tuple(e.path for e in members),
@@ -612,7 +669,8 @@ def _pixels(ds, path: Path, n_frames: int) -> np.ndarray:
             raise UnsupportedInputError(f"cannot decode transfer syntax {ts.name}", path=path, found=missing,
                                         fix="reinstall medseg's decoders (pip install python-gdcm pylibjpeg "
                                             "pylibjpeg-openjpeg), or decompress the files (e.g. gdcmconv --raw)")
-    expected = (n_frames, int(ds.Rows), int(ds.Columns))
+    mosaic = _mosaic(ds)
+    expected = (n_frames, int(ds.Rows), int(ds.Columns)) if mosaic is None else (1, int(ds.Rows), int(ds.Columns))
     try:
         array = np.asarray(ds.pixel_array)
     except Exception as exc:  # noqa: BLE001 - every decoder has its own errors
@@ -624,6 +682,10 @@ def _pixels(ds, path: Path, n_frames: int) -> np.ndarray:
     if array.shape != expected:
         raise UnreadableFileError("pixel data has the wrong size", path=path, expected=str(expected),
                                   found=str(array.shape), fix="re-export or re-copy the file")
+    if mosaic is not None:  # tiles left to right, then top to bottom
+        r, c, m = mosaic.rows, mosaic.cols, mosaic.tiles
+        tiles = array[0].reshape(m, r, m, c).transpose(0, 2, 1, 3).reshape(m * m, r, c)
+        array = np.ascontiguousarray(tiles[:mosaic.n])
     return array
 
 
