@@ -100,6 +100,8 @@ def train(
 
 
 UNEVEN_HELP = "Uneven or missing DICOM slices: resample (to even spacing) | error."
+PHILIPS_HELP = ("Philips images with a private scale slope: precise (Philips' floating-point values, as dcm2niix "
+                "writes by default) | display (RescaleSlope/Intercept, as viewers show; dcm2niix -p n).")
 TILT_HELP = "CT gantry tilt: resample (de-tilt like dcm2niix) | error."
 RULES_HELP = "Series selection rules (YAML) for DICOM study folders; default: every image series."
 CREDENTIALS_HELP = ('JSON file {"username": ..., "password": ...}; default: MEDSEG_DICOMWEB_USER and '
@@ -119,8 +121,8 @@ AMP_HELP = ("Mixed precision: auto | fp16 | bf16 | off. auto: fp16 on CUDA, bf16
             "runs fp32); bf16 on a CPU without native bf16 is emulated and slow.")
 
 
-def _dicom_options(uneven: str, tilt: str) -> dict:
-    return {"uneven": uneven, "tilt": tilt}
+def _dicom_options(uneven: str, tilt: str, philips: str = "precise") -> dict:
+    return {"uneven": uneven, "tilt": tilt, "philips": philips}
 
 
 def _runtime(backend: str, amp: str, compile_: bool, threads: Optional[int]) -> dict:
@@ -145,6 +147,7 @@ def predict(
     rules: Optional[Path] = typer.Option(None, "--rules", help=RULES_HELP),
     uneven: str = typer.Option("resample", "--uneven", help=UNEVEN_HELP),
     tilt: str = typer.Option("resample", "--tilt", help=TILT_HELP),
+    philips: str = typer.Option("precise", "--philips", help=PHILIPS_HELP),
     formats: Optional[List[str]] = typer.Option(None, "--format", "-f", help=FORMAT_HELP),
     tta: Optional[bool] = typer.Option(None, "--tta/--no-tta", help="Mirror test-time augmentation along the axes the model "
                                        "was trained to mirror (about 2x the time; default: the model's inference.tta)."),
@@ -196,7 +199,7 @@ def predict(
 
     results = run_predict(inputs or [], output, model=loaded, device=device, overlap=overlap, rules=rules,
                           channels=parse_channels(channel),
-                          dicom_options=_dicom_options(uneven, tilt), formats=formats, tta=tta, stats=stats,
+                          dicom_options=_dicom_options(uneven, tilt, philips), formats=formats, tta=tta, stats=stats,
                           anonymize=anonymize, runtime=_runtime(backend, amp, compile_, threads), preview=preview,
                           statistics=statistics)
     con = _console(stderr=False)
@@ -371,11 +374,12 @@ def convert(
     rules: Optional[Path] = typer.Option(None, "--rules", help=RULES_HELP),
     uneven: str = typer.Option("resample", "--uneven", help=UNEVEN_HELP),
     tilt: str = typer.Option("resample", "--tilt", help=TILT_HELP),
+    philips: str = typer.Option("precise", "--philips", help=PHILIPS_HELP),
 ) -> None:
     """Convert one series to NIfTI/NRRD with its patient geometry (agrees with dcm2niix)."""
     from medseg.io.convert import convert as run_convert
 
-    out, vol = run_convert(source, output, rules=rules, uneven=uneven, tilt=tilt)
+    out, vol = run_convert(source, output, rules=rules, uneven=uneven, tilt=tilt, philips=philips)
     notes = [k for k in ("resampled_uneven", "detilted") if vol.meta.get(k)]
     extra = f" ({', '.join(notes)})" if notes else ""
     _console(stderr=False).print(f"wrote {out}: {vol.shape} voxels, spacing {tuple(round(float(s), 4) for s in vol.spacing)} mm{extra}")
@@ -426,6 +430,7 @@ def batch(
                                       "folder names can hold patient names."),
     uneven: str = typer.Option("resample", "--uneven", help=UNEVEN_HELP),
     tilt: str = typer.Option("resample", "--tilt", help=TILT_HELP),
+    philips: str = typer.Option("precise", "--philips", help=PHILIPS_HELP),
     formats: Optional[List[str]] = typer.Option(None, "--format", "-f", help=FORMAT_HELP),
     from_dicomweb: Optional[str] = typer.Option(None, "--from-dicomweb", help="DICOMweb root URL to pull studies from instead of ROOT."),
     query: Optional[List[str]] = typer.Option(None, "--query", help="With --from-dicomweb: QIDO filter KEY=VALUE (repeatable)."),
@@ -472,7 +477,7 @@ def batch(
 
         raise ConfigError("no input given", expected="ROOT or --from-dicomweb URL", fix="see medseg batch --help")
     res = run_batch(root, output, model=model, device=device, rules_path=rules, shard=shard,
-                    retry_failed=retry_failed, dicom_options=_dicom_options(uneven, tilt), formats=formats,
+                    retry_failed=retry_failed, dicom_options=_dicom_options(uneven, tilt, philips), formats=formats,
                     on_done=on_done, log=say, anonymize=anonymize, record_paths=record_paths,
                     runtime={**_runtime(backend, amp, compile_, threads), "overlap": overlap, "tta": tta},
                     engine=engine, ray_address=ray_address,

@@ -72,3 +72,30 @@ def test_unreadable_mosaic_is_refused_with_the_reason(shared_data, tmp_path):
     ds.save_as(tmp_path / "m" / "mosaic.dcm")
     with pytest.raises(UnreadableFileError, match="mosaic.dcm.*Siemens mosaic whose CSA header cannot be read"):
         load_dicom_series(tmp_path / "m")
+
+
+@pytest.mark.shared_data
+@pytest.mark.parametrize("mode, flag", [("precise", "y"), ("display", "n")])
+def test_philips_scaling_both_conventions_match_dcm2niix(shared_data, dcm2niix, tmp_path, mode, flag):
+    """Philips 3D T1 whose private scale slope (2005,100E) differs from RescaleSlope: 'precise' (the default) gives
+    dcm2niix's default values (-p y), 'display' its -p n values; the one applied is recorded."""
+    import subprocess
+
+    src = shared_data / "dicom_qa" / "philips_t1_3d"
+    out = tmp_path / "ref"
+    out.mkdir()
+    subprocess.run([dcm2niix, "-z", "n", "-b", "n", "-p", flag, "-f", "out", "-o", str(out), str(src)], check=True,
+                   capture_output=True, timeout=300)
+    (ref_path,) = sorted(out.glob("*.nii"))
+    ref = nib.as_closest_canonical(nib.load(ref_path))
+    vol = load_dicom_series(src, philips=mode) if mode == "display" else load_dicom_series(src)
+    assert vol.meta["philips_scaling"] == mode
+    ours, ours_affine = canonical(vol.array, vol.affine)
+    theirs = ref.get_fdata()
+    assert ours.shape == theirs.shape == (170, 256, 256)
+    assert np.abs(ours - theirs).max() <= 1e-6 * np.abs(theirs).max()  # float32 rounding only
+    assert np.abs(ours_affine - ref.affine).max() < 1e-3
+    if mode == "precise":  # the two conventions differ by RescaleSlope x ScaleSlope (0.0176 here)
+        display = load_dicom_series(src, philips="display").array
+        ratio = np.median(display[display > 0] / vol.array[display > 0])
+        assert abs(ratio - 0.0176) < 0.0005

@@ -13,7 +13,7 @@ from medseg.io.volume import Volume, check_writable_folder, save_volume, volume_
 
 
 def load_single(source: str | Path, *, rules: str | Path | None = None, uneven: str = "resample",
-                tilt: str = "resample") -> Volume:
+                tilt: str = "resample", philips: str = "precise") -> Volume:
     """Load the one volume that ``source`` (file, DICOM series or study + rules) stands for."""
     items, skipped = discover([source], load_rules(rules), recursive=False)
     if not items:
@@ -25,11 +25,11 @@ def load_single(source: str | Path, *, rules: str | Path | None = None, uneven: 
         raise UnsupportedInputError(f"holds {len(items)} volumes, expected one", path=source, found=shown,
                                     fix="point at one series folder, or pass --rules that select one series")
     it = items[0]
-    return it.load(uneven=uneven, tilt=tilt) if it.kind == "dicom" else it.load()
+    return it.load(uneven=uneven, tilt=tilt, philips=philips) if it.kind == "dicom" else it.load()
 
 
 def convert(source: str | Path, output: str | Path, *, rules: str | Path | None = None,
-            uneven: str = "resample", tilt: str = "resample") -> tuple[Path, Volume]:
+            uneven: str = "resample", tilt: str = "resample", philips: str = "precise") -> tuple[Path, Volume]:
     output = Path(output)
     if volume_suffix(output) not in (".nii.gz", ".nii", ".nrrd"):
         raise OutputError("unknown output format", path=output, expected="a name ending in .nii.gz, .nii or .nrrd",
@@ -39,7 +39,7 @@ def convert(source: str | Path, output: str | Path, *, rules: str | Path | None 
         raise OutputError("output would be written into the input", path=output,
                           fix="write outside the input folder; inputs are never modified")
     check_writable_folder(output.parent)
-    vol = load_single(source, rules=rules, uneven=uneven, tilt=tilt)
+    vol = load_single(source, rules=rules, uneven=uneven, tilt=tilt, philips=philips)
     if vol.array.dtype.kind in "fc" and not np.all(np.isfinite(vol.array)):
         bad = int((~np.isfinite(vol.array)).sum())
         raise UnsupportedInputError("image contains NaN or Inf voxels", path=vol.source or source,

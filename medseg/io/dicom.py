@@ -150,6 +150,8 @@ class _Frame:
     intercept: float
     instance: int
     path: Path | None = None
+    philips_scale: float | None = None
+    """Philips' private scale slope (2005,100E): the stored values' floating-point scale."""
 
 
 @dataclass
@@ -317,14 +319,34 @@ def _frames(ds) -> list[_Frame]:
         sources = [[per_frame[i]] + ([shared[0]] if shared else []) for i in range(n)]
         lookups = [lambda name, src=src: _functional(src, name) for src in sources]
     instance = int(_number(ds.get("InstanceNumber"), 0) or 0)
+    philips = _philips_scale(ds)
     frames = []
     for i, get in enumerate(lookups):
         ipp = _vector(get("ImagePositionPatient"), 3, "ImagePositionPatient")
         iop = _vector(get("ImageOrientationPatient"), 6, "ImageOrientationPatient")
         ps = _vector(get("PixelSpacing"), 2, "PixelSpacing")
         frames.append(_Frame(ipp, iop, (float(ps[0]), float(ps[1])), _number(get("RescaleSlope"), 1.0) or 1.0,
-                             _number(get("RescaleIntercept"), 0.0) or 0.0, instance * 100000 + i))
+                             _number(get("RescaleIntercept"), 0.0) or 0.0, instance * 100000 + i,
+                             philips_scale=philips))
     return frames
+
+
+def _philips_scale(ds) -> float | None:
+    """Philips' private scale slope (2005,100E) of a classic image, when the file is Philips' and has one."""
+    if not _text(ds.get("Manufacturer")).upper().startswith("PHILIPS"):
+        return None
+    elem = ds.get((0x2005, 0x100E))
+    try:
+        value = float(elem.value if elem is not None else 0.0)
+    except (TypeError, ValueError):
+        return None
+    return value if np.isfinite(value) and value > 0 else None
+
+
+PHILIPS = ("precise", "display")
+"""``precise``: Philips' floating-point values, ``(stored * RescaleSlope + RescaleIntercept) / (RescaleSlope *
+ScaleSlope)`` with the private scale slope (2005,100E), what dcm2niix writes by default (``-p y``); ``display``: the
+RescaleSlope/Intercept values a viewer shows (dcm2niix ``-p n``)."""
 
 
 def _functional(sources, name: str):
@@ -507,7 +529,7 @@ _META_FIELDS = ("modality", "series_description", "series_number", "series_uid",
 
 def load_dicom_series(source: str | Path | Iterable[str | Path] | SeriesInfo, *, uneven: str = "resample",
                       tilt: str = "resample", progress: bool = False,
-                      damaged: list[tuple[Path, str]] | None = None) -> Volume:
+                      damaged: list[tuple[Path, str]] | None = None, philips: str = "precise") -> Volume:
     """Read one DICOM series into a :class:`Volume` (RAS+ affine, array ``(i, j, k)``).
 
     ``source`` is a folder holding one series (skipped objects beside it are ignored), a
@@ -519,14 +541,26 @@ def load_dicom_series(source: str | Path | Iterable[str | Path] | SeriesInfo, *,
     else stands in for is a missing slice: left out (and the gap interpolated) with ``uneven="resample"``, refused
     by name with ``uneven="error"``.
     ``meta["duplicates"]`` and ``meta["unreadable"]`` name such files (file names only).
+
+    ``philips`` chooses the values of Philips images with a private scale slope (:data:`PHILIPS`); which was
+    applied is ``meta["philips_scaling"]``.
     """
     for name, value in (("uneven", uneven), ("tilt", tilt)):
         if value not in ("resample", "error"):
             raise ConfigError(f"unknown DICOM option {name}={value!r}", expected="'resample' or 'error'",
                               found=repr(value), fix=f"use {name}='resample' or {name}='error'")
+    if philips not in PHILIPS:
+        raise ConfigError(f"unknown DICOM option philips={philips!r}", expected=" or ".join(PHILIPS),
+                          found=repr(philips), fix="use philips='precise' (as dcm2niix) or philips='display'")
     info, ignored, unreadable = _resolve(source, progress)
     frames, pixels, padding, notes = _read_stack(info, progress, uneven)
+    scaled = [f for f in frames if f.philips_scale]
+    if philips == "precise":  # Philips' floating-point values: dcm2niix's default
+        for f in scaled:
+            f.intercept, f.slope = f.intercept / (f.slope * f.philips_scale), 1.0 / f.philips_scale
     array, affine, meta = _assemble(frames, pixels, padding, info, uneven=uneven, tilt=tilt)
+    if scaled:
+        meta["philips_scaling"] = philips
     check_finite_geometry(affine, Path(info.files[0]).parent)
     meta.update({k: getattr(info, k) for k in _META_FIELDS})
     notes["unreadable"] += [[Path(p).name, why] for p, why in [*unreadable, *(damaged or [])]]
