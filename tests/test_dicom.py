@@ -493,3 +493,25 @@ def test_no_patient_identifiers_anywhere(tmp_path, caplog):
         vol = load_dicom_series(stacks[0])
     no_secrets(repr(stacks), str(err.value), str(err2.value), repr(vol.meta), caplog.text)
     assert isinstance(stacks[0], SeriesInfo) and "Patient" not in repr(vol.meta)
+
+
+def test_tilt_edges_match_dcm2niix_tilt_1(dcm2niix, tmp_path):
+    """A tilted CT with even steps, for which dcm2niix writes `_Tilt_1` (de-tilted, not equalised): every voxel as
+    dcm2niix's, the edge rows of the shifted field of view included (dcm2niix rounds to integers: at most 0.5
+    apart). The GE CT of ../shared covers `_Tilt_Eq` (test_gantry_tilt_ct_matches_dcm2niix_tilt_corrected)."""
+    tilt = np.deg2rad(12)
+    iop = (1.0, 0.0, 0.0, 0.0, np.cos(tilt), -np.sin(tilt))
+    rng = np.random.default_rng(0)
+    positions = [(-5.0, -6.0, -4.0 + 2.5 * k) for k in range(10)]
+    slices = [(rng.integers(0, 2000, (40, 32)) + 100).astype(np.int16) for _ in positions]
+    write_series(tmp_path / "s", slices, positions, iop, (0.9, 0.9), sop_class=CT, RescaleSlope=1,
+                 RescaleIntercept=-1024, GantryDetectorTilt=12)
+    [nii] = [p for p in convert(dcm2niix, tmp_path / "s", tmp_path / "ref") if "_Tilt_1" in p.name]
+    vol = load_dicom_series(tmp_path / "s")
+    assert vol.meta["detilted"] and not vol.meta["resampled"]
+    ours, theirs, affine_diff = compare_with_reference(vol, nii)
+    assert affine_diff < 1e-3
+    assert np.abs(ours - theirs).max() <= 0.51
+    # the rule itself: one row before the first source row takes its value, beyond the last row is outside
+    fill = float(vol.array.min())
+    assert (ours == fill).any() and (np.abs(theirs - fill) < 0.51).sum() == (ours == fill).sum()

@@ -846,7 +846,12 @@ def _blend(a: np.ndarray, b: np.ndarray, w, pad: float | None = None) -> np.ndar
 
 
 def _shift(image: np.ndarray, shift: float, axis: int, size: int, fill: float, pad: float | None) -> np.ndarray:
-    """``out[j] = image[j - shift]`` along ``axis`` (linear interpolation), ``size`` long; ``fill`` outside."""
+    """``out[j] = image[j - shift]`` along ``axis`` (linear interpolation), ``size`` long; ``fill`` outside.
+
+    The edges follow dcm2niix's de-tilting, so the two agree voxel for voxel: a target position up to one pixel
+    before the first source row takes the first row's value, one beyond the last row is ``fill``. (Physically the
+    acquired pixels cover half a pixel beyond either centre; dcm2niix's rule gives a full pixel on one side and none
+    on the other. It decides one row per slice at the edge of the shifted field of view; docs/dicom.md.)"""
     src = np.arange(size) - shift
     if abs(shift - round(shift)) < 1e-6:
         src = np.round(src)
@@ -857,7 +862,7 @@ def _shift(image: np.ndarray, shift: float, axis: int, size: int, fill: float, p
     out = _blend(np.take(image, np.clip(lo, 0, n - 1), axis=axis), np.take(image, np.clip(lo + 1, 0, n - 1), axis=axis),
                  (src - lo).reshape(shape), pad)
     index = [slice(None)] * image.ndim
-    index[axis] = (src < -1e-6) | (src > n - 1 + 1e-6)
+    index[axis] = (src <= -1.0 + 1e-6) | (src > n - 1 + 1e-6)
     out[tuple(index)] = fill
     return out
 
