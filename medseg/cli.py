@@ -397,7 +397,7 @@ def inspect(
     from medseg.io.rules import load_rules, orientation_name, select_series
     from medseg.io.sources import short_hash
 
-    decisions = select_series(scan_dicom(path), load_rules(rules))
+    decisions = select_series(scan_dicom(path, progress=True), load_rules(rules))
     con = _console(stderr=False)
     if not decisions:
         con.print(f"no DICOM series found under {path}")

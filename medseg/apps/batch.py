@@ -218,7 +218,8 @@ def run_batch(root: str | Path, outdir: str | Path, *, model: str | None = None,
     from medseg.models.loading import model_config
 
     cfg = model_config(model)  # a model of several sequences segments cases, not series
-    items, skipped = discover_inputs([root], cfg, rules, mirror_root=root if root.is_dir() else root.parent)
+    items, skipped = discover_inputs([root], cfg, rules, mirror_root=root if root.is_dir() else root.parent,
+                                     progress=progress)
     items = [it for it in items if in_shard(it.key, shard_t)]
     skipped = [s for s in skipped if in_shard(s.key, shard_t)]
     outdir.mkdir(parents=True, exist_ok=True)

@@ -240,7 +240,7 @@ def parse_channels(pairs: list[str] | None) -> dict[str, Path]:
 
 
 def discover_inputs(inputs: list, cfg, rules=None, *, channels: dict[str, Path] | None = None,
-                    mirror_root: Path | None = None, recursive: bool = True) -> tuple[list, list]:
+                    mirror_root: Path | None = None, recursive: bool = True, progress: bool = False) -> tuple[list, list]:
     """What to segment for a model with config ``cfg``: single volumes and series (one sequence), or cases of
     the model's sequences (case folders, nnU-Net files, 4D images, DICOM studies); ``channels`` gives one
     case's sequences explicitly (``--channel NAME=FILE``)."""
@@ -272,7 +272,7 @@ def discover_inputs(inputs: list, cfg, rules=None, *, channels: dict[str, Path] 
     if cfg.in_channels > 1:
         return discover_cases(inputs, cfg.data.channels, cfg.reference_channel, label_patterns=cfg.data.label_patterns,
                               rules=rules, mirror_root=mirror_root, recursive=recursive)
-    return discover(inputs, rules, mirror_root=mirror_root, recursive=recursive)
+    return discover(inputs, rules, mirror_root=mirror_root, recursive=recursive, progress=progress)
 
 
 @dataclass

@@ -204,6 +204,19 @@ def _vector(value: Any, n: int, keyword: str) -> np.ndarray:
     return out
 
 
+#: The header elements a scan reads (pydicom parses only these: a scan of a large archive allocates little per
+#: file); everything the scan, the stack's description, mosaics and Philips scaling need.
+_HEADER_TAGS = (
+    "SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID", "FrameOfReferenceUID", "Modality",
+    "SeriesNumber", "SeriesDescription", "SeriesDate", "SeriesTime", "BodyPartExamined", "Manufacturer", "ImageType",
+    "Rows", "Columns", "SamplesPerPixel", "PhotometricInterpretation", "NumberOfFrames", "InstanceNumber",
+    "ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing", "SliceThickness", "SpacingBetweenSlices",
+    "RescaleSlope", "RescaleIntercept", "ContrastBolusAgent", "EchoNumbers", "AcquisitionNumber",
+    "PerFrameFunctionalGroupsSequence", "SharedFunctionalGroupsSequence", "SpecificCharacterSet",
+    0x00291010, 0x00291020, 0x0029100C, 0x00290010, 0x00291008, 0x00291009, 0x00291018, 0x00291019,
+    0x2005100E, 0x2005100D, 0x00200012)
+
+
 def _read_header(path: Path):
     """Header of a DICOM file; None when the file is not DICOM. Raises ValueError when it
     claims to be DICOM (``DICM`` marker) but cannot be parsed."""
@@ -219,7 +232,7 @@ def _read_header(path: Path):
     if force and head[:2] not in (b"\x08\x00", b"\x02\x00"):  # a raw dataset starts with group 8 or 2
         return None
     try:
-        ds = pydicom.dcmread(path, stop_before_pixels=True, force=force)
+        ds = pydicom.dcmread(path, stop_before_pixels=True, force=force, specific_tags=list(_HEADER_TAGS))
     except InvalidDicomError:
         return None
     except Exception as exc:  # noqa: BLE001 - a damaged header; reported by the caller
@@ -437,7 +450,7 @@ def _scan_files(files: list[Path], progress: bool) -> tuple[list[SeriesInfo], li
             if uid[1] and uid in seen:  # the same instance again: one instance, the copy kept in reserve
                 seen[uid].copies.append(path)
                 continue
-            entry = _Entry(path, ds, frames, skip, series)
+            entry = _Entry(path, _slim(ds), frames, skip, series)
             if uid[1]:
                 seen[uid] = entry
             entries.append(entry)
@@ -461,6 +474,47 @@ def _scan_files(files: list[Path], progress: bool) -> tuple[list[SeriesInfo], li
         result.append(replace(s, stack_index=counter[s.series_uid]))
         counter[s.series_uid] += 1
     return result, broken
+
+
+#: What grouping, splitting and describing a stack read from a header after the scan; the rest is dropped, so a
+#: scan of a large archive holds a few hundred bytes per file, not its whole header.
+_KEEP = ("StudyInstanceUID", "SeriesInstanceUID", "SeriesNumber", "SeriesDescription", "Modality", "BodyPartExamined",
+         "ImageType", "Rows", "Columns", "SliceThickness", "ContrastBolusAgent", "SOPClassUID", "SOPInstanceUID",
+         "NumberOfFrames", "EchoNumbers", "AcquisitionNumber", "InstanceNumber", "Manufacturer")
+
+
+class _Header(dict):
+    """The few values of a header a stack needs after the scan, as plain Python values (``.get`` and attributes as a
+    Dataset's); ``file_meta`` holds the transfer syntax and the SOP class."""
+
+    file_meta: dict
+
+    def __getattr__(self, name: str):
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+
+def _plain(value):
+    if value is None:
+        return None
+    if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue":
+        return tuple(str(v) for v in value)
+    return value if isinstance(value, (int, float)) else str(value)
+
+
+def _slim(ds):
+    """:data:`_KEEP` of the header as plain values (a few hundred bytes instead of pydicom's objects), and the file
+    meta's transfer syntax and SOP class. A Siemens mosaic keeps its whole header: its tile size is read again from
+    the CSA header."""
+    if any("MOSAIC" in str(t).upper() for t in (ds.get("ImageType") or [])):
+        return ds
+    out = _Header({k: _plain(ds.get(k)) for k in _KEEP if k in ds})
+    meta = getattr(ds, "file_meta", None)
+    out.file_meta = {k: str(meta.get(k)) for k in ("TransferSyntaxUID", "MediaStorageSOPClassUID")
+                     if meta is not None and meta.get(k) is not None}
+    return out
 
 
 def _has_repeats(members: list[_Entry]) -> bool:

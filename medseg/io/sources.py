@@ -119,8 +119,9 @@ def _is_volume_file(p: Path) -> bool:
 
 
 def discover(inputs: list[str | Path], rules: SelectionRules | None = None, *, mirror_root: Path | None = None,
-             recursive: bool = True) -> tuple[list[InputItem], list[Skipped]]:
-    """Everything to segment under ``inputs``, and what was skipped with the reason."""
+             recursive: bool = True, progress: bool = False) -> tuple[list[InputItem], list[Skipped]]:
+    """Everything to segment under ``inputs``, and what was skipped with the reason (headers only are read;
+    ``progress`` draws a bar over the files)."""
     from medseg.io.dicom import scan_path
 
     rules = rules or SelectionRules()
@@ -145,7 +146,7 @@ def discover(inputs: list[str | Path], rules: SelectionRules | None = None, *, m
         items.extend(_volume_item(f, base if f.is_relative_to(base) else f.parent) for f in vols)
         series, damaged = [], []
         for root in dicom_roots:
-            found, broken = scan_path(root, False)
+            found, broken = scan_path(root, progress)
             series += found
             damaged += broken
         folders = set()
