@@ -89,3 +89,26 @@ def test_batch_segments_every_intact_series_and_records_duplicates(tmp_path):
     done = [r for r in rows if r.get("status") == "done"]
     assert len(done) == 2, rows
     assert sum(1 for r in done if r.get("duplicates")) == 1
+
+
+def test_rerun_reads_headers_only(tmp_path, monkeypatch):
+    """A batch run again over finished series reads no pixel data: discovery reads headers, and the manifest's
+    fingerprint (names, sizes, times) says the series are done."""
+    import pydicom
+
+    from medseg.apps.batch import run_batch
+
+    _two_series(tmp_path / "in")
+    first = run_batch(tmp_path / "in", tmp_path / "out", model="hippocampus-fast", device="cpu", progress=False)
+    assert first.done == 2
+    reads = {"pixels": 0, "headers": 0}
+    original = pydicom.dcmread
+
+    def counted(*args, **kwargs):
+        reads["headers" if kwargs.get("stop_before_pixels") else "pixels"] += 1
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(pydicom, "dcmread", counted)
+    again = run_batch(tmp_path / "in", tmp_path / "out", model="hippocampus-fast", device="cpu", progress=False)
+    assert again.already_done == 2 and again.done == 0
+    assert reads["pixels"] == 0 and reads["headers"] == 12
