@@ -407,8 +407,15 @@ def inspect(
         table.add_column(col, overflow="fold")
     for d in sorted(decisions, key=lambda d: (d.series.study_uid, d.series.series_number or 0, d.series.stack_index)):
         s = d.series
+        # what sets this stack apart within its series (echo, image type, acquisition), and copies set aside
+        parts = [p for p in (s.stack_key or "").split("; ") if p and not p.startswith("orientation")]
+        if s.duplicates:
+            parts.append(f"+{sum(len(c) for _, c in s.duplicates)} duplicate copies")
+        from rich.markup import escape
+
+        description = escape((s.series_description or "") + (f" [{'; '.join(parts)}]" if parts else ""))
         table.add_row(f"study-{short_hash(s.study_uid)}", str(s.series_number if s.series_number is not None else "?"),
-                      s.series_description or "", s.modality or "?", orientation_name(s.orientation),
+                      description, s.modality or "?", orientation_name(s.orientation),
                       f"{s.cols}x{s.rows}x{s.n_slices}", "" if s.slice_thickness is None else f"{s.slice_thickness:g}",
                       ("[green]selected[/]: " if d.selected else "[yellow]not selected[/]: ") + "; ".join(d.reasons))
     con.print(table)

@@ -32,6 +32,10 @@ def test_enhanced_4d_in_several_files_gives_every_volume(shared_data, dcm2niix, 
         assert np.abs(ours_affine - theirs.affine).max() < 1e-3
         volumes.append(ours)
     assert not np.array_equal(volumes[0], volumes[3])  # four different volumes, not one four times
+    from conftest import run_cli
+
+    text = " ".join(run_cli("inspect", src).stdout.split())  # inspect names each volume's stack
+    assert all(f"[acquisition {k}]" in text for k in range(1, 5)) and "4 selected" in text
 
 
 MOSAIC = "siemens_mosaic_transfer_syntaxes"
