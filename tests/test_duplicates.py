@@ -89,6 +89,9 @@ def test_batch_segments_every_intact_series_and_records_duplicates(tmp_path):
     done = [r for r in rows if r.get("status") == "done"]
     assert len(done) == 2, rows
     assert sum(1 for r in done if r.get("duplicates")) == 1
+    # file names are hashed in the manifest unless --record-paths (exports name files after patients too)
+    text = (tmp_path / "out" / "manifest.jsonl").read_text()
+    assert "copy.dcm" not in text and "sha256:" in json.dumps([r["duplicates"] for r in done if r.get("duplicates")])
 
 
 def test_rerun_reads_headers_only(tmp_path, monkeypatch):

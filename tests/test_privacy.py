@@ -42,7 +42,7 @@ def _with_phi(src: Path, dst: Path, *, truncate: int | None = None) -> list[Path
             setattr(ds, keyword, value)
         ds.SeriesInstanceUID = series_uid
         ds.save_as(dst / f.name)
-        if truncate is not None and i == truncate:
+        if truncate is not None and (i == truncate or truncate == -1):
             data = (dst / f.name).read_bytes()
             (dst / f.name).write_bytes(data[:-300])
         out.append(dst / f.name)
@@ -52,7 +52,8 @@ def _with_phi(src: Path, dst: Path, *, truncate: int | None = None) -> list[Path
 def make_phi_archive(root: Path, shared: Path | None) -> Path:
     patient = root / "DOE_JANE_MRN7734211" / "1945-03-07 ACC99887766"
     _with_phi(TEST_DATA / "dicom" / "hcrop", patient / "T1 hippocampus Doe^Jane")
-    _with_phi(TEST_DATA / "dicom" / "hcrop", patient / "DOE_JANE broken", truncate=3)
+    # every slice cut short (one cut slice alone is a missing slice, interpolated): a series that fails
+    _with_phi(TEST_DATA / "dicom" / "hcrop", patient / "DOE_JANE broken", truncate=-1)
     if shared is not None:
         _with_phi(shared / "dicom" / "mr_brain_study" / "37830-T2reg-78532", patient / "T2 DOE_JANE")
     return root

@@ -208,6 +208,8 @@ def run_batch(root: str | Path, outdir: str | Path, *, model: str | None = None,
     def shown(path: Path) -> str:
         return _rel(path, root) if record_paths else path_token(_rel(path, root))
 
+    shown.record_paths = record_paths  # the manifest's file names follow the same rule
+
     def hide(text: str, path: Path) -> str:  # paths in a reason -> the input's token (and ROOT)
         if record_paths or not text:
             return text
@@ -300,8 +302,12 @@ def _record(it: InputItem, res: dict, manifest: Manifest, summary: BatchSummary,
     engines alike)."""
     row = {"key": it.key, "input": shown(it.path), "kind": it.kind, "fingerprint": fingerprint(it),
            "load_s": res.get("load_s")}
-    for key in ("duplicates", "unreadable"):  # files set aside while reading (file names only)
-        row[key] = res.get(key) or None
+    for key in ("duplicates", "unreadable"):  # files set aside while reading: file names, hashed unless paths are recorded
+        entries = res.get(key) or None
+        if entries and not shown.record_paths:
+            entries = [[path_token(v) if i < (2 if key == "duplicates" else 1) else v for i, v in enumerate(e)]
+                       for e in entries]
+        row[key] = entries
     err = None
     if res.get("status") == "done":
         rels = res["outputs"]
