@@ -210,9 +210,7 @@ def preprocess(image: torch.Tensor, affine: np.ndarray, cfg) -> tuple[np.ndarray
     for c in range(data.shape[0]):
         data[c] = normalize(data[c], cfg.normalization[c], nonzero, bool(cfg.mask_for_norm[c]),
                             cfg.intensity_properties[c] if c < len(cfg.intensity_properties) else {})
-    r = cfg.data_resampling
-    data = resample(data, new_shape, spacing, target, order=int(r.get("order", 3)), order_z=int(r.get("order_z", 0)),
-                    force_separate_z=r.get("force_separate_z"), out_dtype=np.float32)
+    data = _resample_by(cfg.data_resampling, data, new_shape, spacing, target, default_order=3)
     grid = NnUNetGrid(shape_before, box, spacing, target)
     return data, processed_affine(affine, axes, box, new_shape), grid
 
@@ -231,34 +229,44 @@ def processed_affine(affine, axes, box, new_shape) -> np.ndarray:
     return np.asarray(affine, dtype=float) @ m
 
 
+def _resample_by(kwargs: dict, data: np.ndarray, new_shape, current_spacing, new_spacing, *,
+                 default_order: int) -> np.ndarray:
+    """:func:`resample` with the plans' resampling arguments (``order``, ``order_z``, ``force_separate_z``)."""
+    return resample(data, new_shape, current_spacing, new_spacing, order=int(kwargs.get("order", default_order)),
+                    order_z=int(kwargs.get("order_z", 0)), force_separate_z=kwargs.get("force_separate_z"),
+                    out_dtype=np.float32)
+
+
+def _to_cropped_shape(probs, grid: NnUNetGrid, cfg) -> np.ndarray:
+    """The network's output ``(C, …)`` resampled from the processed grid to the cropped input's shape."""
+    values = probs.float().numpy() if isinstance(probs, torch.Tensor) else np.asarray(probs, dtype=np.float32)
+    return _resample_by(cfg.probabilities_resampling, values, grid.cropped_shape, grid.target_spacing, grid.spacing,
+                        default_order=1)
+
+
+def _uncrop(values: np.ndarray, grid: NnUNetGrid, cfg, full: np.ndarray) -> np.ndarray:
+    """``values`` (spatial axes last, nnU-Net's order) put into ``full`` (the uncropped grid, its outside already
+    set) at the crop box, then transposed back to the input's voxel axes."""
+    full[(..., *[slice(lo, hi) for lo, hi in grid.box])] = values
+    axes = _axes_to_nnunet(cfg.transpose)
+    lead = full.ndim - 3
+    inverse = [lead + axes.index(a) for a in range(3)]  # input axis a is nnU-Net axis axes.index(a)
+    return np.ascontiguousarray(full.transpose(*range(lead), *inverse))
+
+
 def to_input_grid(probs: torch.Tensor, grid: NnUNetGrid, cfg, decode, dtype=np.uint8) -> np.ndarray:
     """Labels ``(X, Y, Z)`` on the input grid from the network's output ``(C, …)`` on the processed grid, as
     nnU-Net exports them: resampled to the cropped shape, decoded, uncropped (background outside the box),
     transposed back."""
-    axes = _axes_to_nnunet(cfg.transpose)
-    r = cfg.probabilities_resampling
-    values = probs.float().numpy() if isinstance(probs, torch.Tensor) else np.asarray(probs, dtype=np.float32)
-    values = resample(values, grid.cropped_shape, grid.target_spacing, grid.spacing, order=int(r.get("order", 1)),
-                      order_z=int(r.get("order_z", 0)), force_separate_z=r.get("force_separate_z"),
-                      out_dtype=np.float32)
-    labels = decode(torch.from_numpy(values)).numpy().astype(dtype, copy=False)
-    full = np.zeros(grid.shape_before_crop, dtype=dtype)
-    full[tuple(slice(lo, hi) for lo, hi in grid.box)] = labels
-    inverse = [axes.index(a) for a in range(3)]  # medseg axis a is nnU-Net axis inverse[a]
-    return np.ascontiguousarray(full.transpose(inverse))
+    labels = decode(torch.from_numpy(_to_cropped_shape(probs, grid, cfg))).numpy().astype(dtype, copy=False)
+    return _uncrop(labels, grid, cfg, np.zeros(grid.shape_before_crop, dtype=dtype))
 
 
 def probabilities_to_input_grid(probs: torch.Tensor, grid: NnUNetGrid, cfg, *, softmax: bool = True) -> torch.Tensor:
     """Probabilities ``(C, X, Y, Z)`` on the input grid; outside the crop box background is certain (class 0 for a
     softmax model, every region off for a region model)."""
-    axes = _axes_to_nnunet(cfg.transpose)
-    r = cfg.probabilities_resampling
-    values = resample(probs.float().numpy(), grid.cropped_shape, grid.target_spacing, grid.spacing,
-                      order=int(r.get("order", 1)), order_z=int(r.get("order_z", 0)),
-                      force_separate_z=r.get("force_separate_z"), out_dtype=np.float32)
+    values = _to_cropped_shape(probs, grid, cfg)
     full = np.zeros((values.shape[0], *grid.shape_before_crop), dtype=np.float32)
     if softmax:
         full[0] = 1.0
-    full[(slice(None), *[slice(lo, hi) for lo, hi in grid.box])] = values
-    inverse = [axes.index(a) for a in range(3)]
-    return torch.from_numpy(np.ascontiguousarray(full.transpose(0, *[i + 1 for i in inverse])))
+    return torch.from_numpy(_uncrop(values, grid, cfg, full))
