@@ -96,12 +96,23 @@ def measure(*args: str) -> dict:
     return out
 
 
-def timed_cli(*args: str) -> float:
-    t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "medseg", *args], capture_output=True, text=True)
+CLI = r"""
+import json, resource, subprocess, sys, time
+t0 = time.perf_counter()
+proc = subprocess.run([sys.executable, "-m", "medseg", *sys.argv[1:]], capture_output=True, text=True)
+if proc.returncode:
+    sys.exit(proc.stderr[-3000:])
+rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+print(json.dumps({"seconds": round(time.perf_counter() - t0, 1), "peak_rss_mb": round(rss)}))
+"""
+
+
+def timed_cli(*args: str) -> dict:
+    """Wall time and peak RSS of one ``medseg`` command (the only child of a fresh process, so its peak is the CLI's)."""
+    proc = subprocess.run([sys.executable, "-c", CLI, *args], capture_output=True, text=True)
     if proc.returncode:
         sys.exit(proc.stderr[-3000:])
-    return round(time.perf_counter() - t0, 1)
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def main() -> None:
@@ -115,11 +126,11 @@ def main() -> None:
         make_tree(args.root, args.make, args.source)
     n_files = sum(1 for _ in args.root.rglob("*.dcm"))
     rows = [measure("scan", str(args.root)), measure("discover", str(args.root))]
-    rows.append({"what": "medseg inspect", "seconds": timed_cli("inspect", str(args.root))})
+    rows.append({"what": "medseg inspect", **timed_cli("inspect", str(args.root))})
     if args.batch:
         out = args.root.parent / (args.root.name + "_out")
-        rows.append({"what": "medseg batch (first run)", "seconds": timed_cli("batch", str(args.root), "-o", str(out),
-                                                                                "--model", "hippocampus-fast")})
+        rows.append({"what": "medseg batch (first run)", **timed_cli("batch", str(args.root), "-o", str(out),
+                                                                      "--model", "hippocampus-fast")})
         rows.append(measure("rerun", str(args.root), str(out)))
     print(f"{n_files} files under {args.root}")
     for r in rows:

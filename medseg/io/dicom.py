@@ -37,8 +37,9 @@ import hashlib
 import logging
 import math
 import os
+import sys
 from collections import defaultdict
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -139,7 +140,7 @@ class SeriesInfo:
         return f"{text} (skipped: {self.skip_reason})" if self.skip_reason else text
 
 
-@dataclass
+@dataclass(slots=True)
 class _Frame:
     """Geometry and scaling of one 2D image (a single-frame file or one frame)."""
 
@@ -154,14 +155,17 @@ class _Frame:
     """Philips' private scale slope (2005,100E): the stored values' floating-point scale."""
 
 
-@dataclass
+@dataclass(slots=True)
 class _Entry:
+    """What a scan keeps of one file until its stack is formed: a few hundred bytes (the header values are shared
+    between the files of a series, the slice position is the file's own)."""
+
     path: Path
     ds: Any
     frames: list[_Frame] | None
     skip: str | None
     series: str
-    copies: list[Path] = field(default_factory=list)
+    copies: tuple[Path, ...] = ()
     """Other files with the same SOPInstanceUID."""
 
 
@@ -424,6 +428,7 @@ def scan_path(root: str | Path, progress: bool):
 def _scan_files(files: list[Path], progress: bool) -> tuple[list[SeriesInfo], list[tuple[Path, str]]]:
     """Stacks in ``files``, and the damaged files with the reason."""
     entries, broken, seen = [], [], {}
+    shared: dict = {}  # one object per distinct header, orientation and pixel spacing, kept by every file that has it
     with progress_bar("scanning DICOM", total=len(files), enabled=progress) as advance:
         for path in files:
             advance()
@@ -439,7 +444,8 @@ def _scan_files(files: list[Path], progress: bool) -> tuple[list[SeriesInfo], li
                         int(ds.Rows), int(ds.Columns)  # noqa: B018 - used as grouping keys below
                     except _NoGeometry as exc:
                         skip = f"no patient geometry ({exc})"
-                series = _series_id(path, ds)
+                series = sys.intern(_series_id(path, ds))
+                header = _slim(ds, shared)
             except (ValueError, TypeError, KeyError, AttributeError, IndexError, OverflowError) as exc:
                 # a header pydicom parsed but whose values make no sense (junk numbers, wrong multiplicity)
                 why = str(exc) if isinstance(exc, ValueError) and not isinstance(exc, OverflowError) else \
@@ -448,9 +454,12 @@ def _scan_files(files: list[Path], progress: bool) -> tuple[list[SeriesInfo], li
                 continue
             uid = (series, _text(ds.get("SOPInstanceUID")))
             if uid[1] and uid in seen:  # the same instance again: one instance, the copy kept in reserve
-                seen[uid].copies.append(path)
+                seen[uid].copies += (path,)
                 continue
-            entry = _Entry(path, _slim(ds), frames, skip, series)
+            for f in frames or ():
+                f.orientation = shared.setdefault(("orientation", f.orientation.tobytes()), f.orientation)
+                f.spacing = shared.setdefault(("spacing", f.spacing), f.spacing)
+            entry = _Entry(path, header, frames, skip, series)
             if uid[1]:
                 seen[uid] = entry
             entries.append(entry)
@@ -476,16 +485,17 @@ def _scan_files(files: list[Path], progress: bool) -> tuple[list[SeriesInfo], li
     return result, broken
 
 
-#: What grouping, splitting and describing a stack read from a header after the scan; the rest is dropped, so a
-#: scan of a large archive holds a few hundred bytes per file, not its whole header.
+#: What grouping, splitting and describing a stack read from a header after the scan; the rest is dropped, and what
+#: is left is the same for every file of a series as a rule (no instance's own values), so the files share one copy.
 _KEEP = ("StudyInstanceUID", "SeriesInstanceUID", "SeriesNumber", "SeriesDescription", "Modality", "BodyPartExamined",
-         "ImageType", "Rows", "Columns", "SliceThickness", "ContrastBolusAgent", "SOPClassUID", "SOPInstanceUID",
-         "NumberOfFrames", "EchoNumbers", "AcquisitionNumber", "InstanceNumber", "Manufacturer")
+         "ImageType", "Rows", "Columns", "SliceThickness", "ContrastBolusAgent", "SOPClassUID", "NumberOfFrames",
+         "EchoNumbers", "AcquisitionNumber")
 
 
 class _Header(dict):
     """The few values of a header a stack needs after the scan, as plain Python values (``.get`` and attributes as a
-    Dataset's); ``file_meta`` holds the transfer syntax and the SOP class."""
+    Dataset's); ``file_meta`` holds the transfer syntax and the SOP class, ``MosaicTiles`` a Siemens mosaic's tiles
+    to a side."""
 
     file_meta: dict
 
@@ -497,24 +507,33 @@ class _Header(dict):
 
 
 def _plain(value):
+    """A header value as a built-in type (pydicom's number and string types keep their source text beside them)."""
     if value is None:
         return None
     if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue":
         return tuple(str(v) for v in value)
-    return value if isinstance(value, (int, float)) else str(value)
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int):
+        return int(value)
+    return float(value) if isinstance(value, float) else str(value)
 
 
-def _slim(ds):
-    """:data:`_KEEP` of the header as plain values (a few hundred bytes instead of pydicom's objects), and the file
-    meta's transfer syntax and SOP class. A Siemens mosaic keeps its whole header: its tile size is read again from
-    the CSA header."""
-    if any("MOSAIC" in str(t).upper() for t in (ds.get("ImageType") or [])):
-        return ds
-    out = _Header({k: _plain(ds.get(k)) for k in _KEEP if k in ds})
+def _slim(ds, shared: dict) -> _Header:
+    """:data:`_KEEP` of the header as plain values, the file meta's transfer syntax and SOP class, and a mosaic's
+    tiles; one object for all files whose values are the same (``shared`` holds them)."""
+    values = {k: _plain(ds.get(k)) for k in _KEEP if k in ds}
+    mosaic = _mosaic(ds)
+    if mosaic is not None:
+        values["MosaicTiles"] = mosaic.tiles
     meta = getattr(ds, "file_meta", None)
-    out.file_meta = {k: str(meta.get(k)) for k in ("TransferSyntaxUID", "MediaStorageSOPClassUID")
-                     if meta is not None and meta.get(k) is not None}
-    return out
+    file_meta = {k: str(meta.get(k)) for k in ("TransferSyntaxUID", "MediaStorageSOPClassUID")
+                 if meta is not None and meta.get(k) is not None}
+    key = ("header", tuple(values.items()), tuple(file_meta.items()))
+    if key not in shared:
+        shared[key] = _Header(values)
+        shared[key].file_meta = file_meta
+    return shared[key]
 
 
 def _has_repeats(members: list[_Entry]) -> bool:
@@ -541,9 +560,7 @@ def _split_repeats(members: list[_Entry], labels: dict, splitters) -> list[tuple
 
 def _tile(ds, keyword: str) -> int:
     """Rows or Columns of one image (of one tile, for a Siemens mosaic)."""
-    value = int(ds.get(keyword) or 0)
-    mosaic = _mosaic(ds) if value else None
-    return value // mosaic.tiles if mosaic is not None else value
+    return int(ds.get(keyword) or 0) // int(ds.get("MosaicTiles") or 1)
 
 
 def _stack(members: list[_Entry], labels: dict) -> SeriesInfo:
