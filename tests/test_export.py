@@ -8,7 +8,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from conftest import TEST_DATA, assert_clean_error, run_cli, write_checkpoint
+from conftest import FAST_MODEL, TEST_DATA, assert_clean_error, run_cli, write_checkpoint
 
 from medseg.core.errors import CheckpointError, ConfigError
 from medseg.models.loading import read_export_metadata
@@ -75,21 +75,21 @@ def test_exported_file_carries_the_config_and_predicts_alone(exported, tmp_path)
 
 def test_cli_export_and_backend_flag_with_a_checkpoint(tmp_path, monkeypatch):
     monkeypatch.setenv("MEDSEG_CACHE_DIR", str(tmp_path / "cache"))
-    proc = run_cli("export", "hippocampus", "-o", tmp_path / "h.onnx")
+    proc = run_cli("export", "hippocampus-fast", "-o", tmp_path / "h.onnx")  # the pair: test_ensemble_exports_every_member
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert (tmp_path / "h.onnx").stat().st_size > 1_000_000
     # --backend onnxruntime with the .pt: exported once into the cache, then reused
     for run in ("a", "b"):
         proc = run_cli("predict", HIPPO / "hippocampus_015.nii.gz", "-o", tmp_path / run, "--backend", "onnxruntime",
-                       "--device", "cpu")
+                       "--device", "cpu", *FAST_MODEL)
         assert proc.returncode == 0, proc.stderr[-2000:]
     assert len(list((tmp_path / "cache" / "exports").glob("*.onnx"))) == 1
     a = load_volume(tmp_path / "a" / "hippocampus_015.nii.gz").array
-    b = Predictor("hippocampus", device="cpu").predict_volume(load_volume(HIPPO / "hippocampus_015.nii.gz")).array
+    b = Predictor("hippocampus-fast", device="cpu").predict_volume(load_volume(HIPPO / "hippocampus_015.nii.gz")).array
     assert min(dice_per_class(a, b, (1, 2))) >= 0.999
     assert_clean_error(run_cli("predict", HIPPO / "hippocampus_015.nii.gz", "-o", tmp_path / "c", "--backend", "tensorrt"),
                        "unknown inference backend")
-    assert_clean_error(run_cli("export", "hippocampus", "-o", tmp_path / "h.onnx", "--format", "torchscript"),
+    assert_clean_error(run_cli("export", "hippocampus-fast", "-o", tmp_path / "h.onnx", "--format", "torchscript"),
                        "wrong suffix")
 
 
