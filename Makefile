@@ -21,7 +21,7 @@ demo: $(STAMP)
 	$(BIN)/medseg demo -o demo_output
 
 test: $(STAMP)
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n 2 --dist loadfile
 
 # Retrain the bundled models from $MEDSEG_DATA/hippocampus (default ../shared/data/hippocampus) and pack
 # them (about 60 min on 2 CPU cores with bf16, AMX): hippocampus-fast is the DynUNet 16-128; the default

@@ -39,6 +39,7 @@ def exported(tmp_path_factory):
     return onnx_path, ts_path
 
 
+@pytest.mark.slow
 def test_exported_models_give_the_torch_labels(exported):
     onnx_path, ts_path = exported
     torch_pred = Predictor("hippocampus", device="cpu")
@@ -73,6 +74,7 @@ def test_exported_file_carries_the_config_and_predicts_alone(exported, tmp_path)
     assert (out / "labels.ctbl").is_file()  # label names came from the ONNX metadata
 
 
+@pytest.mark.slow
 def test_cli_export_and_backend_flag_with_a_checkpoint(tmp_path, monkeypatch):
     monkeypatch.setenv("MEDSEG_CACHE_DIR", str(tmp_path / "cache"))
     proc = run_cli("export", "hippocampus-fast", "-o", tmp_path / "h.onnx")  # the pair: test_ensemble_exports_every_member

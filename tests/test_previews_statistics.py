@@ -56,6 +56,7 @@ def test_predict_writes_preview_and_statistics(tmp_path):
         assert [r["name"] for r in csv.DictReader(fh)] == ["anterior", "posterior"]
 
 
+@pytest.mark.slow
 def test_batch_statistics_table_and_resume(tmp_path):
     root = tmp_path / "in"
     root.mkdir()
