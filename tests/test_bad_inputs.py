@@ -98,11 +98,11 @@ def test_matrix_covers_the_required_kinds():
 def test_real_subprocess_gives_one_line_without_traceback(tmp_path):
     """The same refusals through the installed entry point (interpreter start-up included)."""
     bad = make_bad("nifti-truncated-gz", tmp_path / "a")
-    proc = run_cli("predict", bad.path, "-o", tmp_path / "out", "--device", "cpu")
+    proc = run_cli("predict", bad.path, "-o", tmp_path / "out", "--device", "cpu", fresh=True)
     assert_clean_error(proc, str(bad.path), "cannot read NIfTI", "fix:")
     assert len(proc.stderr.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
     bad = make_bad("dicom-truncated-pixels", tmp_path / "b")
-    proc = run_cli("convert", bad.path, tmp_path / "out.nii.gz")
+    proc = run_cli("convert", bad.path, tmp_path / "out.nii.gz", fresh=True)
     assert_clean_error(proc, str(bad.path), "fix:")
     assert not (tmp_path / "out.nii.gz").exists()
 
