@@ -315,9 +315,9 @@ def _mosaic(ds) -> _Mosaic | None:
     return _Mosaic(n, rows, cols, size, first, normal / np.linalg.norm(normal), step)
 
 
-def _frames(ds) -> list[_Frame]:
-    """Geometry of every 2D image in a file; raises _NoGeometry when it is missing."""
-    mosaic = _mosaic(ds)
+def _frames(ds, mosaic: _Mosaic | None) -> list[_Frame]:
+    """Geometry of every 2D image in a file (``mosaic``: its :func:`_mosaic`); raises _NoGeometry when it is
+    missing."""
     if mosaic is not None:
         iop = _vector(ds.get("ImageOrientationPatient"), 6, "ImageOrientationPatient")
         ps = _vector(ds.get("PixelSpacing"), 2, "PixelSpacing")
@@ -437,15 +437,15 @@ def _scan_files(files: list[Path], progress: bool) -> tuple[list[SeriesInfo], li
                 skip = None if ds is None else _skip_reason(ds)
                 if ds is None or skip is _IGNORE:
                     continue
-                frames = None
+                frames, mosaic = None, _mosaic(ds)
                 if skip is None:
                     try:
-                        frames = _frames(ds)
+                        frames = _frames(ds, mosaic)
                         int(ds.Rows), int(ds.Columns)  # noqa: B018 - used as grouping keys below
                     except _NoGeometry as exc:
                         skip = f"no patient geometry ({exc})"
                 series = sys.intern(_series_id(path, ds))
-                header = _slim(ds, shared)
+                header = _slim(ds, shared, mosaic)
             except (ValueError, TypeError, KeyError, AttributeError, IndexError, OverflowError) as exc:
                 # a header pydicom parsed but whose values make no sense (junk numbers, wrong multiplicity)
                 why = str(exc) if isinstance(exc, ValueError) and not isinstance(exc, OverflowError) else \
@@ -519,11 +519,10 @@ def _plain(value):
     return float(value) if isinstance(value, float) else str(value)
 
 
-def _slim(ds, shared: dict) -> _Header:
+def _slim(ds, shared: dict, mosaic: _Mosaic | None) -> _Header:
     """:data:`_KEEP` of the header as plain values, the file meta's transfer syntax and SOP class, and a mosaic's
     tiles; one object for all files whose values are the same (``shared`` holds them)."""
     values = {k: _plain(ds.get(k)) for k in _KEEP if k in ds}
-    mosaic = _mosaic(ds)
     if mosaic is not None:
         values["MosaicTiles"] = mosaic.tiles
     meta = getattr(ds, "file_meta", None)
@@ -697,15 +696,16 @@ def _read_instance(path: Path):
     if "PixelData" not in ds:
         raise UnreadableFileError("file has no pixel data", path=path, expected="a complete DICOM image",
                                   fix="re-export or re-copy the file; it may be truncated")
+    mosaic = _mosaic(ds)
     try:
-        file_frames = _frames(ds)
+        file_frames = _frames(ds, mosaic)
     except _NoGeometry as exc:
         raise UnsupportedInputError("slice has no patient geometry", path=path, found=str(exc),
                                     fix="use images with patient position and orientation") from None
     for f in file_frames:
         f.path = path
     padding = int(ds.PixelPaddingValue) if ds.get("PixelPaddingValue") is not None else None
-    return file_frames, _pixels(ds, path, len(file_frames)), padding
+    return file_frames, _pixels(ds, path, len(file_frames), mosaic), padding
 
 
 def _reason(exc: UnreadableFileError) -> str:
@@ -759,8 +759,8 @@ def _read_stack(info: SeriesInfo, progress: bool, uneven: str = "resample"):
     return frames, np.concatenate(pixels) if len(pixels) > 1 else pixels[0], padding, notes
 
 
-def _pixels(ds, path: Path, n_frames: int) -> np.ndarray:
-    """Stored pixel values as ``(frames, rows, cols)``."""
+def _pixels(ds, path: Path, n_frames: int, mosaic: _Mosaic | None) -> np.ndarray:
+    """Stored pixel values as ``(frames, rows, cols)`` (a mosaic's tiles as frames)."""
     from pydicom.pixels import get_decoder
 
     ts = ds.file_meta.get("TransferSyntaxUID") if getattr(ds, "file_meta", None) is not None else None
@@ -774,7 +774,6 @@ def _pixels(ds, path: Path, n_frames: int) -> np.ndarray:
             raise UnsupportedInputError(f"cannot decode transfer syntax {ts.name}", path=path, found=missing,
                                         fix="reinstall medseg's decoders (pip install python-gdcm pylibjpeg "
                                             "pylibjpeg-openjpeg), or decompress the files (e.g. gdcmconv --raw)")
-    mosaic = _mosaic(ds)
     expected = (n_frames, int(ds.Rows), int(ds.Columns)) if mosaic is None else (1, int(ds.Rows), int(ds.Columns))
     try:
         array = np.asarray(ds.pixel_array)
