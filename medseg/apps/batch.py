@@ -205,10 +205,9 @@ def run_batch(root: str | Path, outdir: str | Path, *, model: str | None = None,
     formats = check_formats(formats) if formats else None
     say = log or (lambda msg: None)
 
-    def shown(path: Path) -> str:
-        return _rel(path, root) if record_paths else path_token(_rel(path, root))
-
-    shown.record_paths = record_paths  # the manifest's file names follow the same rule
+    def shown(path: Path | str, *, name_only: bool = False) -> str:  # an input's path, or a file's name alone
+        text = Path(path).name if name_only else _rel(path, root)
+        return text if record_paths else path_token(text)
 
     def hide(text: str, path: Path) -> str:  # paths in a reason -> the input's token (and ROOT)
         if record_paths or not text:
@@ -302,12 +301,10 @@ def _record(it: InputItem, res: dict, manifest: Manifest, summary: BatchSummary,
     engines alike)."""
     row = {"key": it.key, "input": shown(it.path), "kind": it.kind, "fingerprint": fingerprint(it),
            "load_s": res.get("load_s")}
-    for key in ("duplicates", "unreadable"):  # files set aside while reading: file names, hashed unless paths are recorded
+    # files set aside while reading; each entry starts with file names (two for a duplicate), shown like the inputs
+    for key, names in (("duplicates", 2), ("unreadable", 1)):
         entries = res.get(key) or None
-        if entries and not shown.record_paths:
-            entries = [[path_token(v) if i < (2 if key == "duplicates" else 1) else v for i, v in enumerate(e)]
-                       for e in entries]
-        row[key] = entries
+        row[key] = entries and [[shown(v, name_only=True) for v in e[:names]] + list(e[names:]) for e in entries]
     err = None
     if res.get("status") == "done":
         rels = res["outputs"]
