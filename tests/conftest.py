@@ -96,7 +96,7 @@ def run_cli(*args: str, cwd: Path | None = None, timeout: float = 900,
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "COLUMNS": "200"}
     cmd = [sys.executable, "-m", "medseg", *map(str, args)]
     if not fresh and os.environ.get("MEDSEG_TEST_FRESH_PROCESSES") != "1":
-        done = _FORKS.run(cmd, [str(a) for a in args], env, str(cwd or REPO), timeout)
+        done = _FORKS.run(cmd, env, str(cwd or REPO), timeout)
         if done is not None:
             return done
     return subprocess.run(cmd, capture_output=True, text=True, cwd=cwd or REPO, env=env, timeout=timeout)
@@ -124,23 +124,24 @@ class _ForkServer:
         line, self.buffer = self.buffer.split(b"\n", 1)
         return json.loads(line)
 
-    def run(self, cmd, args, env, cwd, timeout) -> subprocess.CompletedProcess | None:
+    def run(self, cmd: list[str], env: dict, cwd: str, timeout: float) -> subprocess.CompletedProcess | None:
+        """``cmd`` (``python -m medseg ARGS``) in a forked child; None where the server cannot fork."""
         import atexit
         import json
         import signal
         import tempfile
 
-        if not hasattr(os, "fork") or os.environ.get("MEDSEG_TEST_NO_FORKSERVER"):
+        if not hasattr(os, "fork"):
             return None
         if self.proc is None or self.proc.poll() is not None:
             self.proc = subprocess.Popen([sys.executable, str(Path(__file__).with_name("cli_forkserver.py"))],
                                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                                         cwd=REPO, env={**env, "MEDSEG_TEST_NO_FORKSERVER": "1"})
+                                         cwd=REPO, env=env)
             self.buffer = b""
             atexit.register(self.proc.kill)
         with tempfile.TemporaryDirectory() as tmp:
             out, err = Path(tmp) / "stdout", Path(tmp) / "stderr"
-            request = {"args": args, "env": env, "cwd": cwd, "out": str(out), "err": str(err)}
+            request = {"args": cmd[3:], "env": env, "cwd": cwd, "out": str(out), "err": str(err)}
             try:
                 self.proc.stdin.write((json.dumps(request) + "\n").encode())
                 self.proc.stdin.flush()
