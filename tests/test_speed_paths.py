@@ -12,7 +12,8 @@ import torch
 
 from medseg.core.config import load_config
 from medseg.core.runtime import amp_dtype, cpu_has_fast_bf16
-from medseg.inference.backends import MirrorRunner, TorchRunner, use_onednn_conv3d
+from medseg.inference.backends import (CPU_FP32_BATCH, MirrorRunner, TorchRunner, use_fast_cpu_kernels,
+                                       use_onednn_conv3d)
 from medseg.inference.engine import sliding_window_probs
 from medseg.models.registry import build_model
 
@@ -32,7 +33,7 @@ def _dynunet(channels=(8, 16, 32), seed=0):
 def _conv_kernels(fn) -> dict:
     with torch.profiler.profile() as prof:
         fn()
-    return {e.key: e.count for e in prof.key_averages() if "conv" in e.key}
+    return {e.key: e.count for e in prof.key_averages() if "conv" in e.key or "norm" in e.key}
 
 
 def test_onednn_convolutions_at_batch_one_match_pytorch():
@@ -51,6 +52,56 @@ def test_onednn_convolutions_at_batch_one_match_pytorch():
     loss = fast(x).sum()
     loss.backward()
     assert all(p.grad is not None for p in fast.parameters() if p.requires_grad)
+
+
+def test_fast_cpu_kernels_match_pytorch():
+    net = _dynunet()
+    fast = copy.deepcopy(net)
+    counts = use_fast_cpu_kernels(fast)
+    assert counts["instance_norm3d"] == sum(type(m) is torch.nn.InstanceNorm3d for m in net.modules()) > 0
+    x = torch.randn(2, 1, 24, 32, 24)
+    with torch.inference_mode():
+        ref, out = net(x), fast(x)
+        kernels = _conv_kernels(lambda: fast(x))
+    assert (out - ref).abs().max() < 1e-4
+    assert torch.equal(ref.argmax(1), out.argmax(1))
+    assert "aten::native_batch_norm" not in kernels and "aten::slow_conv3d_forward" not in kernels, kernels
+    # training keeps PyTorch's own kernels, with gradients
+    fast.train()
+    fast(x).sum().backward()
+    assert all(p.grad is not None for p in fast.parameters() if p.requires_grad)
+
+
+def test_fast_instance_norm_with_affine_and_with_a_large_offset():
+    torch.manual_seed(0)
+    norm = torch.nn.InstanceNorm3d(4, affine=True)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 2)
+        norm.bias.uniform_(-1, 1)
+    fast = copy.deepcopy(norm)
+    assert use_fast_cpu_kernels(torch.nn.Sequential(fast, torch.nn.InstanceNorm3d(4, track_running_stats=True))) == \
+        {"conv3d": 0, "instance_norm3d": 1}
+    y = torch.randn(2, 4, 5, 7, 3) * 3 + 1
+    with torch.inference_mode():
+        assert torch.allclose(fast(y), norm(y), atol=1e-5)
+        # a channel whose mean dwarfs its spread: E[x²] - E[x]² would lose every digit, PyTorch's kernel runs
+        far = y + 1e4
+        assert torch.allclose(fast(far), norm(far), atol=1e-3)
+
+
+def test_cpu_runner_splits_large_window_batches_with_the_same_values():
+    net = _dynunet()
+    runner = TorchRunner([copy.deepcopy(net)], CPU, amp=False)
+    seen = []
+    module = runner.module
+    runner.module = lambda x: (seen.append(x.shape[0]), module(x))[1]
+    x = torch.randn(5, 1, 24, 32, 24)
+    out = runner(x)
+    assert seen == [2, 2, 1] and CPU_FP32_BATCH == 2
+    with torch.inference_mode():
+        alone = torch.cat([module(w) for w in x.split(1)])
+    assert out.shape == alone.shape and (out - alone).abs().max() < 1e-5
+    assert torch.equal(out.argmax(1), alone.argmax(1))
 
 
 def test_mirror_tta_in_one_batch_equals_two_passes():
