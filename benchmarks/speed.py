@@ -8,7 +8,7 @@ Every comparison runs the tools alternately, A B then B A (then A B ...), and re
 busy machine slows both alike. Cases:
 
 * ``hippo``: ``medseg predict FOLDER`` with no flags (the default model, whatever the machine) and with
-  ``--model hippocampus-fast`` (one network; ``--single``) on a folder of hippocampus volumes, as whole
+  ``--model hippocampus`` (one network; ``--single``; one run when it is the default) on a folder of hippocampus volumes, as whole
   processes, against ``benchmarks/monai_plain.py`` on the same folder running (a) the tutorial network a user
   would write, MONAI's ``UNet`` 16-128 (the weights of the first bundled model, read from git history; random
   weights of that architecture where git is not at hand: the time does not depend on them), and (b) the
@@ -146,11 +146,14 @@ def case_hippo(args, tmp: Path, res: dict) -> None:
             "medseg_single": medseg + [str(tmp / "o_single"), "--model", single],
             "monai_unet16": plain + [str(tmp / "o_unet"), "--model", str(unet)],
             "monai_single": plain + [str(tmp / "o_same"), "--model", single]}
+    if resolve_model(None) == resolve_model(single):  # the default is that one network: one run serves both rows
+        del cmds["medseg_single"]
     if args.onnx:
         cmds["medseg_single_onnx"] = medseg + [str(tmp / "o_onnx"), "--model", single, "--backend", "onnxruntime"]
         run_timed(cmds["medseg_single_onnx"])  # the export is made and cached once, untimed
     runs = alternate(cmds, args.repeats)
     row = {k: med([s for s, _ in v]) for k, v in runs.items()}
+    row.setdefault("medseg_single", row["medseg"])
     row |= {"n": args.hippo, "single": args.single, "unet16_weights": unet_note,
             "default_vs_monai_unet16": round(row["monai_unet16"] / row["medseg"], 2),
             "single_vs_monai_unet16": round(row["monai_unet16"] / row["medseg_single"], 2),
@@ -211,13 +214,20 @@ def case_ct(args, tmp: Path, res: dict) -> None:
     write_ct(ct, shape)
     py = sys.executable
     model = str(resolve_model(args.ct_model))
-    cmds = {"medseg": [py, "-m", "medseg", "predict", str(ct), "-o", str(tmp / "ct_medseg"), "--model", model]}
+    overlap = args.ct_overlap
+    if overlap is None:  # the model's own setting, given to both tools
+        from medseg.models.loading import model_config
+
+        overlap = model_config(model).inference.overlap
+    cmds = {"medseg": [py, "-m", "medseg", "predict", str(ct), "-o", str(tmp / "ct_medseg"), "--model", model,
+                       "--overlap", str(overlap)]}
     if args.ct_plain:
         cmds["monai_same_network"] = [py, str(REPO / "benchmarks" / "monai_plain.py"), str(ct), str(tmp / "ct_plain"),
-                                      "--model", model]
+                                      "--model", model, "--overlap", str(overlap)]
     runs = alternate(cmds, args.ct_repeats, runner=peak_rss_of)
     mvox = float(shape[0] * shape[1] * shape[2]) / 1e6
-    row = {"shape": list(shape), "spacing_mm": [0.8, 0.8, 1.0], "model": args.ct_model or "hippocampus (default)"}
+    row = {"shape": list(shape), "spacing_mm": [0.8, 0.8, 1.0], "model": args.ct_model or "hippocampus (default)",
+           "overlap": overlap}
     for k, v in runs.items():
         s = med([x for x, _ in v])
         row[k] = {"s": s, "s_per_mvoxel": round(s / mvox, 3), "peak_rss_gb": round(max(g for _, g in v), 2)}
@@ -240,39 +250,46 @@ def case_glioma(args, tmp: Path, res: dict) -> None:
 
 def case_kernels(args, tmp: Path, res: dict) -> None:
     """One window (batch 1, and batch 2 as mirror TTA runs it) through each bundled hippocampus network and the
-    tutorial UNet, with PyTorch's own choice of convolution kernel and with oneDNN forced (``use_onednn_conv3d``)."""
+    tutorial UNet: with PyTorch's own kernels, with oneDNN forced for the convolutions (``use_onednn_conv3d``), and
+    with every CPU path of medseg's torch backend (``use_fast_cpu_kernels``: also the transposed convolutions and
+    instance norm). The three variants of a network take turns, pass by pass, so that load from elsewhere slows
+    them alike; medians of ``--kernel-passes``."""
     import copy
 
     import torch
 
-    from medseg.inference.backends import use_onednn_conv3d
+    from medseg.inference.backends import use_fast_cpu_kernels, use_onednn_conv3d
     from medseg.models.loading import load_model
 
     unet, _ = first_unet(tmp)
-    nets = {"unet16 (tutorial)": load_model(str(unet)).nets[0], "dynunet16 (hippocampus-fast)": load_model("hippocampus-fast").nets[0]}
-    pair = load_model(None).nets
+    nets = {"unet16 (tutorial)": load_model(str(unet)).nets[0],
+            "dynunet16 (hippocampus, the default)": load_model("hippocampus").nets[0]}
+    pair = load_model("hippocampus-ensemble").nets
     if len(pair) > 1:
-        nets["dynunet24 (second member of hippocampus)"] = pair[1]
+        nets["dynunet24 (second member of hippocampus-ensemble)"] = pair[1]
     x1 = torch.randn(1, 1, 40, 56, 40)
 
-    def timed(net, x) -> float:
+    def timed(variants: dict, x) -> dict:
+        ts = {k: [] for k in variants}
         with torch.inference_mode():
-            net(x)
-            ts = []
-            for _ in range(7):
-                t0 = time.perf_counter()
+            for net in variants.values():
                 net(x)
-                ts.append(time.perf_counter() - t0)
-        return round(statistics.median(ts) * 1000, 1)
+            for _ in range(args.kernel_passes):
+                for k, net in variants.items():
+                    t0 = time.perf_counter()
+                    net(x)
+                    ts[k].append(time.perf_counter() - t0)
+        return {k: round(statistics.median(v) * 1000, 1) for k, v in ts.items()}
 
     row = {}
     for name, net in nets.items():
         net = net.eval()
-        fast = copy.deepcopy(net)
-        use_onednn_conv3d(fast)
-        row[name] = {"batch1_pytorch_ms": timed(net, x1), "batch1_onednn_ms": timed(fast, x1),
-                     "batch2_pytorch_ms": timed(net, x1.repeat(2, 1, 1, 1, 1)),
-                     "batch2_onednn_ms": timed(fast, x1.repeat(2, 1, 1, 1, 1))}
+        onednn, fast = copy.deepcopy(net), copy.deepcopy(net)
+        use_onednn_conv3d(onednn)
+        use_fast_cpu_kernels(fast)
+        variants = {"pytorch": net, "onednn": onednn, "medseg": fast}
+        row[name] = {f"batch{n}_{k}_ms": v for n in (1, 2)
+                     for k, v in timed(variants, x1.repeat(n, 1, 1, 1, 1)).items()}
         print(f"  {name}: {row[name]}", flush=True)
     res["cases"]["window_40x56x40_ms"] = row
 
@@ -286,12 +303,15 @@ def main(argv=None) -> int:
     ap.add_argument("--hippo", type=int, default=65, help="hippocampus volumes in the folder")
     ap.add_argument("--repeats", type=int, default=2, help="runs per tool (A B, then B A)")
     ap.add_argument("--startup-repeats", type=int, default=6)
+    ap.add_argument("--kernel-passes", type=int, default=15, help="passes per variant in the kernels case")
     ap.add_argument("--onnx", action="store_true", help="also time --backend onnxruntime on the folder")
-    ap.add_argument("--single", default="hippocampus-fast",
+    ap.add_argument("--single", default="hippocampus",
                     help="a one-network model timed beside the default, in medseg and in the plain script")
     ap.add_argument("--ct-shape", default="512,512,600")
     ap.add_argument("--ct-model", default=None, help="model for the CT case (default: medseg's default)")
     ap.add_argument("--ct-repeats", type=int, default=1)
+    ap.add_argument("--ct-overlap", type=float, default=None,
+                    help="sliding-window overlap for both tools on the CT volume (default: the model's own)")
     ap.add_argument("--ct-plain", action=argparse.BooleanOptionalAction, default=True,
                     help="also run the plain MONAI script on the CT volume (slow: float64 resampling)")
     ap.add_argument("--json", default="speed.json")
