@@ -191,6 +191,7 @@ class TorchRunner:
     def __init__(self, nets, device: torch.device, *, amp: bool = True, amp_dtype: str = "auto",
                  compile: bool = False, channels_last: bool = False, average_logits: bool = False) -> None:
         from medseg.core.runtime import amp_dtype as resolve_dtype
+        from medseg.core.runtime import keep_freed_cpu_memory
 
         module = Ensemble(nets, average_logits).to(device).eval()
         self.groups = module.groups
@@ -199,6 +200,8 @@ class TorchRunner:
         self.dtype = resolve_dtype(amp_dtype, device)
         if device.type == "cpu" and not compile:
             use_fast_cpu_kernels(module)
+        if device.type == "cpu":
+            keep_freed_cpu_memory()
         # fp32 on a CPU: at most CPU_FP32_BATCH windows per forward pass (see the constant)
         self.chunk = CPU_FP32_BATCH if device.type == "cpu" and not (amp and self.dtype == torch.bfloat16) else 0
         # channels-last activations suit cuDNN's 3D convolutions (on CPUs it is no faster for these UNets)
