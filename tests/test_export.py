@@ -62,7 +62,7 @@ def test_exported_file_carries_the_config_and_predicts_alone(exported, tmp_path)
         assert meta["config"]["labels"] == {0: "background", 1: "anterior", 2: "posterior"} or \
             {int(k): v for k, v in meta["config"]["labels"].items()} == {0: "background", 1: "anterior", 2: "posterior"}
         assert meta["config"]["preprocess"]["spacing"] == [1.0, 1.0, 1.0]
-        assert meta["groups"] == 2  # the default model is a two-network ensemble: both members are exported
+        assert meta["groups"] == 1  # the default model is one network (ensembles: test_ensemble_exports_every_member)
     alone = tmp_path / "elsewhere" / "model.onnx"
     alone.parent.mkdir()
     shutil.copy(onnx_path, alone)  # nothing else next to it

@@ -116,10 +116,11 @@ def test_mirror_tta_uses_the_trained_flip_axes(tmp_path, threshold_model, hippo_
     with_tta = Predictor(ck, device="cpu", tta=True)
     assert with_tta.tta_axes == [0]
     np.testing.assert_array_equal(with_tta.predict_volume(vol).array, lab)
-    # the bundled default model mirrors by default (its config says inference.tta: true); TTA is a mirrored
-    # second pass, averaged, on the same grid
+    # the bundled ensemble mirrors by default (its config says inference.tta: true), the default model does not;
+    # TTA is a mirrored second pass, averaged, on the same grid
     img = load_volume(hippo_data / "imagesTr" / "hippocampus_015.nii.gz")
-    plain, tta = Predictor(device="cpu", tta=False), Predictor(device="cpu")
+    assert Predictor(device="cpu").tta_axes == []
+    plain, tta = Predictor("hippocampus-ensemble", device="cpu", tta=False), Predictor("hippocampus-ensemble", device="cpu")
     assert (plain.tta_axes, tta.tta_axes) == ([], [0])
     p0, p1 = plain.probabilities(img), tta.probabilities(img)
     assert p1.shape == p0.shape and torch.allclose(p1.sum(0), torch.ones_like(p1[0]), atol=1e-4)
