@@ -95,7 +95,7 @@ GB = 1024 ** 3
 #: glibc ``mallopt`` parameters (``malloc.h``)
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
 #: Blocks under this size come from malloc's heap and stay there when freed (larger ones, such as whole CT volumes,
-#: are still mapped and returned to the system at once); the heap keeps this much free memory before trimming.
+#: are still mapped and returned to the system at once); the heap keeps up to twice this free before trimming.
 KEEP_FREED_BYTES = 64 << 20
 _allocator_set = False
 
