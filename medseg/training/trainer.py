@@ -19,7 +19,7 @@ from medseg.core.errors import CheckpointError, DataError
 from medseg.inference.backends import TorchRunner
 from medseg.inference.engine import channel_argmax, sliding_window_probs, window_size
 from medseg.inference.predictor import on_foreground
-from medseg.core.runtime import autocast
+from medseg.core.runtime import autocast, keep_freed_cpu_memory
 from medseg.io.volume import atomic_write, remove_partial_files
 from medseg.models.registry import build_model, get_spec
 from medseg.models.checkpoint import (
@@ -272,6 +272,8 @@ def train(cfg: Config, *, resume: bool = False, progress: bool = True, log=None)
         torch.set_num_threads(tc.threads)
     set_determinism(seed=tc.seed + ctx.rank)  # each process draws its own patches and augmentations
     device = dist_setup(ctx, tc.device)
+    if device.type == "cpu":
+        keep_freed_cpu_memory()  # a step's activations and gradients are reused, not faulted in again
     spec = get_spec(cfg.model.name)
 
     cases, held_out = holdout_split(cfg.data)
