@@ -24,9 +24,10 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -n 2 --dist loadfile
 
 # Retrain the bundled models from $MEDSEG_DATA/hippocampus (default ../shared/data/hippocampus) and pack
-# them (about 2 hours on 2 CPU cores): hippocampus-fast is the DynUNet 16-128 trained on the labels;
+# them (about 3 hours on 2 CPU cores): hippocampus-fast is the DynUNet 16-128 trained on the labels;
 # hippocampus-ensemble pairs it with a 24-192 (mirror TTA); the default hippocampus is the 16-128 distilled
-# from that ensemble in two stages. The recipes are in benchmarks/configs/.
+# from that ensemble in two stages, then given flat 3x1x3 kernels at its two finest levels and distilled in two
+# more. The recipes are in benchmarks/configs/.
 bundle-model: $(STAMP)
 	$(BIN)/medseg train benchmarks/configs/hippocampus_cv_dynunet.yaml --folds 5 --fold 0
 	$(BIN)/medseg train benchmarks/configs/hippocampus_cv_all_w24.yaml --set data.test_fraction=0.2 \
@@ -37,7 +38,11 @@ bundle-model: $(STAMP)
 		medseg/assets/models/hippocampus-ensemble.pt --int8 --set inference.overlap=0.25 --set inference.tta=true
 	$(BIN)/medseg train benchmarks/configs/hippocampus_distill_w16.yaml
 	$(BIN)/medseg train benchmarks/configs/hippocampus_distill_w16c.yaml
-	$(BIN)/medseg pack-model runs/distill_w16c/best.pt medseg/assets/models/hippocampus.pt \
+	$(BIN)/python benchmarks/flatten_kernels.py runs/distill_w16c/last.pt runs/distill_flat/init.pt \
+		--kernels 3,1,3 3,1,3 3,3,3 3,3,3
+	$(BIN)/medseg train benchmarks/configs/hippocampus_distill_flat.yaml
+	$(BIN)/medseg train benchmarks/configs/hippocampus_distill_flat_b.yaml
+	$(BIN)/medseg pack-model runs/distill_flat_b/best.pt medseg/assets/models/hippocampus.pt \
 		--set inference.overlap=0.25 --set inference.tta=false
 	$(BIN)/medseg train configs/glioma.yaml --folds 4 --set train.output_dir=runs/glioma_cv
 	$(BIN)/medseg pack-model runs/glioma_cv medseg/assets/models/glioma.pt --int8

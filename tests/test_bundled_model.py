@@ -16,9 +16,9 @@ from medseg.io import load_volume
 from medseg.models.checkpoint import load_checkpoint
 
 REFERENCES = TEST_DATA / "reference"
-# the default model (one network distilled from the ensemble), the ensemble (two networks, mirror TTA on) and the
-# same single network trained on the manual labels alone; the mean Dice each must reach on the 39 cases none saw
-# (measured: 0.8902, 0.8912 and 0.8878)
+# the default model (one network distilled from the ensemble, flat kernels at its two finest levels), the ensemble
+# (two networks, mirror TTA on) and a single network trained on the manual labels alone; the mean Dice each must
+# reach on the 39 cases none saw (measured: 0.8904, 0.8912 and 0.8878)
 TARGETS = {"hippocampus": 0.89, "hippocampus-ensemble": 0.89, "hippocampus-fast": 0.88}
 
 
@@ -51,7 +51,9 @@ def _net(ck: dict) -> dict:
 def test_default_model_is_one_network_distilled_from_the_ensemble_and_all_set_aside_the_same_cases():
     default, pair, fast = (load_checkpoint(bundled_models()[n]) for n in TARGETS)
     assert not default.get("ensemble") and default["config"]["inference"]["tta"] is False
-    assert _net(default) == _net(fast)  # the same network, at the same cost
+    net = _net(default)  # the fast model's network with 3x1x3 kernels at the two finest levels: a third less work
+    assert net.pop("kernel_sizes") == [[3, 1, 3], [3, 1, 3], [3, 3, 3], [3, 3, 3]]
+    assert net == _net(fast)
     assert default["config"]["train"]["teacher"] == "hippocampus-ensemble" and default["config"]["train"]["distill"] > 0
     assert pair["config"]["inference"]["tta"] is True and len(pair["ensemble"]) == 1
     assert pair["ensemble_models"][0]["channels"] == [24, 48, 96, 192]
