@@ -7,9 +7,10 @@ Hippocampus crops (at most 43x58x47 voxels) fit one or two windows of 40x56x40, 
 up to 0.9, so the cases alone cannot show what a lighter overlap costs on a larger volume. Here the model's
 unseen cases are tiled, eight at a time, into mosaics of 2x2x2 tiles (each crop z-scored on its own, then
 zero-padded to the tile, 48x64x48: 96x128x96 voxels) and each mosaic is predicted whole, so that windows straddle
-crops; ``--shifts`` puts empty space before the mosaic, each shift one more prediction. Dice is scored per crop against its manual label and averaged as ``benchmarks/hippocampus.py`` does, beside
-the score of the same crops predicted one by one. Prints one row per overlap: windows per mosaic, mean Dice, the
-change against the largest overlap, and seconds.
+crops; ``--shifts`` puts empty space before the mosaic, each shift one more prediction. Dice is scored per crop
+against its manual label and averaged as ``benchmarks/hippocampus.py`` does, beside the score of the same crops
+predicted one by one. Prints one row per overlap: windows per mosaic (mean over shifts), mean Dice per shift and
+over the shifts, the change against the largest overlap, and seconds.
 
 What it showed for the default (docs/benchmarks.md, 2026-12-07): mean Dice over four shifts 0.6016 at overlap 0,
 0.6969 at 0.1, 0.7861 at 0.25 and 0.8593 at 0.5, against 0.8904 crop by crop; at shift 0 alone the four were

@@ -251,9 +251,10 @@ def case_glioma(args, tmp: Path, res: dict) -> None:
 def case_kernels(args, tmp: Path, res: dict) -> None:
     """One window (batch 1, and batch 2 as mirror TTA runs it) through each bundled hippocampus network and the
     tutorial UNet: with PyTorch's own kernels, with oneDNN forced for the convolutions (``use_onednn_conv3d``), and
-    with every CPU path of medseg's torch backend (``use_fast_cpu_kernels``: also instance norm). The three variants of a network take turns, pass by pass, so that load from elsewhere slows
-    them alike; medians of ``--kernel-passes``. The process keeps freed blocks as medseg's CPU runner does
-    (``keep_freed_cpu_memory``): without it, page faults of fresh allocations outweigh the kernels."""
+    with every CPU path of medseg's torch backend (``use_fast_cpu_kernels``: also instance norm). The three
+    variants of a network take turns, pass by pass, so that load from elsewhere slows them alike; medians of
+    ``--kernel-passes``. The process keeps freed blocks as medseg's CPU runner does (``keep_freed_cpu_memory``):
+    without it, page faults of fresh allocations outweigh the kernels."""
     import copy
 
     import torch
