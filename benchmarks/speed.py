@@ -251,7 +251,7 @@ def case_glioma(args, tmp: Path, res: dict) -> None:
 def case_kernels(args, tmp: Path, res: dict) -> None:
     """One window (batch 1, and batch 2 as mirror TTA runs it) through each bundled hippocampus network and the
     tutorial UNet: with PyTorch's own kernels, with oneDNN forced for the convolutions (``use_onednn_conv3d``), and
-    with every CPU path of medseg's torch backend (``use_fast_cpu_kernels``: also instance norm). The three
+    through medseg's CPU runner (``TorchRunner``: every path of ``use_fast_cpu_kernels``, channels-last). The three
     variants of a network take turns, pass by pass, so that load from elsewhere slows them alike; medians of
     ``--kernel-passes``. The process keeps freed blocks as medseg's CPU runner does (``keep_freed_cpu_memory``):
     without it, page faults of fresh allocations outweigh the kernels."""
@@ -260,7 +260,7 @@ def case_kernels(args, tmp: Path, res: dict) -> None:
     import torch
 
     from medseg.core.runtime import keep_freed_cpu_memory
-    from medseg.inference.backends import use_fast_cpu_kernels, use_onednn_conv3d
+    from medseg.inference.backends import TorchRunner, use_onednn_conv3d
     from medseg.models.loading import load_model
 
     keep_freed_cpu_memory()
@@ -288,9 +288,9 @@ def case_kernels(args, tmp: Path, res: dict) -> None:
     row = {}
     for name, net in nets.items():
         net = net.eval()
-        onednn, fast = copy.deepcopy(net), copy.deepcopy(net)
+        onednn = copy.deepcopy(net)
         use_onednn_conv3d(onednn)
-        use_fast_cpu_kernels(fast)
+        fast = TorchRunner([copy.deepcopy(net)], torch.device("cpu"), amp=False)
         variants = {"pytorch": net, "onednn": onednn, "medseg": fast}
         row[name] = {f"batch{n}_{k}_ms": v for n in (1, 2)
                      for k, v in timed(variants, x1.repeat(n, 1, 1, 1, 1)).items()}

@@ -83,13 +83,72 @@ def test_fast_instance_norm_with_affine_and_with_a_large_offset():
         norm.bias.uniform_(-1, 1)
     fast = copy.deepcopy(norm)
     assert use_fast_cpu_kernels(torch.nn.Sequential(fast, torch.nn.InstanceNorm3d(4, track_running_stats=True))) == \
-        {"conv3d": 0, "instance_norm3d": 1}
+        {"conv3d": 0, "instance_norm3d": 1, "fused_blocks": 0, "skip_heads": 0, "transposed_conv3d": 0}
     y = torch.randn(2, 4, 5, 7, 3) * 3 + 1
     with torch.inference_mode():
         assert torch.allclose(fast(y), norm(y), atol=1e-5)
         # a channel whose mean dwarfs its spread: E[x²] - E[x]² would lose every digit, PyTorch's kernel runs
         far = y + 1e4
         assert torch.allclose(fast(far), norm(far), atol=1e-3)
+
+
+def _flat_dynunet(in_channels=1, deep_supervision=0, seed=0):
+    """A DynUNet as the bundled models are built: flat 3x1x3 kernels at the finer levels, 3x3x3 below."""
+    cfg = load_config(REPO / "configs" / "hippocampus.yaml",
+                      ["model.name=dynunet3d", "model.channels=[8, 16, 32, 64]", "model.strides=[2, 2, 2]",
+                       "model.num_res_units=0", "model.kernel_sizes=[[3, 1, 3], [3, 1, 3], [3, 3, 3], [3, 3, 3]]",
+                       f"model.deep_supervision={deep_supervision}"])
+    torch.manual_seed(seed)
+    net = build_model(cfg.model, in_channels, 3).eval()
+    with torch.no_grad():  # trained-looking affine norms, so that a wrong scale or shift shows
+        for m in net.modules():
+            if isinstance(m, torch.nn.InstanceNorm3d) and m.affine:
+                m.weight.uniform_(0.5, 2)
+                m.bias.uniform_(-1, 1)
+    return net
+
+
+@pytest.mark.parametrize("in_channels,batch", [(1, 1), (1, 3), (2, 2)])
+def test_cpu_runner_channels_last_and_fused_blocks_match_pytorch(in_channels, batch):
+    """The CPU runner's whole path (channels-last activations and weights, instance norm and leaky ReLU in place in
+    DynUNet's blocks, no deep-supervision heads) gives PyTorch's own logits, for one and several sequences."""
+    net = _flat_dynunet(in_channels, deep_supervision=2)
+    runner = TorchRunner([copy.deepcopy(net)], CPU, amp=False)
+    assert runner.cpu_channels_last
+    counts = use_fast_cpu_kernels(copy.deepcopy(net), channels_last=True)
+    assert counts["fused_blocks"] > 0 and counts["skip_heads"] == 2 and counts["transposed_conv3d"] == 3, counts
+    x = torch.randn(batch, in_channels, 24, 32, 24)
+    with torch.inference_mode():
+        ref = net(x)
+    out = runner(x)
+    assert out.shape == ref.shape and out.is_contiguous()
+    assert (out - ref).abs().max() < 1e-4
+    assert torch.equal(out.argmax(1), ref.argmax(1))
+    kernels = _conv_kernels(lambda: runner(x))
+    assert "aten::native_batch_norm" not in kernels and "aten::slow_conv3d_forward" not in kernels, kernels
+
+
+def test_cpu_runner_follows_weights_that_change_between_calls():
+    """Validation during training runs the training network through the runner: its channels-last weight copies are
+    made again after every optimiser step, and training itself keeps PyTorch's kernels and deep supervision."""
+    model = _flat_dynunet(deep_supervision=2)
+    runner = TorchRunner([model], CPU, amp=False)
+    x = torch.randn(1, 1, 24, 32, 24)
+    before = runner(x)
+    model.train()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    out = model(x)
+    assert out.shape[1] == 3  # deep supervision: the main output and two heads, stacked
+    out.float().pow(2).mean().backward()
+    opt.step()
+    model.eval()
+    after = runner(x)
+    plain = _flat_dynunet(deep_supervision=2)
+    plain.load_state_dict(model.state_dict())
+    with torch.inference_mode():
+        ref = plain(x)
+    assert (after - before).abs().max() > 1e-3
+    assert (after - ref).abs().max() < 1e-4
 
 
 def test_cpu_runner_splits_large_window_batches_with_the_same_values():

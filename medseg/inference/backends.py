@@ -88,36 +88,113 @@ def _cpu_fp32_inference(x: torch.Tensor) -> bool:
         and not torch.is_autocast_enabled("cpu")
 
 
+CL3D = torch.channels_last_3d
+
+
+def _channels_last_weight(self) -> torch.Tensor:
+    """The layer's weight in channels-last order, made once and again only after the weight changes (an optimiser
+    step bumps its version): oneDNN picks the activations' layout from the weight's, and a weight with one input
+    channel (the first layer's) is channels-last only if its strides are made so explicitly."""
+    w = self.weight
+    key = (w.data_ptr(), w._version)
+    if getattr(self, "_cl_key", None) != key:
+        self._cl_weight = torch.empty_like(w, memory_format=CL3D).copy_(w)
+        self._cl_key = key
+    return self._cl_weight
+
+
 def _onednn_conv3d_forward(self, x: torch.Tensor) -> torch.Tensor:
     if _cpu_fp32_inference(x):
-        return torch.ops.aten.mkldnn_convolution(x, self.weight, self.bias, self.padding, self.stride,
-                                                 self.dilation, self.groups)
+        w = _channels_last_weight(self) if self._medseg_channels_last else self.weight
+        return torch.ops.aten.mkldnn_convolution(x, w, self.bias, self.padding, self.stride, self.dilation,
+                                                 self.groups)
     return torch.nn.Conv3d.forward(self, x)
 
 
+def _channels_last_transposed_conv3d_forward(self, x: torch.Tensor, output_size=None) -> torch.Tensor:
+    if output_size is None and _cpu_fp32_inference(x):
+        return torch.nn.functional.conv_transpose3d(x, _channels_last_weight(self), self.bias, self.stride,
+                                                    self.padding, self.output_padding, self.groups, self.dilation)
+    return torch.nn.ConvTranspose3d.forward(self, x, output_size)
+
+
+def _channel_rows(x: torch.Tensor) -> tuple[torch.Tensor, int] | tuple[None, None]:
+    """A view of ``(B, C, …)`` with the voxels of each channel along one dimension (returned beside it), without a
+    copy: ``(B, C, N)`` for the usual layout, ``(B, N, C)`` for channels-last; ``(None, None)`` for any other."""
+    b, c = x.shape[:2]
+    if x.is_contiguous():
+        return x.view(b, c, -1), 2
+    if x.dim() == 5 and x.is_contiguous(memory_format=CL3D):
+        return x.permute(0, 2, 3, 4, 1).reshape(b, -1, c), 1
+    return None, None
+
+
+def _instance_norm_scale_shift(norm, x: torch.Tensor):
+    """Per-sample, per-channel ``(scale, shift)`` shaped ``(B, C, 1, 1, 1)`` that instance-normalise ``x``, from one
+    sum and one sum of squares per channel (E[x²] - E[x]²); ``None`` where that difference would lose digits (the
+    mean large against the spread) or the layout is neither of :func:`_channel_rows`'s."""
+    v, dim = _channel_rows(x)
+    if v is None:
+        return None
+    n = v.shape[dim]
+    mean = v.sum(dim) / n
+    # the dot products as the diagonal of a (B, C, C) product: one read of the activations, no (B, C, N) temporary
+    rows = v if dim == 2 else v.transpose(1, 2)
+    var = torch.bmm(rows, rows.transpose(1, 2)).diagonal(dim1=1, dim2=2) / n - mean * mean
+    if not bool((var > 1e-3 * mean * mean).all()):
+        return None
+    scale = torch.rsqrt(var + norm.eps)
+    if norm.affine:
+        scale = scale * norm.weight
+        shift = norm.bias - mean * scale
+    else:
+        shift = -mean * scale
+    shape = (*x.shape[:2], *([1] * (x.dim() - 2)))
+    return scale.view(shape), shift.view(shape)
+
+
 def _sum_dot_instance_norm_forward(self, x: torch.Tensor) -> torch.Tensor:
-    # statistics from one sum and one dot product per channel (E[x²] - E[x]²), then one fused multiply-add; where
-    # the mean is large against the spread (where that difference would lose digits) PyTorch's own kernel runs
+    # statistics from one sum and one dot product per channel, then one fused multiply-add; where the mean is
+    # large against the spread (where that difference would lose digits) PyTorch's own kernel runs
     if x.dim() == 5 and _cpu_fp32_inference(x):
-        b, c = x.shape[:2]
-        v = x.reshape(b * c, -1)
-        n = v.shape[1]
-        mean = v.sum(1) / n
-        var = torch.linalg.vecdot(v, v) / n - mean * mean
-        if bool((var > 1e-3 * mean * mean).all()):
-            scale = torch.rsqrt(var + self.eps)
-            if self.affine:
-                scale = scale * self.weight.repeat(b)
-                shift = self.bias.repeat(b) - mean * scale
-            else:
-                shift = -mean * scale
-            return torch.addcmul(shift.unsqueeze(1), v, scale.unsqueeze(1)).view(x.shape)
+        factors = _instance_norm_scale_shift(self, x)
+        if factors is not None:
+            return torch.addcmul(factors[1], x, factors[0])
     return torch.nn.InstanceNorm3d.forward(self, x)
 
 
-def use_onednn_conv3d(module: torch.nn.Module) -> int:
+def _norm_leaky_relu_(x: torch.Tensor, norm, slope: float) -> torch.Tensor:
+    """Instance norm then leaky ReLU, in place on ``x`` (a convolution's fresh output that nothing else holds)."""
+    factors = _instance_norm_scale_shift(norm, x) if type(norm) is torch.nn.InstanceNorm3d and \
+        not norm.track_running_stats else None
+    if factors is None:
+        return torch.nn.functional.leaky_relu_(norm(x), slope)
+    return torch.nn.functional.leaky_relu_(x.mul_(factors[0]).add_(factors[1]), slope)
+
+
+def _fused_basic_block_forward(self, inp: torch.Tensor) -> torch.Tensor:
+    from monai.networks.blocks.dynunet_block import UnetBasicBlock
+
+    if not (inp.dim() == 5 and _cpu_fp32_inference(inp)):
+        return UnetBasicBlock.forward(self, inp)
+    slope = self.lrelu.negative_slope
+    out = _norm_leaky_relu_(self.conv1(inp), self.norm1, slope)
+    return _norm_leaky_relu_(self.conv2(out), self.norm2, slope)
+
+
+def _inference_skip_layer_forward(self, x: torch.Tensor) -> torch.Tensor:
+    from monai.networks.nets.dynunet import DynUNetSkipLayer
+
+    if self.training:
+        return DynUNetSkipLayer.forward(self, x)
+    # out of training DynUNet returns its main output only: the deep-supervision heads' outputs are never read
+    down = self.downsample(x)
+    return self.upsample(self.next_layer(down), down)
+
+
+def use_onednn_conv3d(module: torch.nn.Module, channels_last: bool = False) -> int:
     """Run the 3D convolutions of ``module`` through oneDNN on the CPU in fp32 inference, whatever the batch size;
-    returns how many were switched.
+    returns how many were switched. ``channels_last``: with channels-last weights (:func:`use_fast_cpu_kernels`).
 
     PyTorch chooses oneDNN for a CPU convolution only when the batch holds more than one sample or the input's
     first four dimensions hold over 20,480 values (a rule made for 2D images); a single 3D window of
@@ -130,23 +207,49 @@ def use_onednn_conv3d(module: torch.nn.Module) -> int:
     n = 0
     for m in module.modules():
         if type(m) is torch.nn.Conv3d and m.padding_mode == "zeros" and not isinstance(m.padding, str):
+            m._medseg_channels_last = channels_last
             m.forward = types.MethodType(_onednn_conv3d_forward, m)
             n += 1
     return n
 
 
-def use_fast_cpu_kernels(module: torch.nn.Module) -> dict[str, int]:
+def use_fast_cpu_kernels(module: torch.nn.Module, channels_last: bool = False) -> dict[str, int]:
     """The CPU fp32 inference paths for 3D networks, switched on in ``module``; returns how many layers of each kind
-    were switched: the convolutions of :func:`use_onednn_conv3d`, and instance normalisation without running
-    statistics computed from one sum and one dot product per channel (values within about 3e-5 of PyTorch's).
-    PyTorch's own kernel gets its statistics through batch norm's Welford pass: 4.1 ms for 16 channels of
-    40×56×40 on 2 cores against 1.8 ms here; a whole window through the hippocampus DynUNet went from 96.8 to
-    93.9 ms (``docs/benchmarks.md``). Gradients, autocast and other devices keep PyTorch's own kernels."""
-    counts = {"conv3d": use_onednn_conv3d(module), "instance_norm3d": 0}
+    were switched. Gradients, autocast and other devices keep PyTorch's own kernels.
+
+    * ``conv3d``: the convolutions of :func:`use_onednn_conv3d`;
+    * ``instance_norm3d``: instance normalisation without running statistics, from one sum and one dot product
+      per channel (values within about 3e-5 of PyTorch's). PyTorch's own kernel gets its statistics through batch
+      norm's Welford pass: 4.1 ms for 16 channels of 40×56×40 on 2 cores against 1.8 ms here;
+    * ``fused_blocks``: MONAI's ``UnetBasicBlock`` (DynUNet's) normalises and activates each convolution's output
+      in place: two passes over memory written once instead of three into new memory;
+    * ``skip_heads``: DynUNet's deep-supervision heads are not computed out of training (nothing reads them);
+    * with ``channels_last``, ``transposed_conv3d`` too, and every convolution takes channels-last weights, so
+      that the activations stay channels-last from the first layer to the last: oneDNN's 3D convolutions run
+      without reordering their inputs (for the hippocampus DynUNet, a 16-to-16 3×1×3 convolution over two
+      40×56×40 windows took 9.5 ms, 7.0 ms channels-last). The runner hands the first layer a channels-last
+      window (:class:`TorchRunner`).
+
+    A whole window through the hippocampus DynUNet 16-128 on 2 cores: ``docs/benchmarks.md``."""
+    from monai.networks.blocks.dynunet_block import UnetBasicBlock
+    from monai.networks.nets.dynunet import DynUNetSkipLayer
+
+    counts = {"conv3d": use_onednn_conv3d(module, channels_last), "instance_norm3d": 0, "fused_blocks": 0,
+              "skip_heads": 0, "transposed_conv3d": 0}
     for m in module.modules():
         if type(m) is torch.nn.InstanceNorm3d and not m.track_running_stats:
             m.forward = types.MethodType(_sum_dot_instance_norm_forward, m)
             counts["instance_norm3d"] += 1
+        elif type(m) is UnetBasicBlock and type(m.lrelu) is torch.nn.LeakyReLU:
+            m.forward = types.MethodType(_fused_basic_block_forward, m)
+            counts["fused_blocks"] += 1
+        elif type(m) is DynUNetSkipLayer and m.super_head is not None:
+            m.forward = types.MethodType(_inference_skip_layer_forward, m)
+            counts["skip_heads"] += 1
+        elif channels_last and type(m) is torch.nn.ConvTranspose3d and m.padding_mode == "zeros" and \
+                torch.backends.mkldnn.is_available():
+            m.forward = types.MethodType(_channels_last_transposed_conv3d_forward, m)
+            counts["transposed_conv3d"] += 1
     return counts
 
 
@@ -197,12 +300,15 @@ class TorchRunner:
         self.device = device
         self.amp = amp
         self.dtype = resolve_dtype(amp_dtype, device)
+        # fp32 on a CPU: at most CPU_FP32_BATCH windows per forward pass (see the constant)
+        self.chunk = CPU_FP32_BATCH if device.type == "cpu" and not (amp and self.dtype == torch.bfloat16) else 0
+        # fp32 on a CPU: 3D windows go in channels-last, and stay so through the layers (use_fast_cpu_kernels)
+        self.cpu_channels_last = False
         if device.type == "cpu":
             keep_freed_cpu_memory()
             if not compile:
-                use_fast_cpu_kernels(module)
-        # fp32 on a CPU: at most CPU_FP32_BATCH windows per forward pass (see the constant)
-        self.chunk = CPU_FP32_BATCH if device.type == "cpu" and not (amp and self.dtype == torch.bfloat16) else 0
+                self.cpu_channels_last = use_fast_cpu_kernels(module, channels_last=True)["conv3d"] > 0 and \
+                    bool(self.chunk)
         # channels-last activations suit cuDNN's 3D convolutions (on CPUs it is no faster for these UNets)
         self.channels_last = channels_last
         if channels_last:
@@ -222,6 +328,9 @@ class TorchRunner:
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last_3d)
         with autocast(self.device, self.amp, self.dtype):
+            if self.cpu_channels_last and x.dim() == 5 and _cpu_fp32_inference(x):
+                return torch.cat([self.module(part.contiguous(memory_format=CL3D)).contiguous()
+                                  for part in x.split(self.chunk)])
             if self.chunk and x.shape[0] > self.chunk:
                 return torch.cat([self.module(part) for part in x.split(self.chunk)])
             return self.module(x)
