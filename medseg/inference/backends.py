@@ -29,9 +29,10 @@ from medseg.models.loading import META_KEY, import_onnxruntime, read_export_meta
 
 BACKENDS = ("torch", "onnxruntime", "torchscript")
 #: Windows per forward pass in fp32 on a CPU (a larger sliding-window batch, or one doubled by mirror TTA, is split):
-#: with two threads a batch adds no parallelism, only a larger working set. Per window through the hippocampus
-#: DynUNet 16-128 on 2 cores: 91 ms at batch 1, 93 ms at 2, 116 ms at 4; the 24-192: 176, 207, 279 ms; the glioma
-#: network: 59, 54, 62 ms (``docs/benchmarks.md``). Each window's values do not depend on its batch.
+#: with two threads a batch adds little parallelism, and a larger one only a larger working set. Per window through
+#: the default hippocampus DynUNet on 2 cores, channels-last (:func:`use_fast_cpu_kernels`): 86-97 ms at batch 1,
+#: 58-71 at 2, 64-67 at 3, 64-69 at 4, 83-108 at 6 (``docs/benchmarks.md``). Each window's values do not depend on
+#: its batch.
 CPU_FP32_BATCH = 2
 
 
