@@ -83,7 +83,8 @@ def test_fast_instance_norm_with_affine_and_with_a_large_offset():
         norm.bias.uniform_(-1, 1)
     fast = copy.deepcopy(norm)
     assert use_fast_cpu_kernels(torch.nn.Sequential(fast, torch.nn.InstanceNorm3d(4, track_running_stats=True))) == \
-        {"conv3d": 0, "instance_norm3d": 1, "fused_blocks": 0, "skip_heads": 0, "transposed_conv3d": 0}
+        {"conv3d": 0, "instance_norm3d": 1, "fused_blocks": 0, "skip_heads": 0, "fused_upsampling": 0,
+         "transposed_conv3d": 0}
     y = torch.randn(2, 4, 5, 7, 3) * 3 + 1
     with torch.inference_mode():
         assert torch.allclose(fast(y), norm(y), atol=1e-5)
@@ -116,7 +117,7 @@ def test_cpu_runner_channels_last_and_fused_blocks_match_pytorch(in_channels, ba
     runner = TorchRunner([copy.deepcopy(net)], CPU, amp=False)
     assert runner.cpu_channels_last
     counts = use_fast_cpu_kernels(copy.deepcopy(net), channels_last=True)
-    assert counts["fused_blocks"] > 0 and counts["skip_heads"] == 2 and counts["transposed_conv3d"] == 3, counts
+    assert counts["fused_blocks"] > 0 and counts["skip_heads"] == 2 and counts["fused_upsampling"] == 3, counts
     x = torch.randn(batch, in_channels, 24, 32, 24)
     with torch.inference_mode():
         ref = net(x)
@@ -126,6 +127,7 @@ def test_cpu_runner_channels_last_and_fused_blocks_match_pytorch(in_channels, ba
     assert torch.equal(out.argmax(1), ref.argmax(1))
     kernels = _conv_kernels(lambda: runner(x))
     assert "aten::native_batch_norm" not in kernels and "aten::slow_conv3d_forward" not in kernels, kernels
+    assert "aten::slow_conv_transpose3d" not in kernels, kernels  # one window: the matrix-product upsampling
 
 
 def test_cpu_runner_follows_weights_that_change_between_calls():
