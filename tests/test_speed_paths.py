@@ -335,3 +335,17 @@ def test_teacher_must_share_labels_and_preprocessing(tmp_path):
         load_teacher(other, CPU)
     with pytest.raises(ConfigError, match="label models only"):
         load_config(REPO / "configs" / "glioma.yaml", ["train.teacher=hippocampus"])
+
+
+def test_cpu_runner_keeps_the_usual_layout_for_monai_unet():
+    """MONAI's UNet ran no faster channels-last on the CPU: its runner keeps the usual layout, same logits."""
+    cfg = load_config(REPO / "configs" / "hippocampus.yaml", ["model.name=unet3d", "model.channels=[8, 16, 32]",
+                                                               "model.strides=[2, 2]"])
+    torch.manual_seed(0)
+    net = build_model(cfg.model, 1, 3).eval()
+    runner = TorchRunner([copy.deepcopy(net)], CPU, amp=False)
+    assert not runner.cpu_channels_last
+    x = torch.randn(1, 1, 24, 32, 24)
+    with torch.inference_mode():
+        ref = net(x)
+    assert (runner(x) - ref).abs().max() < 1e-4

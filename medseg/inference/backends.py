@@ -228,6 +228,12 @@ def _inference_skip_layer_forward(self, x: torch.Tensor) -> torch.Tensor:
     return self.upsample(self.next_layer(down), down)
 
 
+def _has_dynunet_blocks(module: torch.nn.Module) -> bool:
+    from monai.networks.blocks.dynunet_block import UnetBasicBlock, UnetResBlock
+
+    return any(type(m) in (UnetBasicBlock, UnetResBlock) for m in module.modules())
+
+
 def use_onednn_conv3d(module: torch.nn.Module, channels_last: bool = False) -> int:
     """Run the 3D convolutions of ``module`` through oneDNN on the CPU in fp32 inference, whatever the batch size;
     returns how many were switched. ``channels_last``: with channels-last weights (:func:`use_fast_cpu_kernels`).
@@ -349,8 +355,10 @@ class TorchRunner:
         if device.type == "cpu":
             keep_freed_cpu_memory()
             if not compile:
-                self.cpu_channels_last = use_fast_cpu_kernels(module, channels_last=True)["conv3d"] > 0 and \
-                    bool(self.chunk)
+                # channels-last where it was measured faster: DynUNet's blocks (MONAI's UNet ran one window
+                # 33 against 30 ms that way; docs/benchmarks.md)
+                layout = bool(self.chunk) and _has_dynunet_blocks(module)
+                self.cpu_channels_last = use_fast_cpu_kernels(module, channels_last=layout)["conv3d"] > 0 and layout
         # channels-last activations suit cuDNN's 3D convolutions (on CPUs it is no faster for these UNets)
         self.channels_last = channels_last
         if channels_last:
