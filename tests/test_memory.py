@@ -93,8 +93,10 @@ def test_scaled_permutation_refuses_a_rotation():
 
 @pytest.mark.parametrize("name", ["oblique", "flipped", "anisotropic"])
 @pytest.mark.parametrize("dtype", [torch.int16, torch.float32])
-def test_slab_resampling_equals_one_spacingd(name, dtype, monkeypatch):
-    """ChunkedSpacingd, forced into many slabs, gives MONAI's whole-volume Spacingd grid and values."""
+@pytest.mark.parametrize("separable", [True, False])
+def test_slab_resampling_equals_one_spacingd(name, dtype, separable, monkeypatch):
+    """ChunkedSpacingd, forced into many slabs, gives MONAI's whole-volume Spacingd grid and values: one axis at
+    a time (what every Spacing grid allows), and through SpatialResample where that is not possible."""
     from monai.data import MetaTensor
     from monai.transforms import Spacingd
 
@@ -103,6 +105,8 @@ def test_slab_resampling_equals_one_spacingd(name, dtype, monkeypatch):
     shape, affine = GEOMETRIES[name]
     monkeypatch.setattr(memory, "CHUNKED_RESAMPLE_VOXELS", 100)
     monkeypatch.setattr(memory, "SLAB_VOXELS", 300)
+    if not separable:
+        monkeypatch.setattr(memory, "scaled_permutation", lambda m: None)
     img = MetaTensor((torch.randn(1, *shape) * 100).to(dtype), affine=torch.as_tensor(affine))
     whole = Spacingd(["image"], pixdim=(0.8, 1.0, 1.2), mode="bilinear")
     ref = whole({"image": img})["image"]

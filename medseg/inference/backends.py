@@ -197,12 +197,14 @@ def _gemm_upsampling(block) -> bool:
 def _fused_up_block_forward(self, inp: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
     from monai.networks.blocks.dynunet_block import UnetUpBlock
 
+    if not (inp.dim() == 5 and inp.shape[0] == 1 and _cpu_fp32_inference(inp)
+            and inp.is_contiguous(memory_format=CL3D)):
+        return UnetUpBlock.forward(self, inp, skip)
     conv = self.transp_conv.conv  # checked by _gemm_upsampling when the forward was switched
-    b, cin, d, h, w = inp.shape if inp.dim() == 5 else (0,) * 5
+    b, cin, d, h, w = inp.shape
     cout, (kd, kh, kw) = conv.out_channels, conv.stride
     shape = (b, d * kd, h * kh, w * kw)
-    if not (b == 1 and _cpu_fp32_inference(inp) and inp.is_contiguous(memory_format=CL3D)
-            and tuple(skip.shape[2:]) == shape[1:]):
+    if tuple(skip.shape[2:]) != shape[1:]:
         return UnetUpBlock.forward(self, inp, skip)
     # one window: PyTorch would run its slow reference kernel for the transposed convolution (oneDNN's serves
     # larger batches, and is faster there than this); here it is one matrix product, reshuffled and written with
@@ -359,7 +361,7 @@ class TorchRunner:
                 # 33 against 30 ms that way; docs/benchmarks.md)
                 layout = bool(self.chunk) and _has_dynunet_blocks(module)
                 self.cpu_channels_last = use_fast_cpu_kernels(module, channels_last=layout)["conv3d"] > 0 and layout
-        # channels-last activations suit cuDNN's 3D convolutions (on CPUs it is no faster for these UNets)
+        # channels-last activations suit cuDNN's 3D convolutions (on a CPU, cpu_channels_last above decides)
         self.channels_last = channels_last
         if channels_last:
             module = module.to(memory_format=torch.channels_last_3d)
@@ -378,12 +380,11 @@ class TorchRunner:
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last_3d)
         with autocast(self.device, self.amp, self.dtype):
-            if self.cpu_channels_last and x.dim() == 5 and _cpu_fp32_inference(x):
-                return torch.cat([self.module(part.contiguous(memory_format=CL3D)).contiguous()
-                                  for part in x.split(self.chunk)])
-            if self.chunk and x.shape[0] > self.chunk:
-                return torch.cat([self.module(part) for part in x.split(self.chunk)])
-            return self.module(x)
+            layout = self.cpu_channels_last and x.dim() == 5 and _cpu_fp32_inference(x)
+            parts = x.split(self.chunk) if self.chunk and x.shape[0] > self.chunk else (x,)
+            outs = [self.module(part.contiguous(memory_format=CL3D)).contiguous() if layout else self.module(part)
+                    for part in parts]
+            return outs[0] if len(outs) == 1 else torch.cat(outs)
 
 
 class OnnxRunner:

@@ -38,7 +38,7 @@ class ChunkedSpacingd:
 
     def __call__(self, data):
         from monai.data import MetaTensor
-        from monai.transforms import Spacingd, SpatialResample
+        from monai.transforms import Spacingd
 
         d = dict(data)
         for key in self.keys:
@@ -58,23 +58,29 @@ class ChunkedSpacingd:
             if axes is not None:  # the usual case: Spacing keeps the direction cosines
                 for k0, k1, block in separable_slabs(src.as_tensor(), axes, shape):
                     out[..., k0:k1] = block
-                slabs = []
             else:
-                slabs = last_axis_slabs(shape, SLAB_VOXELS)
-            resample = SpatialResample(mode="bilinear", padding_mode="border", align_corners=False,
-                                       dtype=torch.float64)
-            for k0, k1 in slabs:
-                dst = affine.clone()
-                dst[:3, 3] = affine[:3, :3] @ torch.tensor([0.0, 0.0, float(k0)], dtype=torch.float64) + affine[:3, 3]
-                size = (shape[0], shape[1], k1 - k0)
-                slab = resample(_source_for_slab(src, dst, size), dst_affine=dst, spatial_size=size)
-                out[..., k0:k1] = slab.as_tensor() if isinstance(slab, MetaTensor) else slab
-                del slab
+                _resample_in_slabs(src, affine, shape, out)
             meta = {k: v for k, v in src.meta.items() if k != "affine"}
             meta["spatial_shape"] = np.asarray(shape)
             d[key] = MetaTensor(out, affine=affine, meta=meta)
             del src, img
         return d
+
+
+def _resample_in_slabs(src, affine: torch.Tensor, shape, out: torch.Tensor) -> None:
+    """``out`` (channel first) filled with ``src`` resampled onto the grid ``affine``/``shape`` by MONAI's
+    ``SpatialResample`` (bilinear, border, float64 coordinates), one slab of last-axis planes at a time."""
+    from monai.data import MetaTensor
+    from monai.transforms import SpatialResample
+
+    resample = SpatialResample(mode="bilinear", padding_mode="border", align_corners=False, dtype=torch.float64)
+    for k0, k1 in last_axis_slabs(shape, SLAB_VOXELS):
+        dst = affine.clone()
+        dst[:3, 3] = affine[:3, :3] @ torch.tensor([0.0, 0.0, float(k0)], dtype=torch.float64) + affine[:3, 3]
+        size = (shape[0], shape[1], k1 - k0)
+        slab = resample(_source_for_slab(src, dst, size), dst_affine=dst, spatial_size=size)
+        out[..., k0:k1] = slab.as_tensor() if isinstance(slab, MetaTensor) else slab
+        del slab
 
 
 def _source_for_slab(src, dst_affine: torch.Tensor, size: tuple[int, int, int]):
