@@ -146,6 +146,12 @@ def window_starts(spatial_shape, roi, overlap: float, steps: str = "monai") -> l
     return sorted({tuple(int(s[0]) for s in sl) for sl in slices}, key=lambda s: (s[-1], *s[:-1]))
 
 
+def window_count(spatial_shape, roi, overlap: float, steps: str = "monai") -> int:
+    """How many windows :func:`sliding_window_probs` runs on a grid of ``spatial_shape`` (padded to ``roi``)."""
+    padded = tuple(max(int(s), int(r)) for s, r in zip(spatial_shape, roi))
+    return len(window_starts(padded, roi, overlap, steps))
+
+
 def importance_map(roi, blend: str, device: torch.device) -> torch.Tensor:
     from monai.data.utils import compute_importance_map
 

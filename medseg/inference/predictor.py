@@ -18,12 +18,13 @@ from medseg.inference.engine import (
     labels_on_source_grid,
     sliding_window_probs,
     to_source_grid,
+    window_count,
     window_size,
 )
 from medseg.inference.postprocess import apply_postprocessing
 from medseg.io.volume import Volume, load_volume, save_volume
 from medseg.models.loading import EXPORT_SUFFIXES, LoadedModel, load_model
-from medseg.preprocessing.pipeline import foreground_box
+from medseg.preprocessing.pipeline import body_box, foreground_box
 
 def background_probabilities(cfg: Config, spatial, dtype=torch.float32) -> torch.Tensor:
     """Probabilities of pure background (all regions off; class 0 certain) on a grid of shape ``spatial``."""
@@ -31,6 +32,14 @@ def background_probabilities(cfg: Config, spatial, dtype=torch.float32) -> torch
     if not cfg.regions:
         probs[0] = 1
     return probs
+
+
+def within_box(cfg: Config, image, box: tuple[slice, ...], run) -> torch.Tensor:
+    """``run`` on the spatial ``box`` of ``image`` only, background probabilities outside it."""
+    probs = run(torch.as_tensor(image)[(slice(None), *box)])
+    full = background_probabilities(cfg, image.shape[1:], probs.dtype)
+    full[(slice(None), *box)] = probs
+    return full
 
 
 def on_foreground(cfg: Config, image, run) -> torch.Tensor:
@@ -41,10 +50,23 @@ def on_foreground(cfg: Config, image, run) -> torch.Tensor:
     box = foreground_box(image)
     if box is None:  # nothing but background
         return background_probabilities(cfg, image.shape[1:])
-    probs = run(torch.as_tensor(image)[(slice(None), *box)])
-    full = background_probabilities(cfg, image.shape[1:], probs.dtype)
-    full[(slice(None), *box)] = probs
-    return full
+    return within_box(cfg, image, box, run)
+
+
+def body_crop(cfg: Config, image, roi) -> tuple[slice, ...] | None:
+    """The body's bounding box (:func:`medseg.preprocessing.pipeline.body_box`) when ``inference.crop_to_body``
+    is on and the box needs fewer sliding windows than the whole grid; otherwise None (the whole grid)."""
+    if not cfg.inference.crop_to_body or cfg.preprocess.nnunet is not None:
+        return None
+    spatial = tuple(int(s) for s in image.shape[1:])
+    whole = window_count(spatial, roi, cfg.inference.overlap, cfg.inference.window_steps)
+    if whole <= 1:
+        return None
+    box = body_box(image)
+    if box is None:
+        return None
+    inside = window_count([b.stop - b.start for b in box], roi, cfg.inference.overlap, cfg.inference.window_steps)
+    return box if inside < whole else None
 
 
 def _case_label(vol: Volume) -> str:
@@ -230,6 +252,12 @@ class Predictor:
 
     def _probs(self, image, plan) -> torch.Tensor:
         roi = window_size(self.cfg, image.shape[1:], self.spec.dims)
+        box = body_crop(self.cfg, image, roi)
+        if box is not None:
+            return within_box(self.cfg, image, box, lambda work: self._sliding_window(work, roi, plan))
+        return self._sliding_window(image, roi, plan)
+
+    def _sliding_window(self, image, roi, plan) -> torch.Tensor:
         run_dev = self.runner.device
         return sliding_window_probs(
             self.window_runner, image, roi, num_classes=self.cfg.out_channels, overlap=self.cfg.inference.overlap,

@@ -216,6 +216,95 @@ def foreground_box(image, margin: int = 0) -> tuple[slice, ...] | None:
     return tuple(box)
 
 
+def otsu_threshold(values: torch.Tensor, bins: int = 256) -> float:
+    """Otsu's threshold of a 1-D sample: the cut that maximises the between-class variance of its histogram.
+    Where empty bins between two classes tie for the maximum, the middle of that gap."""
+    lo, hi = float(values.min()), float(values.max())
+    if hi <= lo:
+        return hi
+    hist = torch.histc(values.float(), bins=bins, min=lo, max=hi).double()
+    centres = lo + (torch.arange(bins, dtype=torch.float64) + 0.5) * (hi - lo) / bins
+    w0 = hist.cumsum(0)
+    m0 = (hist * centres).cumsum(0)
+    total, mean_all = w0[-1], m0[-1]
+    w1 = total - w0
+    between = (mean_all * w0 / total - m0) ** 2 / (w0 * w1 / total).clamp_min(1e-12)
+    between[w1 <= 0] = 0
+    between = between[:-1]
+    best = torch.nonzero(between >= between.max() * (1 - 1e-9)).flatten()
+    k = (int(best[0]) + int(best[-1]) + 2) / 2  # cuts after bins best[0] .. best[-1]: their middle
+    return float(lo + k * (hi - lo) / bins)
+
+
+#: voxels of background kept around the body by :func:`body_box`, on the model's grid
+BODY_MARGIN = 8
+#: a face of the volume counts as air when at least this share of its voxels (the fill aside) is below the threshold
+AIR_FACE_SHARE = 0.75
+
+
+def _body_extent(x: torch.Tensor, sample_step: int) -> list[tuple[int, int]]:
+    """Per axis, the planes ``[first, last + 1)`` of one sequence ``x`` (spatial) that hold body (see
+    :func:`body_box`)."""
+    corners = x[tuple(slice(None, None, n - 1) if n > 1 else slice(None) for n in x.shape)].reshape(-1)
+    fill = float(corners[0]) if bool((corners == corners[0]).all()) else None
+    sample = x[tuple(slice(None, None, sample_step) for _ in x.shape)].reshape(-1)
+    if fill is not None:
+        sample = sample[sample != fill]
+    t = otsu_threshold(sample) if sample.numel() > 1 and float(sample.max()) > float(sample.min()) else None
+    dims = range(x.ndim)
+    extent = []
+    for axis in dims:
+        other = tuple(d for d in dims if d != axis)
+        planes = {}
+        if t is not None:
+            bright = x > t if fill is None else (x > t) & (x != fill)
+            planes["air"] = bright.any(dim=other)
+        if fill is not None:
+            planes["fill"] = (x != fill).any(dim=other)
+        ends = []
+        for side in (0, x.shape[axis] - 1):
+            face = x.select(axis, side).reshape(-1)
+            if fill is not None:
+                face = face[face != fill]
+            if face.numel() == 0 and "fill" in planes:
+                kind = "fill"  # the face is all fill: planes of fill alone are outside
+            elif t is not None and face.numel() and float((face <= t).float().mean()) >= AIR_FACE_SHARE:
+                kind = "air"  # the face is air: planes with no voxel above the threshold are outside
+            else:
+                kind = None  # tissue reaches this face: nothing is cut on this side
+            if kind is None:
+                ends.append(side)
+                continue
+            idx = torch.nonzero(planes[kind]).flatten()
+            if idx.numel() == 0:
+                ends.append(side)
+            else:
+                ends.append(int(idx[0]) if side == 0 else int(idx[-1]))
+        extent.append((ends[0], ends[1] + 1))
+    return extent
+
+
+def body_box(image, margin: int = BODY_MARGIN, sample_step: int = 4) -> tuple[slice, ...] | None:
+    """The bounding box of the body over all sequences, grown by ``margin`` voxels; None for an image of one
+    intensity.
+
+    Per sequence, Otsu's threshold (on every ``sample_step``-th voxel along each axis, the fill aside) separates
+    the dark class (air, scanner background) from tissue. A side of the volume is cut only where its outermost
+    plane is air (at least :data:`AIR_FACE_SHARE` of it below the threshold) or all fill (the constant outside
+    a mask or a CT's field of view, the value all eight corners share), and only up to the first plane that holds
+    one voxel above the threshold (or one that is not fill): dark tissue inside the body (lungs, bowel gas,
+    CSF) is never cut, and a side that tissue reaches is kept whole."""
+    x = image.as_tensor() if isinstance(image, MetaTensor) else torch.as_tensor(image)
+    if all(float(x[c].max()) <= float(x[c].min()) for c in range(x.shape[0])):
+        return None
+    spatial = tuple(int(s) for s in x.shape[1:])
+    lo, hi = list(spatial), [0] * len(spatial)
+    for c in range(x.shape[0]):
+        for axis, (a, b) in enumerate(_body_extent(x[c], sample_step)):
+            lo[axis], hi[axis] = min(lo[axis], a), max(hi[axis], b)
+    return tuple(slice(max(a - margin, 0), min(b + margin, n)) for a, b, n in zip(lo, hi, spatial))
+
+
 def train_transforms(cfg, teacher=None) -> Compose:
     """Preprocessing, patch sampling and augmentation for training. With a ``teacher`` transform (knowledge
     distillation), its soft targets (``soft``) are sampled and augmented with the image: interpolated
