@@ -125,11 +125,16 @@ def _dicom_options(uneven: str, tilt: str, philips: str = "precise") -> dict:
     return {"uneven": uneven, "tilt": tilt, "philips": philips}
 
 
-def _runtime(backend: str, amp: str, compile_: bool, threads: Optional[int]) -> dict:
-    """Predictor options for --backend, --amp, --compile and --threads."""
+def _runtime(backend: str, amp: str, compile_: bool, threads: Optional[int], crop_body: Optional[bool]) -> dict:
+    """Predictor options for --backend, --amp, --compile, --threads and --crop-body."""
     from medseg.core.runtime import amp_options
 
-    return {"backend": backend, **amp_options(amp), "compile": compile_, "threads": threads}
+    return {"backend": backend, **amp_options(amp), "compile": compile_, "threads": threads,
+            "crop_to_body": crop_body}
+
+
+CROP_BODY_HELP = ("Run the sliding window on the body's bounding box only (air planes cut where that saves windows; "
+                  "background outside it). Default: the model's inference.crop_to_body (on for bundled models).")
 
 
 @app.command()
@@ -161,6 +166,7 @@ def predict(
     amp: str = typer.Option("auto", "--amp", help=AMP_HELP),
     compile_: bool = typer.Option(False, "--compile", help="torch.compile the model (torch backend; pays off on GPUs)."),
     threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads for inference (default: the cores this process may use)."),
+    crop_body: Optional[bool] = typer.Option(None, "--crop-body/--no-crop-body", help=CROP_BODY_HELP),
 ) -> None:
     """Segment volumes; OUTDIR/<name> is an integer label volume on the input's exact grid.
 
@@ -200,7 +206,8 @@ def predict(
     results = run_predict(inputs or [], output, model=loaded, device=device, overlap=overlap, rules=rules,
                           channels=parse_channels(channel),
                           dicom_options=_dicom_options(uneven, tilt, philips), formats=formats, tta=tta, stats=stats,
-                          anonymize=anonymize, runtime=_runtime(backend, amp, compile_, threads), preview=preview,
+                          anonymize=anonymize, runtime=_runtime(backend, amp, compile_, threads, crop_body),
+                          preview=preview,
                           statistics=statistics)
     con = _console(stderr=False)
     for res in results:
@@ -449,6 +456,7 @@ def batch(
     threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads for inference."),
     overlap: Optional[float] = typer.Option(None, "--overlap", help="Sliding-window overlap in [0, 1) (default from the model)."),
     tta: Optional[bool] = typer.Option(None, "--tta/--no-tta", help="Mirror test-time augmentation (default: the model's inference.tta)."),
+    crop_body: Optional[bool] = typer.Option(None, "--crop-body/--no-crop-body", help=CROP_BODY_HELP),
     engine: str = typer.Option("local", "--engine", help="local (one process; --shard for job arrays) | ray "
                                "(Ray actors, one model each, on a local or running Ray cluster)."),
     ray_address: Optional[str] = typer.Option(None, "--ray-address", help="With --engine ray: cluster address "
@@ -486,7 +494,7 @@ def batch(
     res = run_batch(root, output, model=model, device=device, rules_path=rules, shard=shard,
                     retry_failed=retry_failed, dicom_options=_dicom_options(uneven, tilt, philips), formats=formats,
                     on_done=on_done, log=say, anonymize=anonymize, record_paths=record_paths,
-                    runtime={**_runtime(backend, amp, compile_, threads), "overlap": overlap, "tta": tta},
+                    runtime={**_runtime(backend, amp, compile_, threads, crop_body), "overlap": overlap, "tta": tta},
                     engine=engine, ray_address=ray_address,
                     workers=workers, gpus_per_worker=gpus_per_worker, preview=preview, statistics=statistics)
     out = _console(stderr=False)

@@ -71,32 +71,30 @@ def _counting(pred: Predictor) -> list[int]:
     return calls
 
 
+def _with_and_without_crop(ck, x: np.ndarray) -> dict[bool, tuple[np.ndarray, int]]:
+    """``crop_to_body`` on and off: the labels and the number of windows run."""
+    runs = {}
+    for crop in (False, True):
+        pred = Predictor(ck, device="cpu", crop_to_body=crop)
+        calls = _counting(pred)
+        runs[crop] = (pred.predict_volume(Volume(x, np.eye(4))).array, sum(calls))
+    return runs
+
+
 def test_prediction_on_the_body_box_matches_the_whole_grid(tmp_path, threshold_model):
-    """A model that labels each voxel by its intensity alone: cropping changes nothing but the window count,
-    and what lies outside the box comes back as background."""
+    """A model that labels each voxel by its intensity alone: cropping changes nothing but the window count."""
     ck = write_checkpoint(tmp_path / "t.pt", model_name=threshold_model, intensity="none", patch=(16, 16, 16))
     x = np.full((100, 90, 80), -5.0, np.float32)  # 'air', class 0 for the threshold model
     x[20:70, 15:80, 10:60] = 1.0
     x[40:60, 30:50, 20:40] = 2.0
     x[2, 2, 2] = x[97, 87, 77] = 1.0  # lone voxels far outside the body count as body: the box takes them in
-    vol = Volume(x, np.diag([1.0, 1.0, 1.0, 1.0]))
-    runs = {}
-    for crop in (False, True):
-        pred = Predictor(ck, device="cpu")
-        pred.cfg.inference.crop_to_body = crop
-        calls = _counting(pred)
-        runs[crop] = (pred.predict_volume(vol).array, sum(calls))
+    runs = _with_and_without_crop(ck, x)
     np.testing.assert_array_equal(runs[True][0], runs[False][0])
-    assert runs[True][1] == runs[False][1]  # the lone voxel keeps the whole grid
+    assert runs[True][1] == runs[False][1]  # the lone voxels keep the whole grid
 
     x[2, 2, 2] = x[97, 87, 77] = -5.0
     x[x < 0] += np.random.default_rng(0).normal(0, 0.3, int((x < 0).sum()))  # noisy air: no fill value
-    vol = Volume(x, np.diag([1.0, 1.0, 1.0, 1.0]))
-    for crop in (False, True):
-        pred = Predictor(ck, device="cpu")
-        pred.cfg.inference.crop_to_body = crop
-        calls = _counting(pred)
-        runs[crop] = (pred.predict_volume(vol).array, sum(calls))
+    runs = _with_and_without_crop(ck, x)
     np.testing.assert_array_equal(runs[True][0], runs[False][0])
     assert runs[True][1] < 0.7 * runs[False][1], (runs[True][1], runs[False][1])
 
@@ -147,3 +145,24 @@ def test_window_count_matches_the_sliding_window(steps):
         sliding_window_probs(runner, torch.zeros(1, *shape), [16, 16, 16], num_classes=2, overlap=0.25, steps=steps,
                              sw_batch_size=1)
         assert sum(calls) == window_count(shape, [16, 16, 16], 0.25, steps), shape
+
+
+def test_predict_runs_the_whole_grid_when_asked(tmp_path, threshold_model):
+    """``crop_to_body=False`` (``--no-crop-body``) reaches the predictor through ``predict``'s runtime options."""
+    import nibabel as nib
+
+    from medseg.apps.run import predict
+
+    ck = write_checkpoint(tmp_path / "t.pt", model_name=threshold_model, intensity="none", patch=(16, 16, 16))
+    x = np.full((60, 60, 60), 1.0, np.float32) + np.random.default_rng(0).normal(0, 0.05, (60, 60, 60)).astype(np.float32)
+    x[25:35, 25:35, 25:35] = 2.0
+    src = tmp_path / "in" / "v.nii.gz"
+    src.parent.mkdir()
+    nib.save(nib.Nifti1Image(x, np.eye(4)), str(src))
+    outside = np.ones(x.shape, bool)
+    outside[25 - BODY_MARGIN:35 + BODY_MARGIN, 25 - BODY_MARGIN:35 + BODY_MARGIN, 25 - BODY_MARGIN:35 + BODY_MARGIN] = False
+    for crop, expected in ((None, 0), (False, 1)):
+        out = tmp_path / f"out_{crop}"
+        predict([src], out, model=ck, device="cpu", progress=False, runtime={"crop_to_body": crop})
+        labels = np.asarray(nib.load(str(out / "v.nii.gz")).dataobj)
+        assert (labels[outside] == expected).all(), crop

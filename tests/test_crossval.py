@@ -151,13 +151,13 @@ def test_folds_train_pool_pack_and_predict_ensemble(tmp_path, hippo_data):
     from medseg.inference.predictor import Predictor
     from medseg.io import load_volume
 
-    p = Predictor(model, device="cpu")
+    p = Predictor(model, device="cpu", amp=False)
     assert len(p.nets) == 2
     vol = load_volume(hippo_data / "imagesTr" / "hippocampus_003.nii.gz")
     lab = p.predict_volume(vol)
     assert lab.shape == vol.shape and np.allclose(lab.affine, vol.affine)
     # the ensemble's probabilities are the mean of its members'
-    single = [Predictor(out / f"fold_{f}" / "best.pt", device="cpu").probabilities(vol) for f in (0, 1)]
+    single = [Predictor(out / f"fold_{f}" / "best.pt", device="cpu", amp=False).probabilities(vol) for f in (0, 1)]
     assert torch.allclose(p.probabilities(vol), (single[0] + single[1]) / 2, atol=2e-3)
     # a member altered after packing is refused
     payload = torch.load(model, weights_only=True)
@@ -251,10 +251,10 @@ def test_keep_last_saves_the_final_ema_weights_as_best(tmp_path, hippo_data):
     from medseg.models.checkpoint import pack
 
     vol = load_volume(hippo_data / "imagesTr" / "hippocampus_003.nii.gz")
-    ref = Predictor(res.best_checkpoint, device="cpu").probabilities(vol)
-    assert torch.allclose(Predictor(res.last_checkpoint, device="cpu").probabilities(vol), ref, atol=1e-6)
+    ref = Predictor(res.best_checkpoint, device="cpu", amp=False).probabilities(vol)
+    assert torch.allclose(Predictor(res.last_checkpoint, device="cpu", amp=False).probabilities(vol), ref, atol=1e-6)
     packed = pack(res.last_checkpoint, tmp_path / "packed.pt")
-    assert torch.allclose(Predictor(packed, device="cpu").probabilities(vol), ref, atol=2e-3)
+    assert torch.allclose(Predictor(packed, device="cpu", amp=False).probabilities(vol), ref, atol=2e-3)
 
 
 def test_pack_model_needs_an_output(tmp_path):

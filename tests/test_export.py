@@ -42,9 +42,9 @@ def exported(tmp_path_factory):
 @pytest.mark.slow
 def test_exported_models_give_the_torch_labels(exported):
     onnx_path, ts_path = exported
-    torch_pred = Predictor("hippocampus", device="cpu")
+    torch_pred = Predictor("hippocampus", device="cpu", amp=False)  # fp32, as the exported files run
     ort_pred = Predictor(onnx_path, device="cpu")
-    ts_pred = Predictor(ts_path, device="cpu")
+    ts_pred = Predictor(ts_path, device="cpu", amp=False)
     assert (torch_pred.backend, ort_pred.backend, ts_pred.backend) == ("torch", "onnxruntime", "torchscript")
     for f in sorted(HIPPO.glob("*.nii.gz")):
         vol = load_volume(f)
@@ -131,7 +131,7 @@ def test_ensemble_exports_every_member(tmp_path):
     assert read_export_metadata(onnx_path)["groups"] == 2
     rng = np.random.default_rng(0)
     vol = Volume(rng.normal(100, 30, (22, 20, 18)).astype(np.float32), np.diag([0.9, 1.1, 1.3, 1.0]))
-    p_torch = Predictor(packed, device="cpu").probabilities(vol)
+    p_torch = Predictor(packed, device="cpu", amp=False).probabilities(vol)
     p_onnx = Predictor(onnx_path, device="cpu").probabilities(vol)
     assert torch.allclose(p_torch, p_onnx, atol=1e-4)
     assert torch.allclose(p_onnx.sum(0), torch.ones_like(p_onnx[0]), atol=1e-4)

@@ -90,7 +90,7 @@ class Predictor:
     def __init__(self, model: str | Path | LoadedModel | None = None, device: str = "auto", *,
                  overlap: float | None = None, sw_batch_size: int | None = None, amp: bool = True,
                  tta: bool | None = None, backend: str = "auto", amp_dtype: str = "auto", compile: bool = False,
-                 threads: int | None = None, plan_memory: bool = True) -> None:
+                 threads: int | None = None, plan_memory: bool = True, crop_to_body: bool | None = None) -> None:
         from medseg.inference.backends import check_backend
         from medseg.preprocessing.pipeline import inference_transforms
         from medseg.preprocessing.resample import bounded_memory_transforms
@@ -116,6 +116,8 @@ class Predictor:
             self.cfg.inference.overlap = overlap
         if sw_batch_size is not None:
             self.cfg.inference.sw_batch_size = sw_batch_size
+        if crop_to_body is not None:  # None follows the model's inference.crop_to_body
+            self.cfg.inference.crop_to_body = bool(crop_to_body)
         self._sw_batch_size = sw_batch_size
         self.device = resolve_device(device)
         if threads:
