@@ -313,9 +313,10 @@ class InferenceConfig:
     sigmoid) or ``logits`` (averaged before it, as nnU-Net does)."""
     crop_to_body: bool = True
     """Run the sliding window only on the body's bounding box (:func:`medseg.preprocessing.pipeline.body_box`:
-    planes with no voxel brighter than the Otsu threshold between air and tissue are cut, 8 voxels of air kept)
-    when that needs fewer windows; outside it the output is background. Cuts a third of the windows of a
-    typical CT. Models imported from nnU-Net predict the whole grid, as nnU-Net does."""
+    planes of air, with no voxel above the Otsu threshold between air and tissue, or of fill are cut from the
+    sides where the outermost plane is air or fill; 8 voxels of air kept) when that needs fewer windows;
+    outside it the output is background. A third fewer windows on the shared CTs. Models imported from
+    nnU-Net predict the whole grid, as nnU-Net does."""
     window_steps: str = "monai"
     """Window placement: ``monai`` (``sliding_window_inference``'s steps) or ``nnunet`` (nnU-Net's evenly spread
     steps of at most ``(1 - overlap)`` of a window)."""
