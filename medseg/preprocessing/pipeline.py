@@ -251,16 +251,16 @@ def _body_extent(x: torch.Tensor, sample_step: int) -> list[tuple[int, int]]:
     if fill is not None:
         sample = sample[sample != fill]
     t = otsu_threshold(sample) if sample.numel() > 1 and float(sample.max()) > float(sample.min()) else None
+    masks = {}  # what each kind of face leaves inside: voxels above the threshold, voxels that are not fill
+    if fill is not None:
+        masks["fill"] = x != fill
+    if t is not None:
+        masks["air"] = x > t if fill is None else (x > t) & masks["fill"]
     dims = range(x.ndim)
     extent = []
     for axis in dims:
         other = tuple(d for d in dims if d != axis)
-        planes = {}
-        if t is not None:
-            bright = x > t if fill is None else (x > t) & (x != fill)
-            planes["air"] = bright.any(dim=other)
-        if fill is not None:
-            planes["fill"] = (x != fill).any(dim=other)
+        planes = {kind: mask.any(dim=other) for kind, mask in masks.items()}
         ends = []
         for side in (0, x.shape[axis] - 1):
             face = x.select(axis, side).reshape(-1)
